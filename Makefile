@@ -1,0 +1,75 @@
+# conceptlab -- common tasks.  Everything runs inside ./.venv (created on demand).
+#
+#   make venv   create .venv and install torch + conceptlab[dev] (editable)
+#   make demo   run the end-to-end demo, writing images to outputs/
+#   make test   unit tests, then execute every notebook with nbval
+#   make lab    start JupyterLab on notebooks/
+#   make lint   ruff
+#   make clean  remove build artefacts, caches and outputs/ (keeps .venv; see distclean)
+
+PYTHON          ?= python3
+VENV            ?= .venv
+VENV_PY         := $(VENV)/bin/python
+PIP             := $(VENV_PY) -m pip
+STAMP           := $(VENV)/.installed
+TORCH_VERSION   ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+# Quiet, deterministic, offline, CPU-friendly settings for tests and notebooks.
+TEST_ENV := TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error TQDM_DISABLE=1 \
+            OMP_NUM_THREADS=2 MPLBACKEND=Agg HF_HUB_OFFLINE=1
+
+.PHONY: venv demo test lab lint clean distclean
+
+venv: $(STAMP)
+
+$(VENV_PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-runs only when pyproject.toml changes.  torch is installed first so that
+# a CPU-only machine does not pull the (multi-GB) CUDA build from PyPI:
+#   - torch already importable        -> keep it
+#   - nvidia-smi present              -> default torch (CUDA build)
+#   - torch==$(TORCH_VERSION) available locally (pip find-links) -> that wheel
+#   - otherwise                       -> CPU wheel from $(TORCH_CPU_INDEX)
+$(STAMP): pyproject.toml | $(VENV_PY)
+	@if $(VENV_PY) -c "import torch" >/dev/null 2>&1; then \
+		echo "torch already installed: $$($(VENV_PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "+ $(PIP) install torch"; $(PIP) install torch; \
+	elif $(PIP) install --dry-run --quiet --no-index --no-deps "torch==$(TORCH_VERSION)" >/dev/null 2>&1; then \
+		echo "+ $(PIP) install torch==$(TORCH_VERSION)"; $(PIP) install "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "+ $(PIP) install torch --index-url $(TORCH_CPU_INDEX)"; \
+		$(PIP) install torch --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/conceptlab demo --out outputs
+
+# pytest exits with 5 when it collects nothing: that is fine for the notebook
+# step only (e.g. before any notebook exists), never for the unit tests.
+test: venv
+	$(TEST_ENV) $(VENV_PY) -m pytest -q tests
+	@rc=0; \
+	echo "+ $(VENV_PY) -m pytest -q --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg -p no:cacheprovider notebooks/"; \
+	$(TEST_ENV) $(VENV_PY) -m pytest -q --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg \
+		-p no:cacheprovider notebooks/ || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "nbval: no notebooks collected (ok)"; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
+
+lab: venv
+	$(VENV)/bin/jupyter lab notebooks/
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build dist *.egg-info outputs .pytest_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .ipynb_checkpoints \) \
+		-exec rm -rf {} + 2>/dev/null || true
+
+distclean: clean
+	rm -rf $(VENV)

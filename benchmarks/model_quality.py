@@ -1,0 +1,196 @@
+"""Measure the bundled model: VAE reconstruction, cross-attention localisation, generation.
+
+    python benchmarks/model_quality.py                      # the bundled model, all figures
+    python benchmarks/model_quality.py --model runs/control/model --skip-generation
+
+Held-out scenes are drawn with seeds >= 1_000_000 (training scenes come from one stream
+seeded 0). Prints every figure and writes them to ``--json`` if given.
+
+1. VAE PSNR on held-out scenes (overall, plain and textured backgrounds).
+2. Localisation: IoU between the thresholded (min-max normalised, 0.5), timestep-averaged
+   cross-attention map of each object's SHAPE word (upsampled to 64x64) and its
+   ground-truth mask, per layer resolution, per timestep range and per caption position,
+   beside two trivial baselines (a centred disc; the union of all objects).
+3. Generation fidelity: fraction of generated objects whose named colour / shape / both
+   are judged present by the shipped shape/colour classifier (conceptlab.classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from conceptlab import world
+from conceptlab.attention import layer_resolutions, record_attention
+from conceptlab.pipeline import encode_prompt, load_pipeline, native_size
+
+T_BINS = [(0, 250), (250, 500), (500, 750), (750, 1000)]
+
+
+def held_out_scenes(n, seed=1_000_000, size=64, **kw):
+    return [world.render_scene(world.sample_scene(seed=seed + i, **kw), size) for i in range(n)]
+
+
+@torch.no_grad()
+def vae_psnr(pipe, scenes):
+    out = {"all": [], "plain": [], "textured": []}
+    for sc in scenes:
+        x = torch.from_numpy(sc.image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        z = pipe.vae.encode(x).latent_dist.mean
+        rec = pipe.vae.decode(z).sample.clamp(-1, 1)
+        mse = ((rec - x) / 2).pow(2).mean().item()
+        p = 10 * np.log10(1.0 / max(mse, 1e-10))
+        out["all"].append(p)
+        out["plain" if sc.spec.background in world.PLAIN_BACKGROUNDS else "textured"].append(p)
+    return {k: float(np.mean(v)) for k, v in out.items() if v}
+
+
+def iou(a, b):
+    inter = np.logical_and(a, b).sum()
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else inter / union
+
+
+def threshold_map(m, size=64):
+    m = torch.as_tensor(m, dtype=torch.float32)
+    m = F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+    return (m >= 0.5).numpy()
+
+
+@torch.no_grad()
+def localisation(pipe, scenes, n_timesteps=20, seed=0):
+    """Per scene and object: shape-word maps per resolution and timestep bin -> IoU."""
+    g = torch.Generator().manual_seed(seed)
+    res_of = layer_resolutions(pipe.unet)
+    resolutions = sorted(set(res_of.values()), reverse=True)
+    vocab = pipe.tokenizer.get_vocab()
+    rows = []  # dicts: n_objects, position, res, bin, iou
+    base = {"disc": [], "union": []}
+    S = scenes[0].image.shape[0]
+    yy, xx = np.mgrid[0:S, 0:S]
+    disc = (xx - (S - 1) / 2) ** 2 + (yy - (S - 1) / 2) ** 2 < (0.2 * S) ** 2
+    per_bin = n_timesteps // len(T_BINS)
+    for sc in scenes:
+        rng = np.random.default_rng(int(torch.randint(1 << 30, (1,), generator=g)))
+        order = list(rng.permutation(len(sc.spec.objects)))
+        caption = world.describe(sc.spec, order)
+        ids = pipe.tokenizer(caption, padding="max_length",
+                             max_length=pipe.tokenizer.model_max_length).input_ids
+        x = torch.from_numpy(sc.image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        ts = torch.cat([torch.randint(lo, hi, (per_bin,), generator=g) for lo, hi in T_BINS])
+        noise = torch.randn((len(ts),) + z0.shape[1:], generator=g)
+        zt = pipe.scheduler.add_noise(z0.expand(len(ts), -1, -1, -1), noise, ts)
+        emb = encode_prompt(pipe, caption).expand(len(ts), -1, -1)
+        with record_attention(pipe.unet) as store:
+            pipe.unet(zt, ts, emb)
+        union = sc.masks[1:].any(0)
+        for pos, oi in enumerate(order):
+            obj = sc.spec.objects[oi]
+            tok = ids.index(vocab[obj.shape + "</w>"])
+            gt = sc.masks[oi + 1]
+            base["disc"].append((len(order), pos, iou(disc, gt)))
+            base["union"].append((len(order), pos, iou(union, gt)))
+            for res in resolutions + ["all"]:
+                names = [n for n, r in res_of.items() if res == "all" or r == res]
+                maps = store.stacked(names)[..., tok]  # (T, h, w)
+                for b, (lo, hi) in enumerate(T_BINS + [(0, 1000)]):
+                    sel = (ts >= lo) & (ts < hi)
+                    m = maps[sel].mean(0)
+                    rows.append(dict(n=len(order), pos=pos, res=res, bin=f"{lo}-{hi}",
+                                     iou=float(iou(threshold_map(m, S), gt))))
+    return rows, base
+
+
+def summarise_localisation(rows, base):
+    def mean(sel):
+        v = [r["iou"] for r in rows if sel(r)]
+        return float(np.mean(v)) if v else float("nan")
+
+    out = {"by_res_bin": {}, "baselines": {}}
+    for res in sorted({str(r["res"]) for r in rows}):
+        for b in sorted({r["bin"] for r in rows}):
+            out["by_res_bin"][f"{res}|{b}"] = mean(lambda r: str(r["res"]) == res and r["bin"] == b)
+    best = max(out["by_res_bin"], key=out["by_res_bin"].get)
+    res, b = best.split("|")
+    out["best"] = {"res": res, "bin": b, "iou": out["by_res_bin"][best]}
+    sel = lambda r, **kw: str(r["res"]) == res and r["bin"] == b and all(  # noqa
+        r[k] == v for k, v in kw.items())
+    out["best_by_position"] = {p: mean(lambda r: sel(r, pos=p)) for p in range(3)}
+    out["best_by_n_objects"] = {n: mean(lambda r: sel(r, n=n)) for n in (1, 2, 3)}
+    out["default_all_t"] = {str(res_): mean(lambda r: str(r["res"]) == str(res_) and r["bin"] == "0-1000")
+                            for res_ in sorted({str(r["res"]) for r in rows})}
+    for k, v in base.items():
+        out["baselines"][k] = {
+            "all": float(np.mean([x[2] for x in v])),
+            "by_position": {p: float(np.mean([x[2] for x in v if x[1] == p])) for p in range(3)},
+        }
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="shapes-ldm")
+    ap.add_argument("--n-scenes", type=int, default=100)
+    ap.add_argument("--n-timesteps", type=int, default=20)
+    ap.add_argument("--n-generation-prompts", type=int, default=40)
+    ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--skip-generation", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model, device="cpu", progress=False)
+    results = {"model": args.model}
+    t0 = time.time()
+    scenes = held_out_scenes(args.n_scenes, size=native_size(pipe))
+    results["vae_psnr"] = vae_psnr(pipe, scenes)
+    p = results["vae_psnr"]
+    print(f"1. VAE PSNR on {len(scenes)} held-out scenes: {p['all']:.2f} dB "
+          f"(plain backgrounds {p.get('plain', float('nan')):.2f}, "
+          f"textured {p.get('textured', float('nan')):.2f})")
+    rows, base = localisation(pipe, scenes, args.n_timesteps)
+    loc = summarise_localisation(rows, base)
+    results["localisation"] = loc
+    print(f"2. Cross-attention localisation (shape word, min-max, threshold 0.5), "
+          f"{len(scenes)} scenes, {sum(len(s.spec.objects) for s in scenes)} objects:")
+    print("   mean IoU by layer resolution x timestep range:")
+    for k, v in loc["by_res_bin"].items():
+        print(f"     res {k.split('|')[0]:>3}  t {k.split('|')[1]:>9}: {v:.3f}")
+    b = loc["best"]
+    print(f"   best: res {b['res']}, t {b['bin']}: IoU {b['iou']:.3f}")
+    print("   best setting by caption position (1st/2nd/3rd object named): "
+          + " / ".join(f"{v:.3f}" for v in loc["best_by_position"].values()))
+    print("   best setting by number of objects (1/2/3): "
+          + " / ".join(f"{v:.3f}" for v in loc["best_by_n_objects"].values()))
+    for k, v in loc["baselines"].items():
+        print(f"   baseline {k:>5}: {v['all']:.3f} (by position "
+              + " / ".join(f"{x:.3f}" for x in v["by_position"].values()) + ")")
+    if not args.skip_generation:
+        from conceptlab.classifier import fidelity, fidelity_prompts, load_classifier
+
+        clf = load_classifier()
+        prompts = fidelity_prompts(args.n_generation_prompts, seed=7)
+        fid = fidelity(pipe, prompts, n_per_prompt=args.images_per_prompt, seed=0,
+                       guidance_scale=args.guidance, steps=args.steps, classifier=clf)
+        results["generation"] = fid
+        print(f"3. Generation fidelity ({len(prompts)} prompts x {args.images_per_prompt} "
+              f"images, guidance {args.guidance}, {args.steps} DDIM steps): colour "
+              f"{fid['colour']:.3f}, shape {fid['shape']:.3f}, both {fid['both']:.3f}")
+    print(f"(benchmark time {time.time() - t0:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

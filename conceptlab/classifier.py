@@ -1,0 +1,615 @@
+"""A small shape/colour classifier that judges generated images of the shapes world.
+
+It answers one question about an image: *which coloured shapes are in it?* The course uses
+it to measure the **fidelity** of the bundled text-to-image model: for prompts naming one
+or two coloured shapes on a background, the fraction of named objects that the generated
+image shows with the named colour AND the named shape.
+
+The network (``ShapeColourNet``, ~150k parameters, plain ``torch.nn``) reads a 64x64 RGB
+scene and has three multi-label heads (independent sigmoids, BCE loss):
+
+- ``colour`` (7 logits): which colours are present as objects (``world.COLOURS`` order);
+- ``shape``  (5 logits): which shapes are present (``world.SHAPES`` order);
+- ``pair``   (35 logits): which (colour, shape) combinations are present, index
+  ``colour_index * 5 + shape_index`` (``PAIRS``).
+
+The pair head is what ``judge`` uses for "both": with two objects in a prompt, "a red star
+and a blue circle", an image showing a *blue star and a red circle* has both colours and
+both shapes present, but neither named pair. Colour-and-shape presence would count it as
+correct; the pair head does not.
+
+It is trained on rendered world scenes (1-3 solid objects, every background) with
+augmentation that imitates the small VAE's output (blur or downsample-upsample, noise and
+single-pixel specks, slight colour jitter), so that it judges generated images fairly.
+Training and held-out scenes come from disjoint random streams (``scene_rng``).
+
+    >>> clf = load_classifier()                       # data/classifier (shipped weights)
+    >>> judge(images, [[("red", "star")], [("blue", "circle"), ("yellow", "heart")]])
+    >>> fidelity(pipe, fidelity_prompts(8), n_per_prompt=4)   # {'colour': .., 'shape': ..}
+
+Train the shipped weights with ``python benchmarks/train_classifier.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import world
+
+COLOURS = tuple(world.COLOURS)
+SHAPES = tuple(world.SHAPES)
+PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
+HEADS = {"colour": len(COLOURS), "shape": len(SHAPES), "pair": len(PAIRS)}
+IMAGE_SIZE = 64
+THRESHOLD = 0.5
+DEFAULT_PATH = "data/classifier"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# Scenes are drawn from one random stream per (split, seed): the training and held-out
+# streams never share a generator, so held-out scenes are never training scenes.
+SPLITS = {"train": 0x7A11, "heldout": 0x4E1D}
+
+
+# ----------------------------------------------------------------------------- network
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ShapeColourNet(nn.Module):
+    """Small CNN: 64x64 RGB -> logits of the colour, shape and pair heads.
+
+    64 --conv s2--> 32 --conv--> pool 16 --conv, conv--> pool 8 --conv--> global max+mean
+    pooling -> one linear layer for all 47 logits. Max pooling over positions suits
+    "is there an object like this anywhere" questions; the receptive field (~50 px) covers
+    the largest object.
+    """
+
+    def __init__(self, widths=(24, 32, 64, 64, 128)):
+        super().__init__()
+        w = tuple(int(x) for x in widths)
+        self.widths = w
+        self.features = nn.Sequential(
+            ConvBNReLU(3, w[0], stride=2),  # 32x32
+            ConvBNReLU(w[0], w[1]),
+            nn.MaxPool2d(2),  # 16x16
+            ConvBNReLU(w[1], w[2]),
+            ConvBNReLU(w[2], w[3]),
+            nn.MaxPool2d(2),  # 8x8
+            ConvBNReLU(w[3], w[4]),
+        )
+        self.head = nn.Linear(2 * w[4], sum(HEADS.values()))
+
+    def forward(self, x: torch.Tensor) -> dict:
+        """x: (N, 3, 64, 64) float in [0, 1]. Returns a dict of logits per head."""
+        h = self.features((x - 0.5) / 0.25)
+        h = torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], 1)
+        logits = self.head(h)
+        out, i = {}, 0
+        for name, k in HEADS.items():
+            out[name] = logits[:, i:i + k]
+            i += k
+        return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- data
+def scene_rng(split: str, seed: int = 0) -> np.random.Generator:
+    """The random stream of scenes for a split ("train" or "heldout") and seed."""
+    return np.random.default_rng([SPLITS[split], int(seed)])
+
+
+def labels_of(objects) -> dict:
+    """Multi-hot targets {head: float32 array} for a list of (colour, shape)."""
+    y = {name: np.zeros(k, np.float32) for name, k in HEADS.items()}
+    for c, s in objects:
+        ci, si = COLOURS.index(c), SHAPES.index(s)
+        y["colour"][ci] = 1
+        y["shape"][si] = 1
+        y["pair"][ci * len(SHAPES) + si] = 1
+    return y
+
+
+def render_scenes(n: int, split: str = "heldout", seed: int = 0, independent: float = 0.0,
+                  **scene_kwargs):
+    """n rendered scenes: images (n, 64, 64, 3) uint8 and per image its (colour, shape)s.
+
+    ``independent``: the fraction of scenes whose objects get their shape and colour drawn
+    independently (repeats allowed, e.g. two circles). World scenes never repeat a shape or
+    a colour; a classifier trained on them alone learns that prior ("three objects: three
+    different shapes") and sees shapes that are not there when a generated image repeats one.
+    """
+    rng = scene_rng(split, seed)
+    images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    objects = []
+    for i in range(n):
+        spec = world.sample_scene(rng=rng, **scene_kwargs)
+        if independent and rng.random() < independent:
+            for o in spec.objects:
+                o.shape = SHAPES[rng.integers(len(SHAPES))]
+                o.colour = COLOURS[rng.integers(len(COLOURS))]
+        images[i] = world.render_scene(spec, IMAGE_SIZE).image
+        objects.append([(o.colour, o.shape) for o in spec.objects])
+    return images, objects
+
+
+def _blob_polygon(cx, cy, r, rng, wobble):
+    """A smooth irregular closed curve (low-frequency radius wobble: no corners, no points)."""
+    t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+    rad = np.ones_like(t)
+    for k in (2, 3):
+        rad += wobble * rng.uniform(-1, 1) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
+    rad *= r * 0.92
+    return [(cx + a, cy + b) for a, b in zip(rad * np.cos(t), rad * np.sin(t))]
+
+
+def render_blobs(n: int, seed: int = 0, wobble: float = 0.0):
+    """Scenes whose objects are replaced by blobs of their colour (same place and size).
+
+    ``wobble=0`` draws circles; ``wobble>0`` draws irregular smooth blobs. A shape head
+    that answers "star" for these is inventing a shape. Returns (images, objects) with the
+    blobs' colours (their shape is not one of the world's, except circles).
+    """
+    from PIL import Image, ImageDraw
+
+    rng = scene_rng("heldout", 10_000 + seed)
+    big = IMAGE_SIZE * world.SUPERSAMPLE
+    images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    objects = []
+    for i in range(n):
+        spec = world.sample_scene(rng=rng)
+        canvas = world._texture(spec, big).astype(np.float32)
+        for o in spec.objects:
+            m = Image.new("L", (big, big), 0)
+            poly = _blob_polygon(o.cx * big, o.cy * big, o.radius * big, rng, wobble)
+            ImageDraw.Draw(m).polygon(poly, fill=255)
+            canvas[np.asarray(m) > 127] = world.COLOURS[o.colour]
+        images[i] = world._box_down(canvas, world.SUPERSAMPLE).round().clip(0, 255)
+        objects.append([(o.colour, "circle") for o in spec.objects])
+    return images, objects
+
+
+# ----------------------------------------------------------------------------- image utils
+def to_tensor(images) -> torch.Tensor:
+    """Images -> (N, 3, 64, 64) float in [0, 1].
+
+    Accepts a (N, H, W, 3) uint8 array (or float array in [0, 1]), a single image, or a
+    list of PIL images / arrays. Images that are not 64x64 are RESIZED to 64x64 (bilinear,
+    antialiased when shrinking): e.g. the tiny test pipeline makes 32x32 images.
+    """
+    if isinstance(images, torch.Tensor):
+        x = images.float()
+        if x.ndim == 4 and x.shape[1] != 3 and x.shape[-1] == 3:
+            x = x.permute(0, 3, 1, 2)
+        if x.max() > 1.5:
+            x = x / 255.0
+    else:
+        if not isinstance(images, np.ndarray):
+            images = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)
+                      for im in images]
+            sizes = {im.shape for im in images}
+            if len(sizes) > 1:  # mixed sizes: resize one by one
+                return torch.cat([to_tensor(im[None]) for im in images])
+            images = np.stack(images)
+        a = np.asarray(images)
+        if a.ndim == 3:
+            a = a[None]
+        x = torch.from_numpy(np.ascontiguousarray(a)).float()
+        if a.dtype == np.uint8:
+            x = x / 255.0
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                          align_corners=False, antialias=x.shape[-1] > IMAGE_SIZE)
+    return x.clamp(0, 1).contiguous()
+
+
+def downsample_degrade(x: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """Blur by area-downsampling to size x size and bilinear upsampling back."""
+    h = x.shape[-1]
+    y = F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(y, size=(h, h), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma) -> torch.Tensor:
+    """Per-image gaussian blur; sigma a float or a (N,) tensor."""
+    n = x.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(n).clamp_min(1e-3)
+    r = 3
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)  # (N, 7)
+    c = x.shape[1]
+    xp = F.pad(x.reshape(1, n * c, *x.shape[-2:]), (r, r, r, r), mode="replicate")
+    kk = k.repeat_interleave(c, 0)
+    xp = F.conv2d(xp, kk[:, None, None, :], groups=n * c)
+    xp = F.conv2d(xp, kk[:, None, :, None], groups=n * c)
+    return xp.reshape(x.shape)
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Robustness augmentation imitating a small VAE's output (labels are unchanged).
+
+    Horizontal flip (every shape is mirror-symmetric); with prob 0.7 a blur (gaussian,
+    sigma 0.3-1.5 px) or a downsample-upsample (to 16-48 px); with prob 0.8 a slight colour
+    jitter (per-channel gain +-8%, brightness +-0.05, contrast 0.85-1.15); with prob 0.5
+    gaussian noise (sigma <= 0.05); with prob 0.3 specks (up to 1% of pixels random colours).
+    """
+    n = x.shape[0]
+
+    def u(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g)
+
+    flip = u(n) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    # blur / resolution loss
+    kind = u(n)
+    blur_idx = (kind < 0.35).nonzero().flatten()
+    if len(blur_idx):
+        x[blur_idx] = gaussian_blur(x[blur_idx], u(len(blur_idx), lo=0.3, hi=1.5))
+    size = torch.tensor([16, 20, 24, 32, 40, 48])[torch.randint(0, 6, (n,), generator=g)]
+    down = (kind >= 0.35) & (kind < 0.7)
+    for s in size[down].unique().tolist():
+        idx = (down & (size == s)).nonzero().flatten()
+        x[idx] = downsample_degrade(x[idx], s)
+    # colour jitter
+    jit = (u(n) < 0.8).float()[:, None, None, None]
+    gain = u(n, 3, 1, 1, lo=0.92, hi=1.08)
+    bright = u(n, 1, 1, 1, lo=-0.05, hi=0.05)
+    contrast = u(n, 1, 1, 1, lo=0.85, hi=1.15)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    xj = ((x * gain - mean) * contrast + mean + bright)
+    x = jit * xj + (1 - jit) * x
+    # noise
+    sig = u(n, 1, 1, 1, lo=0.0, hi=0.05) * (u(n, 1, 1, 1) < 0.5)
+    x = x + sig * torch.randn(x.shape, generator=g)
+    # specks
+    speck_p = u(n, 1, 1, 1, lo=0.0, hi=0.01) * (u(n, 1, 1, 1) < 0.3)
+    mask = (u(n, 1, *x.shape[-2:]) < speck_p).float()
+    x = x * (1 - mask) + mask * u(*x.shape)
+    return x.clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- training
+def _targets(objects) -> torch.Tensor:
+    ys = [labels_of(o) for o in objects]
+    return torch.from_numpy(np.stack([np.concatenate([y[h] for h in HEADS]) for y in ys]))
+
+
+def train_classifier(n_train: int = 6000, steps: int = 3000, seed: int = 0, batch: int = 64,
+                     lr: float = 3e-3, weight_decay: float = 1e-4, widths=(24, 32, 64, 64, 128),
+                     independent: float = 0.5, pair_pos_weight: float = 2.0,
+                     eval_n: int = 1000, log_every: int = 250, verbose: bool = True):
+    """Train ``ShapeColourNet`` on ``n_train`` rendered training scenes for ``steps`` steps.
+
+    AdamW with a one-cycle learning rate, BCE on all 47 logits (pair positives weighted by
+    ``pair_pos_weight``), ``augment`` on every batch. A fraction ``independent`` of the
+    training scenes repeat shapes / colours (see ``render_scenes``).
+
+    Returns (model in eval mode, metrics dict with training info and ``evaluate`` on
+    ``eval_n`` held-out scenes; ``eval_n=0`` skips it).
+    """
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    images, objects = render_scenes(n_train, "train", seed, independent=independent)
+    t_data = time.time() - t0
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8
+    y_all = _targets(objects)
+    model = ShapeColourNet(widths)
+    # positives of the 35 pair labels are rare (1-3 per image): weight them up
+    pos_weight = torch.ones(sum(HEADS.values()))
+    pos_weight[-HEADS["pair"]:] = pair_pos_weight
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.15)
+    model.train()
+    t1 = time.time()
+    run = 0.0
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, n_train, (batch,), generator=g)
+        x = augment(x_all[idx].float() / 255.0, g)
+        out = model(x)
+        logits = torch.cat([out[h] for h in HEADS], 1)
+        loss = F.binary_cross_entropy_with_logits(logits, y_all[idx], pos_weight=pos_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = 0.98 * run + 0.02 * loss.item() if step > 1 else loss.item()
+        if verbose and (step % log_every == 0 or step == steps):
+            print(f"step {step}/{steps} loss {run:.4f} ({time.time() - t1:.0f}s)", flush=True)
+    model.eval()
+    metrics = {
+        "n_train": n_train, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
+        "widths": list(model.widths), "parameters": count_parameters(model),
+        "independent": independent, "pair_pos_weight": pair_pos_weight,
+        "threads": torch.get_num_threads(), "render_s": round(t_data, 1),
+        "train_s": round(time.time() - t1, 1), "final_loss": round(run, 5),
+    }
+    if eval_n:
+        metrics["heldout"] = evaluate(model, n=eval_n, seed=0)
+    return model, metrics
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: nn.Module, images, batch: int = 256) -> dict:
+    """Probabilities {head: (N, k) numpy} for images (see ``to_tensor`` for formats)."""
+    x = to_tensor(images)
+    model.eval()
+    outs = {h: [] for h in HEADS}
+    for i in range(0, len(x), batch):
+        o = model(x[i:i + batch])
+        for h in HEADS:
+            outs[h].append(torch.sigmoid(o[h].float()))
+    return {h: torch.cat(v).numpy() for h, v in outs.items()}
+
+
+def score(probs: dict, objects, threshold: float = THRESHOLD) -> dict:
+    """Per-head accuracy per named object and false-positive rate over absent labels.
+
+    ``accuracy``: fraction of objects whose colour / shape / pair is predicted present
+    (prob > threshold). ``false_positive``: fraction of absent labels predicted present.
+    ``exact``: fraction of images whose whole label set for that head is right.
+    """
+    y = _targets(objects).numpy() > 0.5
+    out, i = {}, 0
+    for h, k in HEADS.items():
+        p = probs[h] > threshold
+        t = y[:, i:i + k]
+        i += k
+        out[h] = {
+            "accuracy": float(p[t].mean()),
+            "false_positive": float(p[~t].mean()),
+            "exact": float((p == t).all(1).mean()),
+        }
+    return out
+
+
+def evaluate(model: nn.Module, n: int = 1000, seed: int = 0, degrade=None,
+             threshold: float = THRESHOLD) -> dict:
+    """Scores on n fresh held-out scenes (``scene_rng("heldout", seed)``).
+
+    ``degrade``: optional function on a (N, 3, 64, 64) float tensor, e.g.
+    ``downsample_degrade`` (the 16x16 round trip).
+    """
+    images, objects = render_scenes(n, "heldout", seed)
+    x = to_tensor(images)
+    if degrade is not None:
+        x = degrade(x)
+    res = score(predict(model, x), objects, threshold)
+    res["n_images"] = n
+    res["n_objects"] = sum(len(o) for o in objects)
+    return res
+
+
+def blob_rates(model: nn.Module, n: int = 500, seed: int = 0, wobble: float = 0.0,
+               threshold: float = THRESHOLD) -> dict:
+    """On ``render_blobs`` scenes: fraction of images where the shape head says a star
+    (``star``: this should be ~0), says circle (``circle``), and whose colour head finds
+    every blob colour (``colour``)."""
+    images, objects = render_blobs(n, seed, wobble)
+    p = predict(model, images)
+    shape = p["shape"] > threshold
+    col = p["colour"] > threshold
+    colour_ok = [all(col[i, COLOURS.index(c)] for c, _ in objs) for i, objs in enumerate(objects)]
+    return {
+        "star": float(shape[:, SHAPES.index("star")].mean()),
+        "any_non_circle": float(np.delete(shape, SHAPES.index("circle"), 1).any(1).mean()),
+        "circle": float(shape[:, SHAPES.index("circle")].mean()),
+        "colour": float(np.mean(colour_ok)),
+        "n_images": n,
+    }
+
+
+# ----------------------------------------------------------------------------- save / load
+def _resolve(path) -> Path:
+    """A relative path that does not exist from the working directory is looked up from
+    the repository root (so notebooks in notebooks/ find data/classifier)."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        alt = Path(__file__).resolve().parents[1] / p
+        if alt.exists():
+            return alt
+    return p
+
+
+def save_classifier(model: ShapeColourNet, path=DEFAULT_PATH, metrics: dict | None = None):
+    """Write ``model.safetensors`` (fp16) and ``config.json`` (architecture, labels and
+    the given metrics) to ``path``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous()
+             for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(state, os.path.join(path, WEIGHTS_FILE))
+    cfg = {
+        "architecture": "ShapeColourNet", "widths": list(model.widths),
+        "image_size": IMAGE_SIZE, "threshold": THRESHOLD,
+        "heads": {"colour": list(COLOURS), "shape": list(SHAPES),
+                  "pair": [f"{c} {s}" for c, s in PAIRS]},
+        "parameters": count_parameters(model), "dtype": "float16",
+        "metrics": metrics or {},
+    }
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return path
+
+
+_CACHE: dict = {}
+
+
+def load_classifier(path=DEFAULT_PATH, cache: bool = True) -> ShapeColourNet:
+    """Load a saved classifier (float32, eval mode). ``model.config`` holds config.json
+    (including its measured held-out accuracy under ``metrics``)."""
+    from safetensors.torch import load_file
+
+    p = _resolve(path)
+    key = str(p.resolve())
+    if cache and key in _CACHE:
+        return _CACHE[key]
+    if not (p / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"no classifier weights at {p / WEIGHTS_FILE}; train them with "
+                                "`python benchmarks/train_classifier.py`")
+    with open(p / CONFIG_FILE) as f:
+        cfg = json.load(f)
+    model = ShapeColourNet(cfg["widths"])
+    state = {k: v.float() for k, v in load_file(str(p / WEIGHTS_FILE)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if bad or unexpected:
+        raise RuntimeError(f"classifier weights do not match: missing {bad}, "
+                           f"unexpected {unexpected}")
+    model.config = cfg
+    model.eval()
+    if cache:
+        _CACHE[key] = model
+    return model
+
+
+# ----------------------------------------------------------------------------- judging
+def judge(images, objects, model: nn.Module | None = None,
+          threshold: float = THRESHOLD) -> list[dict]:
+    """Judge each named object of each image.
+
+    images: (N, H, W, 3) uint8 (or float in [0, 1]) or a list of PIL images; inputs that are
+    not 64x64 are resized to 64x64 (see ``to_tensor``). objects: per image, the list of
+    (colour, shape) named in its prompt. ``model``: defaults to ``load_classifier()``.
+
+    Returns a flat list, one dict per named object, in order: ``image`` (index), ``colour``,
+    ``shape``, ``colour_ok`` / ``shape_ok`` (the colour / shape head says present),
+    ``both_ok`` (the PAIR head says this (colour, shape) combination is present; not
+    ``colour_ok and shape_ok``, which would accept a swapped "blue star and red circle"
+    for "a red star and a blue circle"), and the probabilities ``p_colour``, ``p_shape``,
+    ``p_pair``.
+    """
+    model = model if model is not None else load_classifier()
+    n = len(images)
+    if len(objects) != n:
+        raise ValueError(f"{n} images but {len(objects)} object lists")
+    probs = predict(model, images)
+    out = []
+    for i, objs in enumerate(objects):
+        for colour, shape in objs:
+            ci, si = COLOURS.index(colour), SHAPES.index(shape)
+            pc = float(probs["colour"][i, ci])
+            ps = float(probs["shape"][i, si])
+            pp = float(probs["pair"][i, ci * len(SHAPES) + si])
+            out.append({"image": i, "colour": colour, "shape": shape,
+                        "colour_ok": pc > threshold, "shape_ok": ps > threshold,
+                        "both_ok": pp > threshold,
+                        "p_colour": pc, "p_shape": ps, "p_pair": pp})
+    return out
+
+
+def fidelity_prompts(n: int = 20, seed: int = 0) -> list[tuple[str, list]]:
+    """n prompts naming one (even positions) or two (odd positions) coloured shapes on a
+    background, with distinct colours and shapes: [(prompt, [(colour, shape), ...]), ...],
+    e.g. ("a red star on a gray background", [("red", "star")])."""
+    rng = np.random.default_rng([0xF1DE, int(seed)])
+    out = []
+    for i in range(n):
+        k = 1 + i % 2
+        cols = rng.choice(len(COLOURS), k, replace=False)
+        shps = rng.choice(len(SHAPES), k, replace=False)
+        objs = [(COLOURS[c], SHAPES[s]) for c, s in zip(cols, shps)]
+        bg = world.BACKGROUNDS[rng.integers(len(world.BACKGROUNDS))]
+        phrases = [world.ShapeObject(s, c, 0.5, 0.5, 0.2).phrase() for c, s in objs]
+        art = "an" if bg[0] in "aeiou" else "a"
+        out.append((" and ".join(phrases) + f" on {art} {bg} background", objs))
+    return out
+
+
+def fidelity(pipe, prompts_objects, n_per_prompt: int = 4, seed: int = 0,
+             guidance_scale: float = 7.5, steps: int = 25, model: nn.Module | None = None,
+             batch_size: int | None = None, return_images: bool = False) -> dict:
+    """Generation fidelity of a StableDiffusionPipeline, judged by the classifier.
+
+    For each (prompt, objects) generates ``n_per_prompt`` images with generators seeded
+    ``seed + i`` and judges every named object. Returns fractions of named objects with the
+    right ``colour``, ``shape`` and ``both`` (pair head, see ``judge``), the same split by
+    the number of objects in the prompt (``by_count``), per-prompt results, counts, and
+    with ``return_images`` the generated uint8 images (a list per prompt).
+    """
+    model = model if model is not None else load_classifier()
+    batch_size = batch_size or n_per_prompt
+    records, per_prompt, all_images = [], [], []
+    for prompt, objs in prompts_objects:
+        imgs = []
+        for j in range(0, n_per_prompt, batch_size):
+            b = min(batch_size, n_per_prompt - j)
+            gens = [torch.Generator().manual_seed(seed + j + i) for i in range(b)]
+            res = pipe([prompt] * b, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=gens, output_type="np")
+            imgs.append((np.clip(res.images, 0, 1) * 255).round().astype(np.uint8))
+        imgs = np.concatenate(imgs)
+        recs = judge(imgs, [list(objs)] * len(imgs), model)
+        for r in recs:
+            r["prompt"], r["n_named"] = prompt, len(objs)
+        records += recs
+        per_prompt.append({"prompt": prompt, **_aggregate(recs)})
+        if return_images:
+            all_images.append(imgs)
+    out = _aggregate(records)
+    out["by_count"] = {k: _aggregate([r for r in records if r["n_named"] == k])
+                       for k in sorted({r["n_named"] for r in records})}
+    out.update(n_images=len(prompts_objects) * n_per_prompt, per_prompt=per_prompt,
+               records=records, guidance_scale=guidance_scale, steps=steps, seed=seed)
+    if return_images:
+        out["images"] = all_images
+    return out
+
+
+def _aggregate(records) -> dict:
+    if not records:
+        return {"colour": float("nan"), "shape": float("nan"), "both": float("nan"),
+                "n_objects": 0}
+    return {
+        "colour": float(np.mean([r["colour_ok"] for r in records])),
+        "shape": float(np.mean([r["shape_ok"] for r in records])),
+        "both": float(np.mean([r["both_ok"] for r in records])),
+        "n_objects": len(records),
+    }
+
+
+__all__ = [
+    "COLOURS",
+    "HEADS",
+    "PAIRS",
+    "SHAPES",
+    "ShapeColourNet",
+    "augment",
+    "blob_rates",
+    "downsample_degrade",
+    "evaluate",
+    "fidelity",
+    "fidelity_prompts",
+    "judge",
+    "labels_of",
+    "load_classifier",
+    "predict",
+    "render_blobs",
+    "render_scenes",
+    "save_classifier",
+    "scene_rng",
+    "score",
+    "to_tensor",
+    "train_classifier",
+]

@@ -1,0 +1,465 @@
+"""New text tokens, one per concept: add them, train only their rows, save and load them.
+
+A concept token such as ``[v1]`` is an *added token* of the pipeline's tokenizer (it is never
+split, and it always tokenises to exactly one id) with its own row in the text encoder's
+token-embedding table::
+
+    concepts = add_concept_tokens(pipe, 2, init_words=["shape", None])
+    concepts.names                     # ['[v1]', '[v2]']
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    emb[concepts.token_ids]            # (2, D): the rows that training changes
+
+Where the values live
+    The *live* values are the rows ``concepts.token_ids`` of the pipeline's embedding table:
+    that is what the text encoder reads, what training updates and what generation uses.
+    ``concepts.embeddings`` is a detached snapshot (K, D) of those rows, refreshed by
+    :meth:`ConceptTokens.update_from` (training does it at the end and at every checkpoint)
+    and written by :func:`save_concepts`.
+
+Training only those rows
+    :func:`trainable_embedding` freezes the text encoder, makes the embedding weight
+    trainable, zeroes the gradient of every other row (a hook), and
+    :meth:`TrainableEmbedding.restore_frozen_rows` copies the other rows back from a saved
+    copy after each optimizer step (AdamW's weight decay would shrink them otherwise).
+
+Files (:func:`save_concepts`)
+    ``concepts.safetensors``: tensor ``embeddings`` (K, D), metadata (all strings) ``names``
+    and ``init_words`` (JSON lists), ``base_model``, ``hidden_size``, ``conceptlab_version``,
+    ``format``. Optional ``unet_delta.safetensors`` beside it: phase-2 U-Net weights, either
+    full deltas (``trained - base`` for every U-Net parameter; metadata ``mode=full``) or
+    LoRA adapter weights (``mode=lora``, needs ``peft``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__
+
+CONCEPTS_FILE = "concepts.safetensors"
+UNET_DELTA_FILE = "unet_delta.safetensors"
+FORMAT = "conceptlab-concepts-1"
+
+
+# ----------------------------------------------------------------------------- helpers
+def embedding_weight(pipe) -> torch.nn.Parameter:
+    """The text encoder's token-embedding table (V, D) of a pipeline."""
+    return pipe.text_encoder.get_input_embeddings().weight
+
+
+def model_name(pipe) -> str:
+    """A human-readable name of the pipeline's base model (its folder / hub id if known)."""
+    for obj in (pipe, getattr(pipe, "config", None)):
+        name = getattr(obj, "name_or_path", None) or (
+            obj.get("_name_or_path") if isinstance(obj, dict) else None)
+        if name:
+            return str(name)
+    te = pipe.text_encoder.config
+    return (f"unnamed pipeline ({type(pipe.text_encoder).__name__}, "
+            f"hidden size {te.hidden_size}, vocabulary {len(pipe.tokenizer)})")
+
+
+def vocabulary_mean_norm(pipe, exclude_ids=()) -> float:
+    """Mean L2 norm of the embedding rows, leaving out ``exclude_ids`` (e.g. concept rows)."""
+    w = embedding_weight(pipe).detach().float()
+    keep = torch.ones(w.shape[0], dtype=torch.bool)
+    if len(exclude_ids):
+        keep[torch.as_tensor(list(exclude_ids), dtype=torch.long)] = False
+    return float(w[keep].norm(dim=1).mean())
+
+
+def single_token_id(tokenizer, name: str) -> int | None:
+    """The id of ``name`` if it tokenises to exactly one token, else None."""
+    ids = tokenizer(name, add_special_tokens=False).input_ids
+    return ids[0] if len(ids) == 1 else None
+
+
+def _in_vocab(tokenizer, name: str) -> bool:
+    return name in tokenizer.get_vocab()
+
+
+def _is_existing_token(tokenizer, name: str) -> bool:
+    """True if ``name`` already is a token: in the vocabulary, or a word that tokenises to
+    one known (non-unknown) token, e.g. 'circle' -> 'circle</w>'."""
+    if _in_vocab(tokenizer, name):
+        return True
+    i = single_token_id(tokenizer, name)
+    return i is not None and i != tokenizer.unk_token_id
+
+
+# ----------------------------------------------------------------------------- concept tokens
+@dataclass
+class ConceptTokens:
+    """The new tokens of a set of concepts and a snapshot of their embeddings.
+
+    names        token strings, e.g. ``['[v1]', '[v2]']`` (concept k is ``names[k]``)
+    init_words   the word each row was initialised from (None: random)
+    token_ids    ids of the tokens in the pipeline they were added to
+    embeddings   (K, D) float32 snapshot of the rows (see :meth:`update_from`)
+    base_model   name of the model they belong to (:func:`model_name`)
+    hidden_size  D, the text encoder's hidden size
+    """
+
+    names: list[str]
+    init_words: list[str | None]
+    token_ids: list[int]
+    embeddings: torch.Tensor
+    base_model: str = ""
+    hidden_size: int = 0
+    unet_delta: dict | None = field(default=None, repr=False)  # phase-2 weights, if any
+    unet_mode: str = "none"  # "none" | "full" | "lora"
+    lora_config: dict | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        """Concept index of a token name."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"{name!r} is not one of the concept tokens {self.names}") from None
+
+    def prompt(self, concepts=None, template: str = "a photo of {}", joiner: str = " and ") -> str:
+        """Prompt naming the given concepts (indices or names; default all):
+        ``template.format(joiner.join(tokens))``, e.g. 'a photo of [v1] and [v2]'."""
+        concepts = range(len(self)) if concepts is None else concepts
+        toks = [c if isinstance(c, str) else self.names[c] for c in concepts]
+        return template.format(joiner.join(toks))
+
+    def update_from(self, pipe) -> ConceptTokens:
+        """Copy the live rows from ``pipe``'s embedding table into :attr:`embeddings`."""
+        w = embedding_weight(pipe)
+        self.embeddings = w.detach()[list(self.token_ids)].float().cpu().clone()
+        return self
+
+    def write_to(self, pipe) -> ConceptTokens:
+        """Copy :attr:`embeddings` into ``pipe``'s rows (the tokens must be present)."""
+        w = embedding_weight(pipe)
+        with torch.no_grad():
+            w[list(self.token_ids)] = self.embeddings.to(w.dtype).to(w.device)
+        return self
+
+    def present_in(self, pipe) -> bool:
+        """True when every name is a single token of ``pipe`` with the recorded id."""
+        return all(single_token_id(pipe.tokenizer, n) == i
+                   for n, i in zip(self.names, self.token_ids))
+
+    def norms(self) -> list[float]:
+        return [float(v) for v in self.embeddings.float().norm(dim=1)]
+
+
+def _add_tokens(pipe, names: list[str]) -> list[int]:
+    """Add ``names`` as tokens, resize the embedding table and return their ids."""
+    tok = pipe.tokenizer
+    n_added = tok.add_tokens(list(names))
+    if n_added != len(names):
+        raise ValueError(f"the tokenizer added {n_added} of the tokens {names}")
+    try:  # rows are set by the caller: skip transformers' mean/covariance initialisation
+        pipe.text_encoder.resize_token_embeddings(len(tok), mean_resizing=False)
+    except TypeError:  # transformers < 4.46
+        pipe.text_encoder.resize_token_embeddings(len(tok))
+    ids = []
+    for name in names:
+        i = single_token_id(tok, name)
+        if i is None or i != tok.convert_tokens_to_ids(name):
+            got = tok.convert_ids_to_tokens(tok(name, add_special_tokens=False).input_ids)
+            raise ValueError(
+                f"after adding, {name!r} tokenises to {got}, not to one token: choose a name "
+                "without spaces and in lower case (the tokenizer lower-cases text), "
+                "e.g. '[v1]'")
+        ids.append(i)
+    return ids
+
+
+def add_concept_tokens(pipe, concepts=1, init_words=None, *, init: str = "mean",
+                       prefix: str = "v", seed: int = 0) -> ConceptTokens:
+    """Add one new token per concept to ``pipe`` and initialise its embedding row.
+
+    concepts    number of concepts K (names ``[v1]`` .. ``[vK]``, or ``[{prefix}1]`` ..),
+                or a list of token names.
+    init_words  None, one word for every concept, or a list of K words / None. A row is
+                initialised from its word's embedding: ``init="mean"`` averages the
+                embeddings of the word's sub-tokens (a multi-token word like 'person' in a
+                small vocabulary), ``init="first"`` takes its first sub-token. A None word
+                gives a random row: Gaussian direction (seeded with ``seed + k``) scaled to
+                the vocabulary's mean norm.
+    Raises ValueError for a name already in the vocabulary or an init word that
+    tokenises to nothing.
+    """
+    tok = pipe.tokenizer
+    if isinstance(concepts, int):
+        if concepts < 1:
+            raise ValueError(f"need at least one concept, got {concepts}")
+        names = [f"[{prefix}{i}]" for i in range(1, concepts + 1)]
+    else:
+        names = [str(n) for n in concepts]
+    if not names:
+        raise ValueError("no concept names given")
+    if len(set(names)) != len(names):
+        raise ValueError(f"concept names must be distinct, got {names}")
+    for n in names:
+        if not n or any(c.isspace() for c in n):
+            raise ValueError(f"a concept token name must be one word without spaces, got {n!r}")
+        if _is_existing_token(tok, n):
+            raise ValueError(
+                f"{n!r} is already in the tokenizer's vocabulary (this pipeline already has "
+                "it, or it is an ordinary token): build a fresh pipeline, load saved concepts "
+                "with load_concepts, or pick other names (e.g. prefix='w')")
+    K = len(names)
+    if init_words is None or isinstance(init_words, str):
+        init_words = [init_words] * K
+    init_words = list(init_words)
+    if len(init_words) != K:
+        raise ValueError(f"got {len(init_words)} init words for {K} concepts {names}")
+    if init not in ("mean", "first"):
+        raise ValueError(f"init must be 'mean' or 'first', got {init!r}")
+    sub_ids = []
+    for w in init_words:
+        if w is None:
+            sub_ids.append(None)
+            continue
+        ids = tok(str(w), add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"init word {w!r} tokenises to nothing: pass a real word or None")
+        sub_ids.append(ids)
+
+    old = embedding_weight(pipe).detach().clone()
+    ref_norm = float(old.float().norm(dim=1).mean())
+    ids = _add_tokens(pipe, names)
+    w = embedding_weight(pipe)
+    rows = []
+    for k, sid in enumerate(sub_ids):
+        if sid is None:
+            g = torch.Generator().manual_seed(seed + k)
+            v = torch.randn(old.shape[1], generator=g)
+            rows.append(v / v.norm() * ref_norm)
+        elif init == "mean":
+            rows.append(old[sid].float().mean(0))
+        else:
+            rows.append(old[sid[0]].float())
+    emb = torch.stack(rows)
+    with torch.no_grad():
+        w[ids] = emb.to(w.dtype).to(w.device)
+    return ConceptTokens(names=names, init_words=init_words, token_ids=ids,
+                         embeddings=emb.clone(), base_model=model_name(pipe),
+                         hidden_size=int(old.shape[1]))
+
+
+# ----------------------------------------------------------------------------- training rows only
+class TrainableEmbedding:
+    """Makes only the concept rows of the embedding table trainable (see the module doc).
+
+    ``parameter`` is the whole (V, D) table: give it to the optimizer, and call
+    :meth:`restore_frozen_rows` after every ``optimizer.step()``. :meth:`remove` undoes
+    the hook and freezes the table again.
+    """
+
+    def __init__(self, pipe, concepts: ConceptTokens):
+        self.pipe = pipe
+        self.token_ids = list(concepts.token_ids)
+        pipe.text_encoder.requires_grad_(False)
+        self.parameter = embedding_weight(pipe)
+        V = self.parameter.shape[0]
+        if max(self.token_ids) >= V:
+            raise ValueError(f"token ids {self.token_ids} outside the embedding table ({V} rows)")
+        self.row_mask = torch.zeros(V, 1, dtype=torch.bool, device=self.parameter.device)
+        self.row_mask[self.token_ids] = True
+        self.saved = self.parameter.detach().clone()
+        self.parameter.requires_grad_(True)
+        mask = self.row_mask
+
+        def hook(grad):
+            return grad * mask.to(grad.dtype)
+
+        self._handle = self.parameter.register_hook(hook)
+
+    @torch.no_grad()
+    def restore_frozen_rows(self):
+        """Copy every non-concept row back from the saved copy (bit-identical)."""
+        p = self.parameter
+        rows = p[self.token_ids].clone()
+        p.copy_(self.saved)
+        p[self.token_ids] = rows
+
+    def rows(self) -> torch.Tensor:
+        """The live concept rows (K, D), in the graph."""
+        return self.parameter[self.token_ids]
+
+    def remove(self):
+        self._handle.remove()
+        self.parameter.requires_grad_(False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore_frozen_rows()
+        self.remove()
+        return False
+
+
+def trainable_embedding(pipe, concepts: ConceptTokens) -> TrainableEmbedding:
+    """Freeze the text encoder except the rows of ``concepts`` (see :class:`TrainableEmbedding`)."""
+    return TrainableEmbedding(pipe, concepts)
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_concepts(concepts: ConceptTokens, directory, pipe=None) -> str:
+    """Write ``concepts.safetensors`` (and ``unet_delta.safetensors`` if the concepts carry
+    phase-2 U-Net weights) into ``directory``; returns the directory.
+
+    Pass ``pipe`` to first refresh the snapshot from the pipeline's live rows.
+    """
+    from safetensors.torch import save_file
+
+    if pipe is not None:
+        concepts.update_from(pipe)
+    os.makedirs(directory, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "names": json.dumps(list(concepts.names)),
+        "init_words": json.dumps(list(concepts.init_words)),
+        "base_model": str(concepts.base_model),
+        "hidden_size": str(int(concepts.hidden_size or concepts.embeddings.shape[1])),
+        "conceptlab_version": __version__,
+        "unet_mode": concepts.unet_mode,
+    }
+    emb = concepts.embeddings.detach().float().cpu().contiguous()
+    save_file({"embeddings": emb}, os.path.join(directory, CONCEPTS_FILE), metadata=meta)
+    delta_path = os.path.join(directory, UNET_DELTA_FILE)
+    if concepts.unet_delta:
+        dmeta = {"format": FORMAT, "mode": concepts.unet_mode,
+                 "base_model": str(concepts.base_model), "conceptlab_version": __version__,
+                 "lora_config": json.dumps(concepts.lora_config or {})}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in concepts.unet_delta.items()}
+        save_file(tensors, delta_path, metadata=dmeta)
+    elif os.path.exists(delta_path):
+        os.remove(delta_path)  # a stale delta from an earlier save would be loaded by mistake
+    return str(directory)
+
+
+def read_concepts_file(directory) -> tuple[torch.Tensor, dict]:
+    """(embeddings, metadata) of a saved concepts folder (or a .safetensors file)."""
+    from safetensors import safe_open
+
+    path = str(directory)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONCEPTS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no saved concepts at {path}: save them with save_concepts")
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        emb = f.get_tensor("embeddings")
+    meta["names"] = json.loads(meta.get("names", "[]"))
+    meta["init_words"] = json.loads(meta.get("init_words", "[]"))
+    meta["hidden_size"] = int(meta.get("hidden_size", emb.shape[1]))
+    return emb, meta
+
+
+def load_concepts(pipe, directory, *, load_unet: bool = False) -> ConceptTokens:
+    """Load saved concepts into ``pipe``: tokens that are missing are added, present ones get
+    their rows overwritten. ``load_unet=True`` also applies saved phase-2 U-Net weights.
+
+    Raises ValueError when the pipeline's text encoder has another hidden size than the
+    model the concepts were trained on.
+    """
+    emb, meta = read_concepts_file(directory)
+    names = meta["names"]
+    D = embedding_weight(pipe).shape[1]
+    if meta["hidden_size"] != D or emb.shape != (len(names), meta["hidden_size"]):
+        raise ValueError(
+            f"these concepts were trained on {meta.get('base_model', '?')!r} (text hidden size "
+            f"{meta['hidden_size']}), but this pipeline's text encoder has hidden size {D}: "
+            "load them into that model")
+    tok = pipe.tokenizer
+    missing = [n for n in names if not _in_vocab(tok, n)]
+    if missing:
+        _add_tokens(pipe, missing)
+    ids = []
+    for n in names:
+        i = single_token_id(tok, n)
+        if i is None:
+            raise ValueError(f"{n!r} does not tokenise to a single token in this pipeline")
+        ids.append(i)
+    concepts = ConceptTokens(names=list(names), init_words=list(meta["init_words"]),
+                             token_ids=ids, embeddings=emb.float(),
+                             base_model=meta.get("base_model", ""), hidden_size=D)
+    concepts.write_to(pipe)
+    delta_path = os.path.join(str(directory), UNET_DELTA_FILE) if os.path.isdir(
+        str(directory)) else None
+    if load_unet:
+        if delta_path is None or not os.path.exists(delta_path):
+            raise FileNotFoundError(f"load_unet=True but there is no {UNET_DELTA_FILE} in "
+                                    f"{directory} (the concepts were trained without phase 2)")
+        delta, dmeta = _read_delta(delta_path)
+        concepts.unet_mode = dmeta.get("mode", "full")
+        concepts.lora_config = json.loads(dmeta.get("lora_config", "{}")) or None
+        concepts.unet_delta = delta
+        apply_unet_delta(pipe.unet, delta, concepts.unet_mode, concepts.lora_config)
+    return concepts
+
+
+def _read_delta(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        delta = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return delta, meta
+
+
+# ----------------------------------------------------------------------------- U-Net deltas
+def unet_state(unet) -> dict:
+    """A detached copy of the U-Net's parameters (the base for :func:`full_unet_delta`)."""
+    return {k: v.detach().clone() for k, v in unet.named_parameters()}
+
+
+def full_unet_delta(unet, base: dict) -> dict:
+    """``trained - base`` for every parameter (float32)."""
+    return {k: (v.detach().float() - base[k].float()).cpu()
+            for k, v in unet.named_parameters() if k in base}
+
+
+@torch.no_grad()
+def apply_unet_delta(unet, delta: dict, mode: str = "full", lora_config: dict | None = None):
+    """Add full deltas to ``unet``'s parameters, or install LoRA adapter weights."""
+    if mode == "lora":
+        from .training import add_lora_adapter, load_lora_weights
+
+        add_lora_adapter(unet, **(lora_config or {}))
+        load_lora_weights(unet, delta)
+        return unet
+    params = dict(unet.named_parameters())
+    bad = [k for k in delta if k not in params or params[k].shape != delta[k].shape]
+    if bad:
+        raise ValueError(f"the saved U-Net delta does not fit this U-Net ({len(bad)} of "
+                         f"{len(delta)} tensors, e.g. {bad[0]!r}): load it into the base model "
+                         "it was trained on")
+    for k, d in delta.items():
+        params[k].add_(d.to(params[k].dtype).to(params[k].device))
+    return unet
+
+
+__all__ = [
+    "CONCEPTS_FILE",
+    "UNET_DELTA_FILE",
+    "ConceptTokens",
+    "TrainableEmbedding",
+    "add_concept_tokens",
+    "apply_unet_delta",
+    "embedding_weight",
+    "full_unet_delta",
+    "load_concepts",
+    "model_name",
+    "read_concepts_file",
+    "save_concepts",
+    "single_token_id",
+    "trainable_embedding",
+    "unet_state",
+    "vocabulary_mean_norm",
+]

@@ -1,0 +1,102 @@
+"""Figures shared by the notebooks, the command line and the benchmarks.
+
+Functions return matplotlib Figures (or write files); they never call ``plt.show()``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib.pyplot as plt  # falls back to the Agg backend without a display
+    return plt
+
+
+def image_row(images, titles=None, scale: float = 1.6, cmap=None, vmin=None, vmax=None):
+    """One row of images (uint8 RGB or float maps) with optional titles."""
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(scale * n, scale * 1.1 + (0.3 if titles else 0)),
+                             squeeze=False)
+    for i, (ax, im) in enumerate(zip(axes[0], images)):
+        im = np.asarray(im.detach().cpu() if hasattr(im, "detach") else im)
+        ax.imshow(im, cmap=cmap if im.ndim == 2 else None, vmin=vmin, vmax=vmax,
+                  interpolation="nearest")
+        ax.set_axis_off()
+        if titles:
+            ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid_figure(rows, row_titles=None, col_titles=None, scale: float = 1.3):
+    """Grid of images: ``rows`` is a list of lists (or arrays (n, H, W, 3))."""
+    plt = _plt()
+    r, c = len(rows), max(len(x) for x in rows)
+    fig, axes = plt.subplots(r, c, figsize=(scale * c, scale * r + 0.35 * r), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(c):
+            ax = axes[i][j]
+            ax.set_axis_off()
+            if j < len(row):
+                im = np.asarray(row[j])
+                ax.imshow(im, cmap="magma" if im.ndim == 2 else None, interpolation="nearest")
+            if i == 0 and col_titles:
+                ax.set_title(col_titles[j], fontsize=8)
+        if row_titles:
+            axes[i][0].set_title(row_titles[i], fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def save_captioned_grid(rows, captions, path, dpi: int = 100):
+    fig = image_grid_figure(rows, row_titles=captions)
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
+MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48],
+                         [145, 30, 180], [70, 240, 240]], np.float32)
+
+
+def overlay_masks(image, masks, alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 image with each boolean mask (K, H, W) tinted in its own colour."""
+    img = np.asarray(image, np.float32).copy()
+    masks = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
+    for k, m in enumerate(masks.astype(bool)):
+        c = MASK_COLOURS[k % len(MASK_COLOURS)]
+        img[m] = (1 - alpha) * img[m] + alpha * c
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def overlay_map(image, heat, alpha: float = 0.6) -> np.ndarray:
+    """RGB uint8 image blended with a [0, 1] heat map (any resolution, upsampled)."""
+    import torch
+    img = np.asarray(image, np.float32)
+    h = torch.as_tensor(np.asarray(heat.detach().cpu() if hasattr(heat, "detach") else heat),
+                        dtype=torch.float32)
+    h = torch.nn.functional.interpolate(h[None, None], size=img.shape[:2], mode="bilinear",
+                                        align_corners=False)[0, 0].clamp(0, 1).numpy()
+    import matplotlib
+    cm = matplotlib.colormaps["magma"](h)[..., :3] * 255
+    return ((1 - alpha) * img + alpha * cm).clip(0, 255).astype(np.uint8)
+
+
+def loss_curve(steps, values, labels=None, title=None, logy=False):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    values = values if isinstance(values[0], (list, tuple, np.ndarray)) else [values]
+    for i, v in enumerate(values):
+        ax.plot(steps[: len(v)] if hasattr(steps, "__len__") else range(len(v)), v,
+                label=labels[i] if labels else None)
+    if labels:
+        ax.legend(fontsize=8)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,635 @@
+"""Cross-attention maps of a real image: where the model reads each word of a prompt.
+
+Given an image and its caption, :func:`attention_maps` encodes the image with the VAE,
+noises the latent at ``n_timesteps`` random timesteps, runs the U-Net on all of them in
+one batch while :func:`conceptlab.attention.record_attention` keeps the cross-attention
+probabilities, and returns an :class:`AttentionMaps` object (in the spirit of DAAM)::
+
+    >>> maps = attention_maps(pipe, scene.image, scene.caption)
+    >>> maps.words                       # ['a', 'red', 'star', 'and', ...]
+    >>> maps.for_word("star")            # (h, w) float in [0, 1]
+    >>> maps.for_word("star", size=(64, 64))    # upsampled to the image
+    >>> maps.concept_maps(["star", "circle"])   # (K, h, w) raw maps, for mask estimation
+
+Computation, for image ``x`` and prompt tokens ``c``::
+
+    z0  = VAE.encode(x).latent_dist.mean * scaling_factor
+    t_i ~ U{t_lo, ..., t_hi - 1},  eps_i ~ N(0, I)        i = 1..n  (torch.Generator(seed))
+    z_i = scheduler.add_noise(z0, eps_i, t_i)
+    U-Net(z_i, t_i, text_encoder(c)) for all i at once (chunks of ``batch_size``)
+    A[i, layer] = mean over heads of softmax(Q K^T / sqrt(d))   (h_layer, w_layer, tokens)
+
+Which layers and which timestep range give the best maps depends on the model:
+
+- Stable-Diffusion-sized models (latent ``sample_size >= 64``): the 16x16 cross-attention
+  layers (the choice of Break-a-Scene / Prompt-to-Prompt) and ``t`` in ``[0, 1000)``.
+- Any pipeline folder may carry a ``conceptlab.json`` with ``attention_layers`` (e.g.
+  ``["resolution:16"]`` or explicit layer names) and ``attention_t_range`` (e.g.
+  ``[0, 1000]``). The bundled shapes model ships one; its values are chosen by the
+  model-quality benchmark (best mask IoU on held-out scenes).
+- Otherwise: all cross-attention layers at the largest resolution <= 16, ``t`` in
+  ``[0, 1000)``.
+
+:func:`default_attention_config` returns this choice. Everything here works for any
+``StableDiffusionPipeline``-like object (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
+``scheduler``) with a CLIP-style tokenizer.
+
+Shapes of :class:`AttentionMaps` (``n`` timesteps, ``L`` layers, ``T`` tokens =
+``tokenizer.model_max_length``, ``h x w`` the largest resolution among the layers):
+
+- ``.timesteps``       (n,) int64, sorted ascending
+- ``.raw``             (n, L, h, w, T) float32 on CPU, head-averaged; layers of lower
+  resolution bilinearly upsampled to ``h x w``
+- ``.layer_maps[name]`` (n, h_l, w_l, T) the same at each layer's own resolution
+- ``.for_token(i)`` / ``.for_word(w)`` (h, w) (or ``size``); ``.per_timestep(w)`` (n, h, w);
+  ``.concept_maps([...])`` (K, h, w)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import cross_attention_layers, layer_resolutions, record_attention
+
+__all__ = [
+    "CONFIG_FILE",
+    "AttentionMaps",
+    "attention_maps",
+    "default_attention_config",
+    "encode_prompt",
+    "native_image_size",
+    "prepare_image",
+    "resolve_layers",
+    "sequential_attention_maps",
+    "word_occurrences",
+    "word_token_indices",
+]
+
+CONFIG_FILE = "conceptlab.json"
+MAX_BATCH = 64
+SD_LATENT_SIZE = 64  # latent side of Stable Diffusion 1.x/2.x at 512x512
+EOW = "</w>"  # CLIP's end-of-word marker
+
+
+# ----------------------------------------------------------------------------- helpers
+def _latent_hw(unet) -> tuple[int, int]:
+    s = unet.config.sample_size
+    if isinstance(s, (list, tuple)):
+        return int(s[0]), int(s[1])
+    return int(s), int(s)
+
+
+def native_image_size(pipe) -> tuple[int, int]:
+    """(H, W) in pixels the pipeline's VAE/U-Net were built for."""
+    h, w = _latent_hw(pipe.unet)
+    f = pipe.vae_scale_factor
+    return h * f, w * f
+
+
+def _num_train_timesteps(pipe) -> int:
+    return int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+
+
+def _pipeline_folder(pipe) -> str | None:
+    for path in (getattr(pipe, "name_or_path", None),
+                 pipe.config.get("_name_or_path") if hasattr(pipe, "config") else None):
+        if path and os.path.isdir(str(path)):
+            return str(path)
+    return None
+
+
+def _is_special(tok: str) -> bool:
+    return tok.startswith("<|") and tok.endswith("|>")
+
+
+# ----------------------------------------------------------------------------- layers
+def resolve_layers(unet, layers=None) -> list[str]:
+    """Cross-attention processor names selected by ``layers``, in U-Net order.
+
+    ``layers`` may be ``"all"``, an int (a resolution: every cross-attention layer whose map
+    is that many pixels wide, e.g. 16), a string ``"resolution:16"``, a full processor name
+    (``"up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"``, the
+    ``".processor"`` suffix is optional), a dotted prefix (``"up_blocks.1"``,
+    ``"mid_block"``), or a list mixing these. ``None`` means all layers.
+    Raises ValueError if an entry matches nothing (listing what exists).
+    """
+    names = cross_attention_layers(unet)
+    if not names:
+        raise ValueError("this U-Net has no cross-attention layers")
+    if layers is None:
+        return list(names)
+    res = layer_resolutions(unet)
+    items = [layers] if isinstance(layers, (str, int)) else list(layers)
+    if not items:
+        raise ValueError("layers is empty: pass None or 'all' for all cross-attention layers")
+    chosen: set[str] = set()
+    for item in items:
+        if isinstance(item, str) and item.strip().lower() == "all":
+            chosen.update(names)
+            continue
+        r = None
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            r = int(item)
+        elif isinstance(item, str) and item.split(":")[0].strip().lower() in ("resolution", "res"):
+            r = int(item.split(":", 1)[1])
+        if r is not None:
+            hit = [n for n in names if res[n] == r]
+            if not hit:
+                raise ValueError(f"no cross-attention layer at resolution {r}; this U-Net has "
+                                 f"resolutions {sorted(set(res.values()), reverse=True)}")
+            chosen.update(hit)
+            continue
+        if not isinstance(item, str):
+            raise TypeError(f"layers entries must be names, ints (resolutions) or 'all', "
+                            f"got {item!r}")
+        key = item.strip()
+        hit = [n for n in names if n == key or n == key + ".processor"
+               or n.startswith(key.rstrip(".") + ".")]
+        if not hit:
+            raise ValueError(f"unknown cross-attention layer {item!r}; available: {names}")
+        chosen.update(hit)
+    return [n for n in names if n in chosen]
+
+
+def default_attention_config(pipe) -> dict:
+    """``dict(layers=[processor names], t_range=(lo, hi))`` to use for this pipeline.
+
+    1. ``conceptlab.json`` in the pipeline's folder (``pipe.name_or_path``), keys
+       ``attention_layers`` and ``attention_t_range`` (each optional). The bundled model's
+       file is written by the model-quality benchmark, which picks the layers and range
+       giving the best attention masks.
+    2. Stable-Diffusion-sized U-Nets (latent >= 64): the 16x16 cross-attention layers
+       (Break-a-Scene's choice), ``t`` in ``[0, num_train_timesteps)``.
+    3. Otherwise all cross-attention layers at the largest resolution <= 16, same ``t``.
+    """
+    unet = pipe.unet
+    n_train = _num_train_timesteps(pipe)
+    cfg: dict = {}
+    folder = _pipeline_folder(pipe)
+    if folder is not None and os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        with open(os.path.join(folder, CONFIG_FILE)) as f:
+            cfg = json.load(f)
+    layers = cfg.get("attention_layers")
+    if layers is not None:
+        names = resolve_layers(unet, layers)
+    else:
+        res = layer_resolutions(unet)
+        if not res:
+            raise ValueError("this U-Net has no cross-attention layers")
+        if min(_latent_hw(unet)) >= SD_LATENT_SIZE and 16 in res.values():
+            target = 16
+        else:
+            small = [r for r in res.values() if r <= 16]
+            target = max(small) if small else min(res.values())
+        names = [n for n in res if res[n] == target]
+    t_range = cfg.get("attention_t_range")
+    t_range = (0, n_train) if t_range is None else (int(t_range[0]), int(t_range[1]))
+    return {"layers": names, "t_range": t_range}
+
+
+# ----------------------------------------------------------------------------- tokens
+def _word_ids(tokenizer, word: str) -> list[int]:
+    return list(tokenizer(word, add_special_tokens=False).input_ids)
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return list(tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True).input_ids)
+
+
+def word_occurrences(tokenizer, prompt: str, word: str) -> list[list[int]]:
+    """Token positions of each occurrence of ``word`` in the padded ``prompt`` ids.
+
+    Positions index ``tokenizer(prompt, padding="max_length", truncation=True).input_ids``
+    (BOS at 0). A word that the tokenizer splits into several pieces ("zebra" -> z, e, br,
+    a) gives several positions per occurrence; ``word`` may also be a phrase ("red star").
+    An occurrence must start at a word boundary, so "a" does not match the last piece of
+    "zebra". Returns ``[]`` if the word is absent.
+    """
+    target = _word_ids(tokenizer, word)
+    if not target:
+        raise ValueError(f"{word!r} contains no token")
+    ids = _prompt_ids(tokenizer, prompt)
+    toks = tokenizer.convert_ids_to_tokens(ids)
+    eow = any(t.endswith(EOW) for t in tokenizer.convert_ids_to_tokens(target))
+    out, n, i = [], len(target), 0
+    while i + n <= len(ids):
+        if ids[i:i + n] == target and (
+                not eow or i == 0 or toks[i - 1].endswith(EOW) or _is_special(toks[i - 1])):
+            out.append(list(range(i, i + n)))
+            i += n
+        else:
+            i += 1
+    return out
+
+
+def word_token_indices(tokenizer, prompt: str, word: str, occurrence: int | None = None
+                       ) -> list[int]:
+    """Positions (in the padded input ids, BOS at 0) of the tokens forming ``word``.
+
+    All occurrences by default (flattened), or only the ``occurrence``-th (0-based).
+    Returns ``[]`` if the word is absent (``AttentionMaps.for_word`` raises instead).
+    """
+    occ = word_occurrences(tokenizer, prompt, word)
+    if occurrence is None:
+        return [i for o in occ for i in o]
+    if not -len(occ) <= occurrence < len(occ):
+        raise ValueError(f"occurrence={occurrence} but {word!r} appears {len(occ)} time(s) in "
+                         f"{prompt!r}")
+    return list(occ[occurrence])
+
+
+def encode_prompt(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings (1, T, D), input_ids (T,)) padded to ``model_max_length``; warns when the
+    prompt is truncated."""
+    tok = pipe.tokenizer
+    full = tok(prompt).input_ids
+    if len(full) > tok.model_max_length:
+        dropped = tok.decode(full[tok.model_max_length - 1:-1])
+        warnings.warn(f"prompt is {len(full)} tokens, longer than the tokenizer's "
+                      f"model_max_length={tok.model_max_length}; truncated, dropping "
+                      f"{dropped!r}", stacklevel=3)
+    ids = torch.tensor(_prompt_ids(tok, prompt))
+    te = pipe.text_encoder
+    mask = None
+    if getattr(te.config, "use_attention_mask", False):
+        mask = (ids != tok.pad_token_id).long()[None].to(te.device)
+    with torch.no_grad():
+        emb = te(ids[None].to(te.device), attention_mask=mask)[0]
+    return emb, ids
+
+
+# ----------------------------------------------------------------------------- image
+def prepare_image(image, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
+    """PIL image / (H, W, 3) uint8 array or tensor (or (3, H, W) tensor) -> (1, 3, H, W)
+    float in [-1, 1]. Raises ValueError if the size is not ``size`` unless ``resize``."""
+    from PIL import Image
+
+    H, W = size
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB"))
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
+            t = t.permute(1, 2, 0)
+        arr = t.numpy()
+    elif isinstance(image, np.ndarray):
+        arr = image
+    else:
+        raise TypeError(f"image must be a PIL image, a numpy array or a torch tensor, "
+                        f"got {type(image).__name__}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, -1)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"image must be (H, W, 3) RGB, got shape {tuple(arr.shape)}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, -1)
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and 0 <= arr.min() \
+                and arr.max() <= 1:
+            arr = (arr * 255).round().astype(np.uint8)
+        else:
+            raise TypeError(f"image must be uint8 (0..255) or float in [0, 1], got "
+                            f"{arr.dtype}")
+    h, w = arr.shape[:2]
+    if (h, w) != (H, W):
+        if not resize:
+            raise ValueError(
+                f"image is {w}x{h} pixels (WxH) but this pipeline works at {W}x{H}: resize "
+                f"it first, e.g. PIL.Image.fromarray(img).resize(({W}, {H}), "
+                f"PIL.Image.BICUBIC), or pass resize=True")
+        warnings.warn(f"resizing the image from {w}x{h} to {W}x{H} (bicubic)", stacklevel=3)
+        arr = np.asarray(Image.fromarray(arr).resize((W, H), Image.BICUBIC))
+    x = torch.tensor(arr).permute(2, 0, 1)[None].float()  # copies: arr may be read-only
+    return x / 127.5 - 1.0
+
+
+def _noiser(pipe):
+    """Scheduler whose ``add_noise`` is x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps for any
+    integer t (DDPM-style). Sigma-based schedulers (Euler, ...) noise differently and need
+    ``set_timesteps``; for those a DDPMScheduler with the same betas is used."""
+    from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+    s = pipe.scheduler
+    if isinstance(s, (DDIMScheduler, DDPMScheduler, PNDMScheduler)):
+        return s
+    return DDPMScheduler.from_config(s.config)
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass(eq=False, repr=False)
+class AttentionMaps:
+    """Head-averaged cross-attention maps of one (image, prompt) pair.
+
+    See the module docstring for shapes. Normalised maps (``normalize=True``) are min-max
+    scaled to [0, 1] after averaging over heads, layers and timesteps (and after resizing
+    to ``size``); a constant map becomes all zeros.
+    """
+
+    prompt: str
+    input_ids: torch.Tensor            # (T,)
+    tokens: list                       # T token strings, "</w>" stripped, specials kept
+    timesteps: torch.Tensor            # (n,)
+    layers: list                       # processor names, U-Net order
+    layer_maps: dict                   # name -> (n, h_l, w_l, T)
+    layer_resolution: dict             # name -> h_l
+    t_range: tuple = (0, 1000)
+    seed: int | None = None
+    _raw: torch.Tensor | None = field(default=None, repr=False)
+    _tokenizer: object = field(default=None, repr=False)
+
+    # --------------------------------------------------------------- shapes
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(h, w) of the common map grid (the largest layer resolution)."""
+        return max((m.shape[1:3] for m in self.layer_maps.values()), key=lambda s: s[0] * s[1])
+
+    @property
+    def resolution(self) -> int:
+        """Side (height) of the common map grid, e.g. 16."""
+        return int(self.shape[0])
+
+    @property
+    def raw(self) -> torch.Tensor:
+        """(n_timesteps, n_layers, h, w, tokens) head-averaged probabilities on the common
+        grid (lower-resolution layers upsampled bilinearly)."""
+        if self._raw is None:
+            self._raw = torch.stack([self._resized(n) for n in self.layers], 1)
+        return self._raw
+
+    def _resized(self, name: str) -> torch.Tensor:
+        m = self.layer_maps[name]
+        if tuple(m.shape[1:3]) == tuple(self.shape):
+            return m
+        return F.interpolate(m.permute(0, 3, 1, 2), size=self.shape, mode="bilinear",
+                             align_corners=False).permute(0, 2, 3, 1)
+
+    def __repr__(self):
+        return (f"AttentionMaps(prompt={self.prompt!r}, timesteps={len(self.timesteps)}, "
+                f"layers={len(self.layers)}, resolution={self.resolution}, "
+                f"tokens={len(self.tokens)})")
+
+    # --------------------------------------------------------------- words
+    @property
+    def words(self) -> list[str]:
+        """Words of the prompt as tokenised (specials and padding excluded; pieces of a
+        split word joined)."""
+        out, cur = [], ""
+        for tok, raw in zip(self.tokens, self._raw_tokens()):
+            if _is_special(raw):
+                if cur:
+                    out.append(cur)
+                    cur = ""
+                continue
+            cur += tok
+            if raw.endswith(EOW):
+                out.append(cur)
+                cur = ""
+        if cur:
+            out.append(cur)
+        return out
+
+    def _raw_tokens(self) -> list[str]:
+        if self._tokenizer is not None:
+            return self._tokenizer.convert_ids_to_tokens(self.input_ids.tolist())
+        return [t if _is_special(t) else t + EOW for t in self.tokens]
+
+    def word_indices(self, word: str, occurrence: int | None = None) -> list[int]:
+        """Token positions of ``word`` (all occurrences, or the ``occurrence``-th).
+        Raises ValueError listing the prompt's words if absent."""
+        if self._tokenizer is None:
+            raise RuntimeError("no tokenizer attached; use for_token with indices")
+        idx = word_token_indices(self._tokenizer, self.prompt, word, occurrence)
+        if not idx:
+            raise ValueError(f"word {word!r} is not in the prompt {self.prompt!r}; its words "
+                             f"are {self.words}")
+        return idx
+
+    # --------------------------------------------------------------- selection
+    def _layer_sel(self, layers) -> list[str]:
+        if layers is None:
+            return list(self.layers)
+        items = [layers] if isinstance(layers, (str, int)) else list(layers)
+        chosen = set()
+        for item in items:
+            if isinstance(item, str) and item.lower() == "all":
+                chosen.update(self.layers)
+            elif isinstance(item, (int, np.integer)) or (
+                    isinstance(item, str) and item.split(":")[0].lower() in ("res", "resolution")):
+                r = int(item) if not isinstance(item, str) else int(item.split(":", 1)[1])
+                hit = [n for n in self.layers if self.layer_resolution[n] == r]
+                if not hit:
+                    raise ValueError(f"no recorded layer at resolution {r}; recorded "
+                                     f"resolutions: {sorted(set(self.layer_resolution.values()))}")
+                chosen.update(hit)
+            else:
+                hit = [n for n in self.layers if n == item or n == item + ".processor"
+                       or n.startswith(item.rstrip(".") + ".")]
+                if not hit:
+                    raise ValueError(f"layer {item!r} was not recorded; recorded: {self.layers}")
+                chosen.update(hit)
+        return [n for n in self.layers if n in chosen]
+
+    def _time_sel(self, timesteps=None, t_range=None) -> torch.Tensor:
+        """Indices into ``self.timesteps``: ``timesteps`` = int / slice / list / bool mask
+        of indices; ``t_range=(lo, hi)`` = timestep values lo <= t < hi."""
+        n = len(self.timesteps)
+        idx = torch.arange(n)
+        if timesteps is not None:
+            if isinstance(timesteps, slice):
+                idx = idx[timesteps]
+            else:
+                sel = torch.as_tensor(timesteps)
+                idx = idx[sel.reshape(-1) if sel.dtype != torch.bool else sel]
+        if t_range is not None:
+            lo, hi = t_range
+            t = self.timesteps[idx]
+            idx = idx[(t >= lo) & (t < hi)]
+        if len(idx) == 0:
+            raise ValueError(f"no timestep selected (timesteps={timesteps}, t_range={t_range}; "
+                             f"available: {self.timesteps.tolist()})")
+        return idx
+
+    def _average(self, token_idx, layers=None, timesteps=None, t_range=None) -> torch.Tensor:
+        """(n_selected_timesteps, h, w): mean over the chosen layers and tokens."""
+        tok = torch.as_tensor(token_idx, dtype=torch.long).reshape(-1)
+        T = len(self.tokens)
+        if len(tok) == 0 or tok.min() < -T or tok.max() >= T:
+            raise IndexError(f"token index {token_idx} out of range for {T} tokens")
+        ti = self._time_sel(timesteps, t_range)
+        maps = []
+        for n in self._layer_sel(layers):
+            m = self.layer_maps[n][ti][..., tok].mean(-1)  # (n_sel, h_l, w_l)
+            if tuple(m.shape[-2:]) != tuple(self.shape):  # bilinear is linear: same as
+                m = F.interpolate(m[:, None], size=self.shape, mode="bilinear",  # .raw
+                                  align_corners=False)[:, 0]
+            maps.append(m)
+        return torch.stack(maps).mean(0)
+
+    @staticmethod
+    def _finish(m: torch.Tensor, size, normalize: bool) -> torch.Tensor:
+        """Resize (..., h, w) to ``size`` (bilinear) and min-max normalise each map."""
+        if size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            lead = m.shape[:-2]
+            m = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]), size=size, mode="bilinear",
+                              align_corners=False).reshape(*lead, *size)
+        if normalize:
+            lo = m.amin((-2, -1), keepdim=True)
+            hi = m.amax((-2, -1), keepdim=True)
+            span = hi - lo
+            m = torch.where(span > 0, (m - lo) / span.clamp_min(1e-12), torch.zeros_like(m))
+        return m
+
+    # --------------------------------------------------------------- maps
+    def for_token(self, index, size=None, layers=None, timesteps=None, *, t_range=None,
+                  normalize: bool = True) -> torch.Tensor:
+        """(h, w) map of token position(s) ``index`` (an int or a list, averaged), averaged
+        over heads, ``layers`` (None = all recorded; names, resolutions, "all") and
+        ``timesteps`` (indices into ``.timesteps``) / ``t_range`` (values), upsampled to
+        ``size=(H, W)`` and min-max normalised to [0, 1] unless ``normalize=False``."""
+        m = self._average(index, layers, timesteps, t_range).mean(0)
+        return self._finish(m, size, normalize)
+
+    def for_word(self, word: str, size=None, layers=None, timesteps=None, *, occurrence=None,
+                 t_range=None, normalize: bool = True) -> torch.Tensor:
+        """(h, w) map of ``word`` (or phrase): mean over its tokens and, unless
+        ``occurrence`` is given, over all its occurrences. Same options as ``for_token``."""
+        return self.for_token(self.word_indices(word, occurrence), size, layers, timesteps,
+                              t_range=t_range, normalize=normalize)
+
+    def per_layer(self, word, size=None, timesteps=None, *, occurrence=None, t_range=None,
+                  normalize: bool = True) -> dict:
+        """{layer name: (h_l, w_l) map at the layer's own resolution (or ``size``)}, averaged
+        over the chosen timesteps. ``word`` may be a word or token position(s)."""
+        idx = self._indices(word, occurrence)
+        ti = self._time_sel(timesteps, t_range)
+        tok = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        return {n: self._finish(self.layer_maps[n][ti][..., tok].mean(-1).mean(0), size,
+                                normalize) for n in self.layers}
+
+    def per_timestep(self, word, size=None, layers=None, *, occurrence=None,
+                     normalize: bool = False) -> torch.Tensor:
+        """(n_timesteps, h, w) raw maps (layer- and token-averaged), one per entry of
+        ``.timesteps``; ``normalize=True`` scales each to [0, 1]."""
+        return self._finish(self._average(self._indices(word, occurrence), layers), size,
+                            normalize)
+
+    def concept_maps(self, words_or_indices, size=None, layers=None, timesteps=None, *,
+                     t_range=None, normalize: bool = False) -> torch.Tensor:
+        """(K, h, w) stacked maps, raw (not normalised) by default, e.g. for
+        ``conceptlab.masks.assign_labels``. Each entry: a word / phrase, a token position,
+        or a list of positions (averaged)."""
+        if isinstance(words_or_indices, (str, int)):
+            words_or_indices = [words_or_indices]
+        out = [self._average(self._indices(w), layers, timesteps, t_range).mean(0)
+               for w in words_or_indices]
+        if not out:
+            raise ValueError("concept_maps needs at least one word or index")
+        return self._finish(torch.stack(out), size, normalize)
+
+    def _indices(self, w, occurrence=None):
+        return self.word_indices(w, occurrence) if isinstance(w, str) else w
+
+
+# ----------------------------------------------------------------------------- compute
+def _check_t_range(t_range, n_train) -> tuple[int, int]:
+    lo, hi = int(t_range[0]), int(t_range[1])
+    hi = min(hi, n_train)
+    if not 0 <= lo < hi:
+        raise ValueError(f"t_range must satisfy 0 <= lo < hi <= {n_train}, got {t_range}")
+    return lo, hi
+
+
+def attention_maps(pipe, image, prompt: str, *, n_timesteps: int = 50, seed: int = 0,
+                   layers=None, t_range=None, batch_size: int | None = None,
+                   generator: torch.Generator | None = None, resize: bool = False
+                   ) -> AttentionMaps:
+    """Cross-attention maps of ``prompt`` on ``image`` (see the module docstring).
+
+    image: PIL image or (H, W, 3) uint8 array / tensor at the pipeline's native size
+        (ValueError otherwise, unless ``resize=True``: resized with a warning).
+    n_timesteps: number of noised copies, t ~ U[t_range) (sorted ascending).
+    seed / generator: timesteps and noise come from ``generator`` if given, else from
+        ``torch.Generator().manual_seed(seed)``: same seed -> identical maps.
+    layers: see :func:`resolve_layers`; ``None`` -> :func:`default_attention_config`.
+    t_range: (lo, hi), hi exclusive; ``None`` -> :func:`default_attention_config`.
+    batch_size: U-Net batch (timesteps per forward); default ``min(n_timesteps, 64)``.
+    """
+    return _compute(pipe, image, prompt, n_timesteps=n_timesteps, seed=seed, layers=layers,
+                    t_range=t_range, batch_size=batch_size, generator=generator, resize=resize)
+
+
+def sequential_attention_maps(pipe, image, prompt: str, *, n_timesteps: int = 50,
+                              seed: int = 0, layers=None, t_range=None,
+                              generator: torch.Generator | None = None, resize: bool = False
+                              ) -> AttentionMaps:
+    """:func:`attention_maps` computed one timestep per U-Net call (reference for the
+    batched path and its speed-up; same inputs, equal results up to float rounding)."""
+    return _compute(pipe, image, prompt, n_timesteps=n_timesteps, seed=seed, layers=layers,
+                    t_range=t_range, batch_size=1, generator=generator, resize=resize)
+
+
+def _compute(pipe, image, prompt, *, n_timesteps, seed, layers, t_range, batch_size,
+             generator, resize) -> AttentionMaps:
+    if n_timesteps < 1:
+        raise ValueError(f"n_timesteps must be >= 1, got {n_timesteps}")
+    unet, vae = pipe.unet, pipe.vae
+    defaults = default_attention_config(pipe) if layers is None or t_range is None else None
+    names = defaults["layers"] if layers is None else resolve_layers(unet, layers)
+    lo, hi = _check_t_range(defaults["t_range"] if t_range is None else t_range,
+                            _num_train_timesteps(pipe))
+    res = layer_resolutions(unet)
+    bs = min(n_timesteps, MAX_BATCH) if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    x = prepare_image(image, native_image_size(pipe), resize)
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latent = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+        latent = latent * vae.config.scaling_factor
+        if vae.config.get("shift_factor") is not None:
+            latent = latent - vae.config.shift_factor  # SD3/Flux-style VAEs
+        latent = latent.to(unet.device, unet.dtype)
+        emb, ids = encode_prompt(pipe, prompt)
+        emb = emb.to(unet.device, unet.dtype)
+
+        # all randomness drawn up front on the CPU: independent of batch_size and device
+        t_all = torch.randint(lo, hi, (n_timesteps,), generator=g).sort().values
+        noise = torch.randn((n_timesteps, *latent.shape[1:]), generator=g)
+        noise = noise.to(latent.device, latent.dtype)
+        noiser = _noiser(pipe)
+
+        h, w = latent.shape[-2:]
+        max_res = max(res[n] for n in names)
+        chunks: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        with record_attention(unet, max_resolution=max(max_res, h, w), keep_graph=False,
+                              layers=names, latent_shape=(h, w)) as store:
+            for start in range(0, n_timesteps, bs):
+                t = t_all[start:start + bs].to(unet.device)
+                b = len(t)
+                z = noiser.add_noise(latent.expand(b, -1, -1, -1), noise[start:start + bs], t)
+                unet(z, t, encoder_hidden_states=emb.expand(b, -1, -1), return_dict=False)
+                for n in names:
+                    calls = store.maps.get(n, [])
+                    if len(calls) != 1:
+                        raise RuntimeError(f"expected one recorded call of {n}, got "
+                                           f"{len(calls)}")
+                    chunks[n].append(calls[0].mean(1).float().cpu())  # (b, h_l, w_l, T)
+                store.clear()
+
+    layer_maps = {n: torch.cat(chunks[n]) for n in names}
+    tok_raw = pipe.tokenizer.convert_ids_to_tokens(ids.tolist())
+    tokens = [t.removesuffix(EOW) for t in tok_raw]
+    return AttentionMaps(
+        prompt=prompt, input_ids=ids, tokens=tokens, timesteps=t_all, layers=list(names),
+        layer_maps=layer_maps, layer_resolution={n: layer_maps[n].shape[1] for n in names},
+        t_range=(lo, hi), seed=None if generator is not None else seed, _tokenizer=pipe.tokenizer)

@@ -1,0 +1,22 @@
+"""Test-session setup: quiet, offline, headless and light on CPU.
+
+The environment variables must be set before torch / transformers / diffusers /
+matplotlib are imported anywhere, hence at the top of the root conftest.
+"""
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+try:
+    import torch
+except ImportError:  # packaging tests do not need torch
+    torch = None
+
+if torch is not None:
+    torch.set_num_threads(2)
