@@ -100,7 +100,7 @@ def localisation(pipe, scenes, n_timesteps=20, seed=0):
             for res in resolutions + ["all"]:
                 names = [n for n, r in res_of.items() if res == "all" or r == res]
                 maps = store.stacked(names)[..., tok]  # (T, h, w)
-                for b, (lo, hi) in enumerate(T_BINS + [(0, 1000)]):
+                for b, (lo, hi) in enumerate(T_BINS + [(0, 500), (0, 1000)]):
                     sel = (ts >= lo) & (ts < hi)
                     m = maps[sel].mean(0)
                     rows.append(dict(n=len(order), pos=pos, res=res, bin=f"{lo}-{hi}",
@@ -120,7 +120,7 @@ def summarise_localisation(rows, base):
     best = max(out["by_res_bin"], key=out["by_res_bin"].get)
     res, b = best.split("|")
     out["best"] = {"res": res, "bin": b, "iou": out["by_res_bin"][best]}
-    sel = lambda r, **kw: str(r["res"]) == res and r["bin"] == b and all(  # noqa
+    sel = lambda r, **kw: str(r["res"]) == res and r["bin"] == b and all(
         r[k] == v for k, v in kw.items())
     out["best_by_position"] = {p: mean(lambda r: sel(r, pos=p)) for p in range(3)}
     out["best_by_n_objects"] = {n: mean(lambda r: sel(r, n=n)) for n in (1, 2, 3)}
@@ -180,7 +180,7 @@ def main(argv=None):
         clf = load_classifier()
         prompts = fidelity_prompts(args.n_generation_prompts, seed=7)
         fid = fidelity(pipe, prompts, n_per_prompt=args.images_per_prompt, seed=0,
-                       guidance_scale=args.guidance, steps=args.steps, classifier=clf)
+                       guidance_scale=args.guidance, steps=args.steps, model=clf)
         results["generation"] = fid
         print(f"3. Generation fidelity ({len(prompts)} prompts x {args.images_per_prompt} "
               f"images, guidance {args.guidance}, {args.steps} DDIM steps): colour "

@@ -9,6 +9,7 @@ Prints and stores in data/classifier/config.json (``metrics``):
   rates, on 1000 fresh scenes (a random stream disjoint from training);
 - the same on *degraded* scenes: area-downsampled to 16x16 and bilinearly upsampled back
   (much blurrier than the bundled model's VAE output);
+- with ``--pipeline DIR``: the same on VAE round trips of held-out scenes (``vae_ceiling``);
 - the blob test: scenes whose objects are replaced by circles / irregular smooth blobs of
   the same colour; ``star`` is the fraction of those images where the shape head says
   "star" (it must not).
@@ -43,6 +44,8 @@ def main(argv=None):
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--blob-n", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pipeline", default=None,
+                    help="optional StableDiffusionPipeline folder: also score VAE round trips")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -66,9 +69,16 @@ def main(argv=None):
                                              objects), n_images=args.eval_n)
     metrics["blobs_circle"] = C.blob_rates(model, n=args.blob_n, seed=0, wobble=0.0)
     metrics["blobs_irregular"] = C.blob_rates(model, n=args.blob_n, seed=1, wobble=0.12)
+    if args.pipeline:
+        from diffusers import StableDiffusionPipeline
+
+        vae = StableDiffusionPipeline.from_pretrained(args.pipeline).vae.float().eval()
+        metrics["vae_roundtrip"] = C.vae_ceiling(vae, n=300, model=model)["vae"]
     metrics["torch"] = torch.__version__
 
-    for key in ("heldout", "heldout_down24", "heldout_down16"):
+    for key in ("heldout", "heldout_down24", "heldout_down16", "vae_roundtrip"):
+        if key not in metrics:
+            continue
         m = metrics[key]
         print(f"{key:15s} " + "  ".join(
             f"{h}: acc {m[h]['accuracy']:.3f} fp {m[h]['false_positive']:.3f} "

@@ -7,8 +7,8 @@ The names most notebooks use are importable from the top level::
 
 __version__ = "0.1.0"
 
-from .attention import record_attention  # noqa: E402
-from .pipeline import load_pipeline  # noqa: E402
+from .attention import record_attention
+from .pipeline import load_pipeline
 
 
 def __getattr__(name):  # lazy: keep `import conceptlab` light
@@ -24,5 +24,12 @@ def __getattr__(name):  # lazy: keep `import conceptlab` light
     raise AttributeError(f"module 'conceptlab' has no attribute {name!r}")
 
 
-__all__ = ["load_pipeline", "record_attention", "attention_maps", "learn_concepts",
-           "Concepts", "generate", "__version__"]
+__all__ = [
+    "Concepts",
+    "__version__",
+    "attention_maps",
+    "generate",
+    "learn_concepts",
+    "load_pipeline",
+    "record_attention",
+]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-
-import numpy as np
 import sys
 import time
 from dataclasses import fields
+
+import numpy as np
 
 
 def _threads(n):
@@ -70,9 +70,9 @@ def cmd_learn(args):
 
 
 def cmd_generate(args):
+    from .em import Concepts
     from .figures import save_captioned_grid
     from .generation import generate
-    from .em import Concepts
     from .pipeline import load_pipeline
 
     _threads(args.threads)
@@ -95,7 +95,7 @@ def cmd_demo(args):
 
     from .em import learn_concepts
     from .examples import load_example
-    from .figures import overlay_masks, save_captioned_grid, image_grid_figure
+    from .figures import image_grid_figure, overlay_masks, save_captioned_grid
     from .generation import generate
     from .masks import iou
     from .pipeline import load_pipeline

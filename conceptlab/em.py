@@ -110,6 +110,10 @@ class Concepts:
     mask_history: list = field(default_factory=list)  # per E-step: list per image of masks
     iou_history: list = field(default_factory=list)  # per E-step: (K,) IoU per concept
     warnings: list = field(default_factory=list)
+    # evaluation only (gt_masks given): IoU of masks re-estimated from the CURRENT tokens'
+    # attention at the E-step schedule, for every method (for "em" they are the masks used)
+    eval_steps: list = field(default_factory=list)
+    eval_iou_history: list = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -140,6 +144,7 @@ class Concepts:
         np.savez_compressed(os.path.join(directory, "masks.npz"), **arrays)
         meta = {"method": self.method, "concept_ids": self.concept_ids, "e_steps": self.e_steps,
                 "iou_history": self.iou_history, "warnings": self.warnings,
+                "eval_steps": self.eval_steps, "eval_iou_history": self.eval_iou_history,
                 "names": self.names, "n_images": len(self.images)}
         with open(os.path.join(directory, "em.json"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -148,7 +153,7 @@ class Concepts:
         return str(directory)
 
     @classmethod
-    def load(cls, directory, pipe) -> "Concepts":
+    def load(cls, directory, pipe) -> Concepts:
         """Load saved concepts and add their tokens to ``pipe`` (ready to generate)."""
         meta = json.load(open(os.path.join(directory, "em.json")))
         tokens = load_concepts(pipe, directory)
@@ -161,13 +166,15 @@ class Concepts:
         return cls(tokens, meta["method"], [z[f"image_{i}"] for i in range(n)],
                    meta["concept_ids"], [z[f"masks_{i}"] for i in range(n)],
                    TrainingHistory.from_json(h) if os.path.exists(h) else None,
-                   meta["e_steps"], hist, meta["iou_history"], meta["warnings"])
+                   meta["e_steps"], hist, meta["iou_history"], meta["warnings"],
+                   meta.get("eval_steps", []), meta.get("eval_iou_history", []))
 
     # ------------------------------------------------------------------ figures
     def plot_mask_evolution(self, image: int = 0, scale: float = 1.3):
         """Rows: E-steps; columns: the image with each concept's mask."""
-        from .figures import overlay_masks
         import matplotlib.pyplot as plt
+
+        from .figures import overlay_masks
 
         rows = self.mask_history or [self.masks]
         steps = self.e_steps or [0]
@@ -197,7 +204,7 @@ def _schedule(total: int, em_every: int | None, method: str) -> list[int]:
     if method != "em":
         return [0]
     every = em_every or max(1, total // 4)
-    return list(range(0, total, every))
+    return list(range(0, total, every))  # plus a final E-step at the end (learn_concepts)
 
 
 def _check_masks(new, old, names, step, warn_list, cfg: MaskConfig):
@@ -290,38 +297,55 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
         for i, img in enumerate(imgs):
             est = estimate_masks(pipe, img, [names[c] for c in ids[i]], config=mcfg,
                                  seed=seed + 1000 * step + i)
-            m = est.masks
-            if previous is None and (m.reshape(len(m), -1).mean(1) < mcfg.min_fraction).any():
-                fb = _fallback_masks(est, H, W)
-                m = np.where((m.reshape(len(m), -1).mean(1) < mcfg.min_fraction)[:, None, None],
-                             fb, m)
-            m = _check_masks(m, None if previous is None else previous[i],
+            m = _check_masks(est.masks, None if previous is None else previous[i],
                              [names[c] for c in ids[i]], step, result.warnings, mcfg)
+            area = m.reshape(len(m), -1).mean(1)
+            bad = (area < mcfg.min_fraction) | (area > mcfg.max_fraction)
+            if previous is None and bad.any():  # nothing to keep: each map above its mean
+                m = np.where(bad[:, None, None], _fallback_masks(est, H, W), m)
             per_image.append(m)
         return per_image
+
+    def ious_of(per_image):
+        ious, count = np.zeros(K), np.zeros(K)
+        for i, m in enumerate(per_image):
+            for j, c in enumerate(ids[i]):
+                ious[c] += float(_masks.iou(m[j], gt_masks[i][j]))
+                count[c] += 1
+        return (ious / np.maximum(count, 1)).round(4).tolist()
 
     def record(step, per_image):
         result.e_steps.append(int(step))
         result.mask_history.append([m.copy() for m in per_image])
         if gt_masks is not None:
-            ious = np.zeros(K)
-            count = np.zeros(K)
-            for i, m in enumerate(per_image):
-                for j, c in enumerate(ids[i]):
-                    ious[c] += float(_masks.iou(m[j], gt_masks[i][j]))
-                    count[c] += 1
-            result.iou_history.append((ious / np.maximum(count, 1)).round(4).tolist())
+            result.iou_history.append(ious_of(per_image))
+
+    def evaluate(step, per_image_used):
+        """Evaluation only: IoU of masks estimated from the current tokens."""
+        if gt_masks is None or step in result.eval_steps:
+            return
+        if method == "em":
+            per_image = per_image_used
+        else:
+            per_image = [estimate_masks(pipe, img, [names[c] for c in ids[i]], config=mcfg,
+                                        seed=seed + 1000 * step + i).masks
+                         for i, img in enumerate(imgs)]
+        result.eval_steps.append(int(step))
+        result.eval_iou_history.append(ious_of(per_image))
 
     def data_for(per_image):
         return [ConceptImage(img, m, c) for img, m, c in zip(imgs, per_image, ids)]
 
     schedule = _schedule(total, em_every, method)
+    eval_schedule = sorted(set(_schedule(total, em_every, "em")) | {total}) \
+        if gt_masks is not None else []
     if resuming:
         z = np.load(state_path, allow_pickle=False)
         meta = json.loads(str(z["meta"]))
         current = [z[f"current_{i}"] for i in range(len(imgs))]
         result.e_steps, result.iou_history, result.warnings = (
             meta["e_steps"], meta["iou_history"], meta["warnings"])
+        result.eval_steps, result.eval_iou_history = meta["eval_steps"], meta["eval_iou_history"]
         result.mask_history = [[z[f"hist_{s}_{i}"] for i in range(len(imgs))]
                                for s in range(len(meta["e_steps"]))]
     elif method == "given":
@@ -343,17 +367,20 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
             for i, m in enumerate(per):
                 arrays[f"hist_{s}_{i}"] = m
         meta = {"e_steps": result.e_steps, "iou_history": result.iou_history,
-                "warnings": result.warnings}
+                "warnings": result.warnings, "eval_steps": result.eval_steps,
+                "eval_iou_history": result.eval_iou_history}
         np.savez(state_path + ".tmp.npz", meta=json.dumps(meta), **arrays)
         os.replace(state_path + ".tmp.npz", state_path)
 
     trainer = ConceptTrainer(pipe, data_for(current), tokens, cfg, progress=progress,
                              checkpoint_dir=checkpoint_dir, resume=True)
     try:
+        if trainer.step_count == 0:
+            evaluate(0, current)
         save_state()
         every = cfg.checkpoint_every or total
         while trainer.step_count < total:
-            nxt = min([s for s in schedule if s > trainer.step_count] + [total])
+            nxt = min([s for s in schedule + eval_schedule if s > trainer.step_count] + [total])
             nxt = min(nxt, (trainer.step_count // every + 1) * every)
             trainer.train(nxt - trainer.step_count)
             if trainer.history.interrupted:
@@ -363,6 +390,11 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                 current = e_step(trainer.step_count, current)
                 record(trainer.step_count, current)
                 trainer.set_data(data_for(current))
+            if method == "em" and trainer.step_count == total and total not in result.e_steps:
+                current = e_step(total, current)  # final masks: from the final tokens
+                record(total, current)
+            if trainer.step_count in eval_schedule:
+                evaluate(trainer.step_count, current)
             save_state()
             if checkpoint_dir:
                 trainer.save_checkpoint()
@@ -389,5 +421,12 @@ def evaluate_masks(pipe, concepts: Concepts, gt_masks, *, mask_config: MaskConfi
     return (ious / np.maximum(count, 1)).tolist()
 
 
-__all__ = ["learn_concepts", "Concepts", "estimate_masks", "evaluate_masks", "MaskConfig",
-           "MaskEstimate", "METHODS"]
+__all__ = [
+    "METHODS",
+    "Concepts",
+    "MaskConfig",
+    "MaskEstimate",
+    "estimate_masks",
+    "evaluate_masks",
+    "learn_concepts",
+]

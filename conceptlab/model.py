@@ -15,7 +15,7 @@ works on it also works on Stable Diffusion:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, asdict, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 

@@ -84,7 +84,7 @@ def load_pipeline(name_or_path: str = BUNDLED_MODEL, device: str | None = None,
         pipe = StableDiffusionPipeline.from_pretrained(
             source, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, low_cpu_mem_usage=False)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         if os.path.isdir(source):
             raise
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ class TrainConfig:
     vae_batch: int = 16
     vae_crop: int = 32  # the VAE is fully convolutional: train on random crops (4x cheaper)
     vae_lr: float = 1e-3
-    unet_steps: int = 2000
+    decoder_steps: int = 1500  # then the decoder alone, on full images (the encoder, hence
+    decoder_batch: int = 16    # the latents the U-Net learns, is frozen)
+    unet_steps: int = 1600
     batch: int = 32
     lr: float = 8e-4
     grounding_weight: float = 0.1
@@ -119,7 +121,7 @@ def vae_loss(vae, x, kl_weight=1e-6):
     post = vae.encode(x).latent_dist
     rec = vae.decode(post.sample()).sample
     d = rec - x
-    grad = lambda a: (a[..., 1:, :] - a[..., :-1, :], a[..., :, 1:] - a[..., :, :-1])  # noqa
+    grad = lambda a: (a[..., 1:, :] - a[..., :-1, :], a[..., :, 1:] - a[..., :, :-1])
     gy, gx = grad(rec)
     ty, tx = grad(x)
     loss = (d.pow(2).mean() + 0.5 * d.abs().mean() + (gy - ty).abs().mean()
@@ -159,6 +161,48 @@ def train_vae(vae, images, cfg: TrainConfig, log_path, start_step=0, opt_state=N
             _atomic_save({"stage": "vae", "step": step + 1, "vae": vae.state_dict(),
                           "opt": opt.state_dict()}, ckpt_path)
     vae.eval().to(memory_format=torch.contiguous_format)
+    return vae
+
+
+def finetune_decoder(vae, images, cfg: TrainConfig, log_path=None, steps=None, lr=5e-4):
+    """Train the VAE decoder alone on full-size images with the encoder frozen.
+
+    The latents (what the U-Net learns) do not change, so this can run before, during or
+    after U-Net training with the same result: only reconstructions get sharper.
+    """
+    steps = cfg.decoder_steps if steps is None else steps
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    vae.requires_grad_(False)
+    dec = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in dec:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(dec, lr=lr, weight_decay=0.0)
+    vae.train()
+    t0 = time.time()
+    for step in range(steps):
+        for pg in opt.param_groups:
+            pg["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(len(images), (cfg.decoder_batch,), generator=g)
+        x = images_to_tensor(images[idx.numpy()])
+        if torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        d = rec - x
+        gy, gx = rec[..., 1:, :] - rec[..., :-1, :], rec[..., :, 1:] - rec[..., :, :-1]
+        ty, tx = x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+        loss = (d.pow(2).mean() + 0.5 * d.abs().mean() + (gy - ty).abs().mean()
+                + (gx - tx).abs().mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec, 1.0)
+        opt.step()
+        if log_path and (step % cfg.log_every == 0 or step == steps - 1):
+            _log(log_path, stage="decoder", step=step, loss=round(loss.item(), 5),
+                 time=round(time.time() - t0, 1))
+    vae.eval().requires_grad_(False)
     return vae
 
 
@@ -277,7 +321,12 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
     vae.eval().requires_grad_(False)
 
     # ---- latents and their scale
-    z = encode_latents(vae, data["images"])
+    lat_cache = os.path.join(cfg.out, "latents.pt")
+    if os.path.exists(lat_cache) and ckpt is not None and ckpt["stage"] == "unet":
+        z = torch.load(lat_cache)
+    else:
+        z = encode_latents(vae, data["images"])
+        _atomic_save(z, lat_cache)
     C = mcfg.latent_channels
     scale = float(1.0 / z[:, :C].std())
     vae.register_to_config(scaling_factor=scale)
@@ -338,6 +387,7 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
         opt.step()
         ema.update([unet, te], step)
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
+            _adjust_threads(cfg.out)
             _log(log_path, stage="unet", step=step, loss=round(l_diff.item(), 5),
                  grounding=round(float(l_g), 5), lr=lr, time=round(time.time() - t0, 1))
             bar.set_postfix(loss=f"{l_diff.item():.4f}", ground=f"{float(l_g):.3f}")
@@ -349,7 +399,27 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
             save_pipeline(comps, ema, os.path.join(cfg.out, f"snapshot-{step + 1:05d}"))
     unet.eval()
     te.eval()
+    # ---- stage 3: the decoder alone (encoder frozen: the U-Net's latents are unchanged)
+    dec_path = os.path.join(cfg.out, "decoder.pt")
+    if os.path.exists(dec_path):
+        vae.load_state_dict(torch.load(dec_path))
+    elif cfg.decoder_steps:
+        finetune_decoder(vae, data["images"], cfg, log_path)
+        _atomic_save(vae.state_dict(), dec_path)
     return save_pipeline(comps, ema, os.path.join(cfg.out, "model"))
+
+
+def _adjust_threads(out):
+    """A file ``out/threads`` holding an integer changes the torch thread count of a running
+    job (on a shared CPU, 1 thread can be much faster than 2 under contention)."""
+    path = os.path.join(out, "threads")
+    if os.path.exists(path):
+        try:
+            n = int(open(path).read().strip())
+        except ValueError:
+            return
+        if n > 0 and n != torch.get_num_threads():
+            torch.set_num_threads(n)
 
 
 class _null:

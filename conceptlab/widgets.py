@@ -124,6 +124,7 @@ def threshold_explorer(image, attn_map, gt_mask=None, threshold: float = 0.5):
 def crf_explorer(image, maps, gt_masks=None, **defaults):
     """Sliders for the DenseCRF's bilateral kernel (sxy, srgb, compat) and iterations."""
     import ipywidgets as w
+
     from .figures import overlay_masks
 
     p = dict(_crf.DEFAULT_CRF_PARAMS)
@@ -153,6 +154,7 @@ def crf_explorer(image, maps, gt_masks=None, **defaults):
 def attention_explorer(image, maps, words=None):
     """Dropdowns / slider: word, layer and timestep of an AttentionMaps object."""
     import ipywidgets as w
+
     from .figures import overlay_map
 
     words = words or maps.words

@@ -18,7 +18,7 @@ the "user concepts" the course learns new tokens for (see ``data/examples``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -48,10 +48,7 @@ RADIUS = {1: (0.17, 0.30), 2: (0.15, 0.23), 3: (0.13, 0.20)}
 SUPERSAMPLE = 4
 
 PREFIXES = ("", "a photo of ", "a picture of ", "an image of ")
-CAPTION_WORDS = (
-    "a an and on of with the photo picture image background shape in front next to above "
-    "below left right beside together"
-).split()
+CAPTION_WORDS = ["a", "an", "and", "on", "of", "with", "the", "photo", "picture", "image", "background", "shape", "in", "front", "next", "to", "above", "below", "left", "right", "beside", "together"]
 
 
 @dataclass
@@ -84,7 +81,7 @@ class SceneSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SceneSpec":
+    def from_dict(cls, d: dict) -> SceneSpec:
         d = dict(d)
         d["objects"] = [ShapeObject(**o) for o in d["objects"]]
         d["bg_colours"] = tuple(tuple(c) for c in d.get("bg_colours", ()))
@@ -329,7 +326,19 @@ def to_pil(image: np.ndarray, scale: int = 1) -> Image.Image:
 
 
 __all__ = [
-    "SHAPES", "COLOURS", "BACKGROUNDS", "PATTERNS", "ShapeObject", "SceneSpec", "Scene",
-    "sample_scene", "render_scene", "describe", "sample_caption", "vocabulary", "make_dataset",
-    "shape_polygon", "to_pil",
+    "BACKGROUNDS",
+    "COLOURS",
+    "PATTERNS",
+    "SHAPES",
+    "Scene",
+    "SceneSpec",
+    "ShapeObject",
+    "describe",
+    "make_dataset",
+    "render_scene",
+    "sample_caption",
+    "sample_scene",
+    "shape_polygon",
+    "to_pil",
+    "vocabulary",
 ]

@@ -124,6 +124,9 @@ def test_fidelity_on_tiny_pipeline(clf):
                      guidance_scale=3.0, steps=2, model=clf, return_images=True)
     for k in ("colour", "shape", "both"):
         assert 0.0 <= res[k] <= 1.0 and not math.isnan(res[k])
-    assert res["n_objects"] == 3 and res["n_images"] == 4
+    assert res["n_objects"] == 2 * (1 + 2) and res["n_images"] == 4  # named objects x images
     assert set(res["by_count"]) == {1, 2}
     assert res["images"][0].shape == (2, 32, 32, 3) and res["images"][0].dtype == np.uint8
+    # the VAE round-trip ceiling runs on any AutoencoderKL (here 32x32: inputs resized)
+    ceil = C.vae_ceiling(pipe.vae, n=4, model=clf)
+    assert set(ceil) >= {"clean", "vae", "mse"} and 0.0 <= ceil["vae"]["colour"]["accuracy"] <= 1

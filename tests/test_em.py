@@ -1,6 +1,5 @@
 """learn_concepts on the tiny random pipeline: shapes, schedules, baselines, resume."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,8 +40,9 @@ def test_em_schedule_history_and_iou():
     gt = sc.masks[1:]
     c = learn_concepts(pipe, sc.image, ["shape", "shape"], method="em", config=CFG, em_every=3,
                        mask_config=MCFG, progress=False, gt_masks=gt)
-    assert c.e_steps == [0, 3]
-    assert len(c.iou_history) == 2 and len(c.iou_history[0]) == 2
+    assert c.e_steps == [0, 3, 6]
+    assert len(c.iou_history) == 3 and len(c.iou_history[0]) == 2
+    assert c.eval_steps == [0, 3, 6]
     assert all(0 <= v <= 1 for row in c.iou_history for v in row)
     assert c.masks[0].shape == (2, 32, 32)
     assert c.latent_masks(pipe)[0].shape == (2, 8, 8)
@@ -99,3 +99,13 @@ def test_save_load_roundtrip(tmp_path):
     assert (d.masks[0] == c.masks[0]).all()
     assert torch.allclose(d.embeddings, c.embeddings)
     assert len(d.mask_history) == len(c.mask_history)
+
+
+def test_baselines_track_attention_iou_for_evaluation():
+    sc = scene()
+    gt = sc.masks[1:]
+    c = learn_concepts(tiny_pipeline(), sc.image, ["shape", "shape"], method="given",
+                       masks=[gt], config=CFG, em_every=3, mask_config=MCFG, progress=False,
+                       gt_masks=[gt])
+    assert c.e_steps == [0] and c.iou_history == [[1.0, 1.0]]  # the given masks are exact
+    assert c.eval_steps == [0, 3, 6] and len(c.eval_iou_history) == 3

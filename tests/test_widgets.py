@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from conceptlab import widgets
-from conceptlab import world
+from conceptlab import widgets, world
 
 
 def _scene():
