@@ -42,12 +42,14 @@ def suite_scenes(n: int, seed: int = 2_000_000):
 
 
 def run_suite(pipe, scenes, methods=("em", "fixed", "given"), steps=None, seed=0,
-              progress=False, log=print):
+              progress=False, log=print, batch_size=None, after_scene=None):
     """Returns {method: {"steps": [...], "eval_iou": (n_scenes, n_eval, ) mean over
     concepts, "used_iou": ..., "per_concept": ...}}."""
     cfg = TrainConfig.for_bundled()
     if steps is not None:
         cfg = cfg.replace(steps=steps)
+    if batch_size is not None:
+        cfg = cfg.replace(batch_size=batch_size)
     res = {m: {"eval_iou": [], "used_iou": [], "steps": None, "seconds": 0.0} for m in methods}
     for i, sc in enumerate(scenes):
         gt = np.concatenate([sc.masks[1:], sc.masks[:1]])  # objects, then background
@@ -66,6 +68,8 @@ def run_suite(pipe, scenes, methods=("em", "fixed", "given"), steps=None, seed=0
         log(f"scene {i + 1}/{len(scenes)} ({len(words)} concepts): "
             + ", ".join(f"{m} {res[m]['eval_iou'][-1][0]:.2f}->{res[m]['eval_iou'][-1][-1]:.2f}"
                         for m in methods))
+        if after_scene is not None:
+            after_scene(res, i + 1)
     return res
 
 
@@ -106,6 +110,7 @@ def main(argv=None):
     ap.add_argument("--model", default="shapes-ldm")
     ap.add_argument("--n-scenes", type=int, default=20)
     ap.add_argument("--steps", type=int, default=None, help="default: TrainConfig.for_bundled()")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--methods", default="em,fixed,given")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "em_suite"))
@@ -114,16 +119,22 @@ def main(argv=None):
     pipe = load_pipeline(args.model, device="cpu", progress=False)
     t0 = time.time()
     scenes = suite_scenes(args.n_scenes)
-    res = run_suite(pipe, scenes, tuple(args.methods.split(",")), args.steps)
-    summary = summarise(res)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/em_suite.py " + " ".join(argv if argv is not None else
                                                       __import__("sys").argv[1:])
-    with open(args.out + ".json", "w") as f:
-        json.dump({"command": cmd.strip(), "n_scenes": len(scenes), "summary": summary,
-                   "per_scene": res}, f, indent=1)
-    plot(summary, args.out + ".png",
-         f"{len(scenes)} held-out scenes, 2-3 objects + background")
+
+    def save(res, done):  # after every scene: an interrupted suite still leaves its results
+        summary = summarise(res)
+        with open(args.out + ".json", "w") as f:
+            json.dump({"command": cmd.strip(), "n_scenes": done, "n_planned": len(scenes),
+                       "summary": summary, "per_scene": res}, f, indent=1)
+        plot(summary, args.out + ".png",
+             f"{done} held-out scenes, 2-3 objects + background").clf()
+        return summary
+
+    res = run_suite(pipe, scenes, tuple(args.methods.split(",")), args.steps,
+                    batch_size=args.batch_size, after_scene=save)
+    summary = save(res, len(scenes))
     print(f"mean mask IoU over {len(scenes)} scenes (all concepts), at steps {summary[next(iter(summary))]['steps']}:")
     for m, s in summary.items():
         print(f"  {m:>6}: " + "  ".join(f"{v:.3f}" for v in s["mean"])

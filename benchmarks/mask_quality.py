@@ -62,20 +62,27 @@ def masks_by_method(image, concept_maps, background_threshold: float = 0.3,
 @torch.no_grad()
 def mask_quality_table(pipe, n_scenes: int = 30, seed: int = 1_000_000, *,
                        n_timesteps: int = 50, background_threshold: float = 0.3,
-                       backend: str = "auto") -> dict:
+                       backend: str = "auto", return_maps: bool = False) -> dict:
     """Mean IoU of each method's masks against the ground truth on held-out scenes.
 
     Returns ``{"table": {method: mean IoU over objects}, "by_n_objects": {2: {...}, 3: {...}},
     "rows": [per object: {"scene", "n_objects", "background", "shape", method: IoU, ...}],
-    "n_scenes", "n_objects", "crf_backend"}``.
+    "overlap_scenes": {per-word method: number of scenes where two objects' masks share
+    pixels}, "n_scenes", "n_objects", "crf_backend"}``, plus ``"concept_maps"`` (one raw
+    (K, h, w) array per scene, in scene order) if ``return_maps``.
     """
     backend = crf_backend(backend)
-    rows = []
+    rows, kept = [], []
+    overlap = {m: 0 for m in ("threshold 0.5", "mean", "otsu")}
     for i, sc in enumerate(held_out_multi_object_scenes(n_scenes, seed)):
         words = [o.shape for o in sc.spec.objects]
         maps = attention_maps(pipe, sc.image, sc.caption, n_timesteps=n_timesteps, seed=i)
         concept = maps.concept_maps(words)                       # (K, h, w), raw
         pred = masks_by_method(sc.image, concept.numpy(), background_threshold, backend)
+        for m in overlap:
+            overlap[m] += int((pred[m].sum(0) > 1).any())
+        if return_maps:
+            kept.append(concept.numpy())
         for k, word in enumerate(words):
             r = {"scene": seed + i, "n_objects": len(words), "shape": word,
                  "background": sc.spec.background}
@@ -85,10 +92,14 @@ def mask_quality_table(pipe, n_scenes: int = 30, seed: int = 1_000_000, *,
     def mean(sel):
         return {m: float(np.mean([r[m] for r in rows if sel(r)])) for m in METHODS}
 
-    return {"table": mean(lambda r: True),
-            "by_n_objects": {n: mean(lambda r, n=n: r["n_objects"] == n) for n in (2, 3)
-                             if any(r["n_objects"] == n for r in rows)},
-            "rows": rows, "n_scenes": n_scenes, "n_objects": len(rows), "crf_backend": backend}
+    out = {"table": mean(lambda r: True),
+           "by_n_objects": {n: mean(lambda r, n=n: r["n_objects"] == n) for n in (2, 3)
+                            if any(r["n_objects"] == n for r in rows)},
+           "rows": rows, "overlap_scenes": overlap, "n_scenes": n_scenes,
+           "n_objects": len(rows), "crf_backend": backend}
+    if return_maps:
+        out["concept_maps"] = kept
+    return out
 
 
 def format_table(result: dict) -> str:
@@ -100,6 +111,8 @@ def format_table(result: dict) -> str:
     for m in METHODS:
         lines.append(f"{m:<22}{result['table'][m]:>10.3f}"
                      + "".join(f"{result['by_n_objects'][n][m]:>11.3f}" for n in ns))
+    lines.append("scenes where per-word masks overlap: " + ", ".join(
+        f"{m} {k}/{result['n_scenes']}" for m, k in result["overlap_scenes"].items()))
     return "\n".join(lines)
 
 

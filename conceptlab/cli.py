@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # version chatter off
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -100,7 +100,8 @@ def _image_uint8(image):
             f"image must be uint8 in [0, 255], got dtype {image.dtype}; for a float image in "
             f"[0, 1] use (image * 255).round().astype(np.uint8) (or .to(torch.uint8) for tensors)"
         )
-    return np.ascontiguousarray(image)
+    # pydensecrf needs a writeable buffer (np.asarray of a PIL image is read-only)
+    return np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def _check_probs(probs, image_hw):

@@ -292,13 +292,14 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
     H = W = size
     result = Concepts(tokens, method, imgs, ids, [])
 
-    def e_step(step, previous):
+    def e_step(step, previous, warn_list=None):
+        warn_list = result.warnings if warn_list is None else warn_list
         per_image = []
         for i, img in enumerate(imgs):
             est = estimate_masks(pipe, img, [names[c] for c in ids[i]], config=mcfg,
                                  seed=seed + 1000 * step + i)
             m = _check_masks(est.masks, None if previous is None else previous[i],
-                             [names[c] for c in ids[i]], step, result.warnings, mcfg)
+                             [names[c] for c in ids[i]], step, warn_list, mcfg)
             area = m.reshape(len(m), -1).mean(1)
             bad = (area < mcfg.min_fraction) | (area > mcfg.max_fraction)
             if previous is None and bad.any():  # nothing to keep: each map above its mean
@@ -320,16 +321,19 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
         if gt_masks is not None:
             result.iou_history.append(ious_of(per_image))
 
+    last_eval = [None]
+
     def evaluate(step, per_image_used):
         """Evaluation only: IoU of masks estimated from the current tokens."""
         if gt_masks is None or step in result.eval_steps:
             return
         if method == "em":
             per_image = per_image_used
-        else:
-            per_image = [estimate_masks(pipe, img, [names[c] for c in ids[i]], config=mcfg,
-                                        seed=seed + 1000 * step + i).masks
-                         for i, img in enumerate(imgs)]
+        else:  # the same estimator as EM's E-step, its warnings kept apart
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                per_image = e_step(step, last_eval[0], warn_list=[])
+            last_eval[0] = per_image
         result.eval_steps.append(int(step))
         result.eval_iou_history.append(ious_of(per_image))
 

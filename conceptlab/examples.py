@@ -97,8 +97,8 @@ def load_example(name: str) -> Example:
     if not (d / f"{name}.json").exists():
         raise ValueError(f"no example {name!r}; bundled examples: {list_examples()}")
     meta = json.loads((d / f"{name}.json").read_text())
-    image = np.asarray(Image.open(d / f"{name}.png").convert("RGB"))
-    label = np.asarray(Image.open(d / f"{name}.masks.png"))
+    image = np.array(Image.open(d / f"{name}.png").convert("RGB"))
+    label = np.array(Image.open(d / f"{name}.masks.png"))
     k = len(meta["concepts"])
     masks = label[None] == np.arange(1, k + 1)[:, None, None]
     return Example(name, image, masks, meta["concepts"], meta["init_words"])

@@ -154,7 +154,7 @@ def to_uint8_image(image, size: int | None = None, resize: bool = False) -> np.n
         warnings.warn(f"resizing image from {arr.shape[1]}x{arr.shape[0]} to {size}x{size}",
                       stacklevel=2)
         arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
-    return np.ascontiguousarray(arr)
+    return np.require(arr, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
 
 
 def check_prompt(pipe, prompt: str) -> str:

@@ -45,7 +45,7 @@ class TrainConfig:
     vae_batch: int = 16
     vae_crop: int = 32  # the VAE is fully convolutional: train on random crops (4x cheaper)
     vae_lr: float = 1e-3
-    decoder_steps: int = 1500  # then the decoder alone, on full images (the encoder, hence
+    decoder_steps: int = 0  # optionally then the decoder alone, on full images (the encoder, hence
     decoder_batch: int = 16    # the latents the U-Net learns, is frozen)
     unet_steps: int = 1600
     batch: int = 32

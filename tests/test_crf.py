@@ -279,3 +279,14 @@ def test_clear_errors():
     big_probs = np.full((2, 129, 129), 0.5)
     with pytest.raises(ValueError, match="pydensecrf"):
         crf.dense_crf(big, big_probs, backend="torch")
+
+
+def test_read_only_image_is_accepted():
+    """np.asarray(PIL image) is read-only; pydensecrf needs a writeable buffer."""
+    from conceptlab import crf
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[4:12, 4:12] = 200
+    img.setflags(write=False)
+    probs = np.full((2, 16, 16), 0.5, np.float32)
+    res = crf.dense_crf(img, probs)
+    assert res.labels.shape == (16, 16)

@@ -1,0 +1,69 @@
+"""Loading: the bundled model (two ways), folders, hub ids, bad input."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conceptlab.pipeline import (BUNDLED_MODEL, check_prompt, load_pipeline, native_size,
+                                 resolve_model, to_uint8_image)
+from conceptlab.model import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(progress=False)
+
+
+def test_bundled_model_loads_and_generates(pipe):
+    assert native_size(pipe) == 64
+    assert pipe.unet.dtype == torch.float32 and pipe.safety_checker is None
+    out = pipe("a red star on a gray background", num_inference_steps=4,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_bundled_model_loads_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+    p = StableDiffusionPipeline.from_pretrained(resolve_model(BUNDLED_MODEL))
+    assert type(p).__name__ == "StableDiffusionPipeline"
+
+
+def test_bad_names_and_folders(tmp_path):
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_model("no-such-model")
+    with pytest.raises(ValueError, match="not a diffusers pipeline"):
+        resolve_model(str(tmp_path))
+
+
+def test_hub_id_offline_gives_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="huggingface-cli download"):
+        load_pipeline("someone/not-a-cached-model", progress=False)
+
+
+def test_long_prompt_warns_and_is_truncated(pipe):
+    with pytest.warns(UserWarning, match="truncated"):
+        check_prompt(pipe, " ".join(["a red star and"] * 12))
+
+
+def test_image_checks():
+    img = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="resize"):
+        to_uint8_image(img, 64)
+    with pytest.warns(UserWarning, match="resizing"):
+        assert to_uint8_image(img, 64, resize=True).shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        to_uint8_image(np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        to_uint8_image(np.zeros((8, 8), np.uint8))
+
+
+def test_tokenizer_one_token_per_world_word():
+    from conceptlab import world
+    tok = build_tokenizer()
+    for w in world.vocabulary():
+        if "-" not in w:
+            assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    assert os.path.isdir(resolve_model(BUNDLED_MODEL))
