@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from conceptlab import world
-from conceptlab.em import learn_concepts
+from conceptlab.em import MaskConfig, learn_concepts
 from conceptlab.pipeline import load_pipeline
 from conceptlab.training import TrainConfig
 
@@ -42,16 +43,25 @@ def suite_scenes(n: int, seed: int = 2_000_000):
 
 
 def run_suite(pipe, scenes, methods=("em", "fixed", "given"), steps=None, seed=0,
-              progress=False, log=print, batch_size=None, after_scene=None):
-    """Returns {method: {"steps": [...], "eval_iou": (n_scenes, n_eval, ) mean over
-    concepts, "used_iou": ..., "per_concept": ...}}."""
-    cfg = TrainConfig.for_bundled()
+              progress=False, log=print, batch_size=None, after_scene=None, res=None,
+              changes=None, mask_config=None, em_every=None):
+    """Returns {method: {"steps": [...], "eval_iou": (n_scenes, n_eval) mean over concepts,
+    "used_iou": ..., "per_concept": ..., "seconds": ...}}. ``res``: results of an earlier,
+    interrupted run of the same suite; its scenes are skipped. ``changes``: TrainConfig
+    fields to change (ablations)."""
+    cfg = TrainConfig.for_bundled(**(changes or {}))
     if steps is not None:
         cfg = cfg.replace(steps=steps)
     if batch_size is not None:
         cfg = cfg.replace(batch_size=batch_size)
-    res = {m: {"eval_iou": [], "used_iou": [], "steps": None, "seconds": 0.0} for m in methods}
+    res = res or {m: {"eval_iou": [], "used_iou": [], "per_concept": [], "steps": None,
+                      "seconds": 0.0} for m in methods}
+    done = min(len(res[m]["eval_iou"]) for m in methods)
+    if done:
+        log(f"resuming: {done} of {len(scenes)} scenes already done")
     for i, sc in enumerate(scenes):
+        if i < done:
+            continue
         gt = np.concatenate([sc.masks[1:], sc.masks[:1]])  # objects, then background
         words = [o.shape for o in sc.spec.objects] + ["background"]
         for m in methods:
@@ -59,12 +69,13 @@ def run_suite(pipe, scenes, methods=("em", "fixed", "given"), steps=None, seed=0
             # a fresh copy of the token table per run: tokens are added to the pipeline
             c = learn_concepts(pipe, sc.image, words, method=m, config=cfg, seed=seed,
                                masks=[gt] if m == "given" else None, gt_masks=[gt],
-                               progress=progress, token_prefix=f"s{i}{m[0]}")
+                               progress=progress, token_prefix=f"s{i}{m[0]}",
+                               mask_config=mask_config, em_every=em_every)
             res[m]["seconds"] += time.time() - t0
             res[m]["steps"] = c.eval_steps
             res[m]["eval_iou"].append([float(np.mean(r)) for r in c.eval_iou_history])
-            used = [float(np.mean(r)) for r in c.iou_history]
-            res[m]["used_iou"].append(used)
+            res[m]["per_concept"].append([[float(v) for v in r] for r in c.eval_iou_history])
+            res[m]["used_iou"].append([float(np.mean(r)) for r in c.iou_history])
         log(f"scene {i + 1}/{len(scenes)} ({len(words)} concepts): "
             + ", ".join(f"{m} {res[m]['eval_iou'][-1][0]:.2f}->{res[m]['eval_iou'][-1][-1]:.2f}"
                         for m in methods))
@@ -79,7 +90,14 @@ def summarise(res):
         a = np.array(r["eval_iou"])
         out[m] = {"steps": r["steps"], "mean": a.mean(0).round(4).tolist(),
                   "sem": (a.std(0) / np.sqrt(len(a))).round(4).tolist(),
+                  "final": round(float(a[:, -1].mean()), 4),
                   "seconds_per_run": round(r["seconds"] / max(1, len(a)), 1)}
+    if "em" in res and "fixed" in res:
+        em, fx = np.array(res["em"]["eval_iou"]), np.array(res["fixed"]["eval_iou"])
+        n = min(len(em), len(fx))
+        out["em_vs_fixed"] = {"em_wins": int((em[:n, -1] > fx[:n, -1]).sum()),
+                              "ties": int((em[:n, -1] == fx[:n, -1]).sum()), "n_scenes": n,
+                              "mean_difference": round(float((em[:n, -1] - fx[:n, -1]).mean()), 4)}
     return out
 
 
@@ -91,6 +109,8 @@ def plot(summary, path=None, title=None):
              "fixed": ("fixed masks (step 0)", "C1", "--"),
              "given": ("given masks (oracle)", "C2", ":")}
     for m, s in summary.items():
+        if m == "em_vs_fixed":
+            continue
         label, c, ls = style.get(m, (m, None, "-"))
         x, y, e = np.array(s["steps"]), np.array(s["mean"]), np.array(s["sem"])
         ax.plot(x, y, ls, color=c, marker="o", label=label)
@@ -112,8 +132,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="default: TrainConfig.for_bundled()")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     ap.add_argument("--methods", default="em,fixed,given")
+    ap.add_argument("--em-every", type=int, default=None,
+                    help="E-step period in training steps (default: steps/4)")
+    ap.add_argument("--lambda-attn", type=float, default=None, help="ablation: attention loss")
+    ap.add_argument("--no-crf", action="store_true", help="ablation: E-step without the CRF")
+    ap.add_argument("--n-timesteps", type=int, default=None, help="E-step timesteps (default 50)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "em_suite"))
+    ap.add_argument("--restart", action="store_true", help="ignore an earlier partial run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device="cpu", progress=False)
@@ -132,13 +158,31 @@ def main(argv=None):
              f"{done} held-out scenes, 2-3 objects + background").clf()
         return summary
 
-    res = run_suite(pipe, scenes, tuple(args.methods.split(",")), args.steps,
-                    batch_size=args.batch_size, after_scene=save)
+    methods = tuple(args.methods.split(","))
+    changes = {} if args.lambda_attn is None else {"lambda_attn": args.lambda_attn}
+    mcfg = MaskConfig()
+    if args.no_crf:
+        mcfg.crf = False
+    if args.n_timesteps:
+        mcfg.n_timesteps = args.n_timesteps
+    res = None
+    if os.path.exists(args.out + ".json") and not args.restart:
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        if old.get("command") == cmd.strip() and set(old["per_scene"]) == set(methods):
+            res = old["per_scene"]
+    res = run_suite(pipe, scenes, methods, args.steps, batch_size=args.batch_size,
+                    after_scene=save, res=res, changes=changes, mask_config=mcfg,
+                    em_every=args.em_every)
     summary = save(res, len(scenes))
     print(f"mean mask IoU over {len(scenes)} scenes (all concepts), at steps {summary[next(iter(summary))]['steps']}:")
     for m, s in summary.items():
+        if m == "em_vs_fixed":
+            print(f"  EM beats fixed masks on {s['em_wins']} of {s['n_scenes']} scenes "
+                  f"(mean final difference {s['mean_difference']:+.3f})")
+            continue
         print(f"  {m:>6}: " + "  ".join(f"{v:.3f}" for v in s["mean"])
-              + f"   ({s['seconds_per_run']:.0f} s per run)")
+              + f"   final {s['final']:.3f}  ({s['seconds_per_run']:.0f} s per run)")
     print(f"(total {time.time() - t0:.0f} s; wrote {args.out}.json and .png)")
 
 

@@ -548,6 +548,47 @@ def judge(images, objects, model: nn.Module | None = None,
     return out
 
 
+def border_pixels(image: np.ndarray, border: int = 4) -> np.ndarray:
+    """The ring of ``border`` pixels around an (H, W, 3) image, as (N, 3) floats."""
+    im = np.asarray(image, dtype=np.float32)
+    return np.concatenate([im[:border].reshape(-1, 3), im[-border:].reshape(-1, 3),
+                           im[border:-border, :border].reshape(-1, 3),
+                           im[border:-border, -border:].reshape(-1, 3)])
+
+
+def judge_background(images, names, *, border: int = 4, max_distance: float = 45.0,
+                     max_texture: float = 12.0) -> np.ndarray:
+    """Does each image show the named PLAIN background (gray, black, brown, beige)?
+
+    No network: the ring of ``border`` pixels around the image (objects in the shapes world
+    rarely touch it) must be untextured (std of its brightness < ``max_texture``) and its
+    median colour must be nearest to the named background's colour among the plain
+    backgrounds, within ``max_distance`` (RGB, 0-255). ``names``: one name, or one per
+    image. Returns a bool array. Checked against rendered scenes in the tests.
+    """
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.dtype != np.uint8:
+        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    names = [names] * len(images) if isinstance(names, str) else list(names)
+    if len(names) != len(images):
+        raise ValueError(f"{len(images)} images but {len(names)} background names")
+    plain = {k: np.array(v, np.float32) for k, v in world.PLAIN_BACKGROUNDS.items()}
+    out = []
+    for im, name in zip(images, names):
+        if name not in plain:
+            raise ValueError(f"judge_background judges plain backgrounds "
+                             f"{list(plain)}, got {name!r}")
+        ring = border_pixels(im, border)
+        med = np.median(ring, 0)
+        dist = {k: float(np.linalg.norm(med - c)) for k, c in plain.items()}
+        nearest = min(dist, key=dist.get)
+        flat = ring.mean(1).std() < max_texture
+        out.append(bool(flat and nearest == name and dist[name] < max_distance))
+    return np.array(out)
+
+
 def fidelity_prompts(n: int = 20, seed: int = 0) -> list[tuple[str, list]]:
     """n prompts naming one (even positions) or two (odd positions) coloured shapes on a
     background, with distinct colours and shapes: [(prompt, [(colour, shape), ...]), ...],
@@ -626,11 +667,13 @@ __all__ = [
     "ShapeColourNet",
     "augment",
     "blob_rates",
+    "border_pixels",
     "downsample_degrade",
     "evaluate",
     "fidelity",
     "fidelity_prompts",
     "judge",
+    "judge_background",
     "labels_of",
     "load_classifier",
     "predict",

@@ -53,6 +53,12 @@ class MaskConfig:
     crf_params: dict = field(default_factory=dict)  # conceptlab.crf.DEFAULT_CRF_PARAMS keys
     min_fraction: float = 0.005  # a mask smaller than this fraction of the image is "empty"
     max_fraction: float = 0.95  # larger than this is "full"
+    # a concept whose init word is this one is the BACKGROUND: its mask is every pixel that
+    # no other concept claims (the assignment's background channel), not its own attention
+    # argmax. A word like "background" is rarely attended to where the background is (in
+    # the bundled model and in SD alike), so its own map would lose most pixels to the
+    # "nothing" channel. None: every concept competes with its own map.
+    background_word: str | None = "background"
 
 
 @dataclass
@@ -65,12 +71,17 @@ class MaskEstimate:
 
 
 def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
-                   config: MaskConfig | None = None, seed: int = 0) -> MaskEstimate:
+                   config: MaskConfig | None = None, seed: int = 0,
+                   background: int | None = None) -> MaskEstimate:
     """E-step for one image: masks of the concepts whose tokens are ``tokens``.
 
-    image   (H, W, 3) uint8 / PIL at the pipeline's native size
-    tokens  the concept tokens present in the image, e.g. ["[v1]", "[v2]"]
-    prompt  default: "a photo of [v1] and [v2]"
+    image       (H, W, 3) uint8 / PIL at the pipeline's native size
+    tokens      the concept tokens present in the image, e.g. ["[v1]", "[v2]"]
+    prompt      default: "a photo of [v1] and [v2]"
+    background  index (into ``tokens``) of the concept that is the image's background: the
+                other concepts are assigned (and CRF-refined) against the background
+                channel, and this concept gets what that channel keeps. None: every
+                concept is assigned from its own map, unclaimed pixels belong to no one.
     """
     cfg = config or MaskConfig()
     img = to_uint8_image(image, native_size(pipe))
@@ -84,16 +95,26 @@ def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
     maps = am.concept_maps(tokens)  # (K, h, w) raw
     H, W = img.shape[:2]
     up = _masks.resize_map(maps, (H, W)).clamp_min(0)
-    hard = _masks.assign_masks(up, cfg.background_threshold)
+    K = len(tokens)
+    if background is not None and not 0 <= background < K:
+        raise ValueError(f"background must index one of the {K} tokens, got {background}")
+    objs = [k for k in range(K) if k != background]
     backend = None
-    if cfg.crf:
-        backend = _crf.crf_backend()
-        refined = _crf.refine_masks(img, up, background_threshold=cfg.background_threshold,
-                                    temperature=cfg.temperature, **cfg.crf_params)
-    else:
-        refined = hard
-    return MaskEstimate(np.asarray(refined, bool), maps.numpy(), np.asarray(hard, bool),
-                        prompt, backend)
+    hard = np.zeros((K, H, W), bool)
+    refined = np.zeros((K, H, W), bool)
+    if objs:
+        hard[objs] = np.asarray(_masks.assign_masks(up[objs], cfg.background_threshold), bool)
+        if cfg.crf:
+            backend = _crf.crf_backend()
+            refined[objs] = np.asarray(_crf.refine_masks(
+                img, up[objs], background_threshold=cfg.background_threshold,
+                temperature=cfg.temperature, **cfg.crf_params), bool)
+        else:
+            refined[objs] = hard[objs]
+    if background is not None:
+        hard[background] = ~hard[objs].any(0)
+        refined[background] = ~refined[objs].any(0)
+    return MaskEstimate(refined, maps.numpy(), hard, prompt, backend)
 
 
 @dataclass
@@ -292,12 +313,15 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
     H = W = size
     result = Concepts(tokens, method, imgs, ids, [])
 
+    def background_of(cs):
+        return background_index([init_words[c] for c in cs], mcfg.background_word)
+
     def e_step(step, previous, warn_list=None):
         warn_list = result.warnings if warn_list is None else warn_list
         per_image = []
         for i, img in enumerate(imgs):
             est = estimate_masks(pipe, img, [names[c] for c in ids[i]], config=mcfg,
-                                 seed=seed + 1000 * step + i)
+                                 seed=seed + 1000 * step + i, background=background_of(ids[i]))
             m = _check_masks(est.masks, None if previous is None else previous[i],
                              [names[c] for c in ids[i]], step, warn_list, mcfg)
             area = m.reshape(len(m), -1).mean(1)
@@ -409,6 +433,16 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
     return result
 
 
+def background_index(words, background_word: str | None = "background") -> int | None:
+    """Position of the one concept whose init word is ``background_word`` (case-insensitive);
+    None when there is none, more than one, or ``background_word`` is None."""
+    if not background_word:
+        return None
+    hits = [j for j, w in enumerate(words)
+            if w is not None and str(w).lower() == background_word.lower()]
+    return hits[0] if len(hits) == 1 else None
+
+
 def evaluate_masks(pipe, concepts: Concepts, gt_masks, *, mask_config: MaskConfig | None = None,
                    seed: int = 0) -> list[float]:
     """IoU per concept of masks re-estimated from the CURRENT tokens' attention (whatever
@@ -417,8 +451,11 @@ def evaluate_masks(pipe, concepts: Concepts, gt_masks, *, mask_config: MaskConfi
     K = len(concepts.names)
     ious, count = np.zeros(K), np.zeros(K)
     for i, img in enumerate(concepts.images):
-        est = estimate_masks(pipe, img, [concepts.names[c] for c in concepts.concept_ids[i]],
-                             config=mask_config, seed=seed + i)
+        cs = concepts.concept_ids[i]
+        bg = background_index([concepts.tokens.init_words[c] for c in cs],
+                              (mask_config or MaskConfig()).background_word)
+        est = estimate_masks(pipe, img, [concepts.names[c] for c in cs],
+                             config=mask_config, seed=seed + i, background=bg)
         for j, c in enumerate(concepts.concept_ids[i]):
             ious[c] += float(_masks.iou(est.masks[j], np.asarray(gt[i][j], bool)))
             count[c] += 1
@@ -430,6 +467,7 @@ __all__ = [
     "Concepts",
     "MaskConfig",
     "MaskEstimate",
+    "background_index",
     "estimate_masks",
     "evaluate_masks",
     "learn_concepts",

@@ -30,6 +30,19 @@ def image_row(images, titles=None, scale: float = 1.6, cmap=None, vmin=None, vma
     return fig
 
 
+def sample_strips(rows, titles, height: float = 1.3, width: float = 8.0):
+    """One strip per row of sample images (a list / (n, H, W, 3) array, side by side),
+    titled on the left: how the notebooks show n samples of several prompts."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, height * len(rows)), squeeze=False)
+    for ax, row, title in zip(axes[:, 0], rows, titles):
+        ax.imshow(np.concatenate([np.asarray(im) for im in row], 1), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
 def image_grid_figure(rows, row_titles=None, col_titles=None, scale: float = 1.3):
     """Grid of images: ``rows`` is a list of lists (or arrays (n, H, W, 3))."""
     plt = _plt()

@@ -63,7 +63,7 @@ __all__ = [
     "AttentionMaps",
     "attention_maps",
     "default_attention_config",
-    "encode_prompt",
+    "encode_prompt_with_ids",
     "native_image_size",
     "prepare_image",
     "resolve_layers",
@@ -246,9 +246,9 @@ def word_token_indices(tokenizer, prompt: str, word: str, occurrence: int | None
     return list(occ[occurrence])
 
 
-def encode_prompt(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt_with_ids(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings (1, T, D), input_ids (T,)) padded to ``model_max_length``; warns when the
-    prompt is truncated."""
+    prompt is truncated. (``conceptlab.pipeline.encode_prompt`` returns the embeddings only.)"""
     tok = pipe.tokenizer
     full = tok(prompt).input_ids
     if len(full) > tok.model_max_length:
@@ -599,7 +599,7 @@ def _compute(pipe, image, prompt, *, n_timesteps, seed, layers, t_range, batch_s
         if vae.config.get("shift_factor") is not None:
             latent = latent - vae.config.shift_factor  # SD3/Flux-style VAEs
         latent = latent.to(unet.device, unet.dtype)
-        emb, ids = encode_prompt(pipe, prompt)
+        emb, ids = encode_prompt_with_ids(pipe, prompt)
         emb = emb.to(unet.device, unet.dtype)
 
         # all randomness drawn up front on the CPU: independent of batch_size and device

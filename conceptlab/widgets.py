@@ -151,8 +151,22 @@ def crf_explorer(image, maps, gt_masks=None, **defaults):
         background_threshold=w.FloatSlider(value=0.3, min=0.05, max=0.95, step=0.05))
 
 
+FUNCTION_WORDS = {"a", "an", "and", "on", "of", "with", "the", "photo", "picture", "image", "in",
+                  "to", "front", "next", "beside", "together"}
+
+
+def first_content_word(words) -> str:
+    """The first word that is not a function word ('a', 'photo', 'of', ...): the word an
+    explorer should open on (a shape word or a concept token rather than 'a')."""
+    words = list(words)
+    if not words:
+        raise ValueError("no words to choose from")
+    return next((x for x in words if x.lower() not in FUNCTION_WORDS), words[0])
+
+
 def attention_explorer(image, maps, words=None):
-    """Dropdowns / slider: word, layer and timestep of an AttentionMaps object."""
+    """Dropdowns / slider: word, layer and timestep of an AttentionMaps object. Opens on the
+    first content word of the prompt (see :func:`first_content_word`)."""
     import ipywidgets as w
 
     from .figures import overlay_map
@@ -161,7 +175,9 @@ def attention_explorer(image, maps, words=None):
     layers = ["all"] + list(maps.layers)
     steps = ["all"] + list(range(len(maps.timesteps)))
 
-    def f(word=words[0], layer="all", timestep="all"):
+    start = first_content_word(words)
+
+    def f(word=start, layer="all", timestep="all"):
         v = attention_view(maps, word, layer, timestep)
         t = "all t" if v["t"] is None else f"t = {v['t']}"
         _show([image, v["map"], overlay_map(image, v["map"])],
@@ -169,6 +185,6 @@ def attention_explorer(image, maps, words=None):
               suptitle=None if layer == "all" else layer.replace(".processor", ""))
         return v
 
-    return w.interactive(f, word=w.Dropdown(options=words),
+    return w.interactive(f, word=w.Dropdown(options=words, value=start),
                          layer=w.Dropdown(options=layers),
                          timestep=w.SelectionSlider(options=steps, value="all"))

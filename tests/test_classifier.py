@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conceptlab import classifier as C
+from conceptlab import world
 
 ROOT_WEIGHTS = C._resolve(C.DEFAULT_PATH) / C.WEIGHTS_FILE
 
@@ -130,3 +131,25 @@ def test_fidelity_on_tiny_pipeline(clf):
     # the VAE round-trip ceiling runs on any AutoencoderKL (here 32x32: inputs resized)
     ceil = C.vae_ceiling(pipe.vae, n=4, model=clf)
     assert set(ceil) >= {"clean", "vae", "mse"} and 0.0 <= ceil["vae"]["colour"]["accuracy"] <= 1
+
+
+def test_judge_background_on_rendered_scenes():
+    from conceptlab.classifier import judge_background
+
+    ok, wrong, n = 0, 0, 0
+    for i in range(40):
+        bg = world.BACKGROUNDS[i % len(world.BACKGROUNDS)]
+        sc = world.render_scene(world.sample_scene(seed=500 + i, backgrounds=(bg,)))
+        for name in world.PLAIN_BACKGROUNDS:
+            said = bool(judge_background(sc.image, name)[0])
+            if name == bg:
+                ok += said
+                n += 1
+            else:
+                wrong += said   # a textured background or another colour must say no
+    assert ok == n            # every plain background recognised
+    assert wrong == 0
+    with pytest.raises(ValueError, match="plain backgrounds"):
+        judge_background(np.zeros((64, 64, 3), np.uint8), "striped")
+    with pytest.raises(ValueError, match="background names"):
+        judge_background(np.zeros((2, 64, 64, 3), np.uint8), ["gray"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conceptlab import world
-from conceptlab.em import Concepts, MaskConfig, estimate_masks, learn_concepts
+from conceptlab.em import Concepts, MaskConfig, background_index, estimate_masks, learn_concepts
 from conceptlab.model import tiny_pipeline
 from conceptlab.training import TrainConfig
 
@@ -32,6 +32,33 @@ def test_estimate_masks_disjoint_and_sized():
     assert est.masks.shape == (2, 32, 32) and est.masks.dtype == bool
     assert not (est.masks[0] & est.masks[1]).any()
     assert est.maps.shape[0] == 2
+
+
+def test_background_concept_takes_every_unclaimed_pixel():
+    pipe = tiny_pipeline()
+    sc = scene()
+    words = ["red", "star", "background"]
+    for crf in (False, True):
+        cfg = MaskConfig(n_timesteps=4, crf=crf)
+        est = estimate_masks(pipe, sc.image, words, prompt="a red star on a background",
+                             config=cfg, background=2)
+        # the three masks partition the image: objects disjoint, background = the rest
+        assert (est.masks.sum(0) == 1).all()
+        assert (est.masks_no_crf.sum(0) == 1).all()
+        # the objects' masks are those of the assignment without the background's map
+        alone = estimate_masks(pipe, sc.image, words[:2], prompt="a red star on a background",
+                               config=cfg)
+        assert (est.masks[:2] == alone.masks).all()
+    with pytest.raises(ValueError, match="background must index"):
+        estimate_masks(pipe, sc.image, words, config=MCFG, background=3)
+
+
+def test_background_index():
+    assert background_index(["star", "heart", "background"]) == 2
+    assert background_index(["star", "Background"]) == 1
+    assert background_index(["star", None]) is None
+    assert background_index(["background", "background"]) is None   # ambiguous: none
+    assert background_index(["star", "background"], None) is None
 
 
 def test_em_schedule_history_and_iou():

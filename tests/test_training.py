@@ -47,7 +47,7 @@ SMALL = TrainConfig(steps=6, lr=5e-2, lambda_attn=0.1, batch_size=2, norm_penalt
 # ----------------------------------------------------------------------------- config and data
 def test_config_presets_and_roundtrip():
     b, sd = TrainConfig.for_bundled(), TrainConfig.for_stable_diffusion()
-    assert (b.steps, b.batch_size, b.phase2) == (300, 4, "none")
+    assert (b.steps, b.batch_size, b.phase2) == (200, 4, "none")
     assert (sd.steps, sd.phase2_steps, sd.lr, sd.phase2_lr, sd.lambda_attn) == \
         (400, 400, 5e-4, 2e-6, 0.01)
     assert sd.total_steps == 800 and TrainConfig.for_bundled(steps=7).steps == 7

@@ -50,3 +50,12 @@ def test_threshold_explorer_is_driven_by_its_slider(monkeypatch):
     w.children[0].value = 0.1
     assert w.result["mask"].sum() > hi
     assert 0 <= w.result["iou"] <= 1
+
+
+def test_explorers_open_on_a_content_word():
+    f = widgets.first_content_word
+    assert f(["a", "photo", "of", "a", "red", "star"]) == "red"
+    assert f(["a", "photo", "of", "[v1]", "and", "[v2]"]) == "[v1]"
+    assert f(["a", "of"]) == "a"          # nothing better: the first word
+    with pytest.raises(ValueError, match="no words"):
+        f([])

@@ -26,10 +26,13 @@ import matplotlib.pyplot as plt
 from conceptlab import load_pipeline
 from conceptlab.concepts import add_concept_tokens
 from conceptlab.examples import load_example
-from conceptlab.figures import image_grid_figure, image_row, overlay_map, overlay_masks
+from IPython.display import display
+
+from conceptlab.figures import image_row, overlay_map, overlay_masks, sample_strips
 from conceptlab.training import ConceptImage, TrainConfig, train_concepts
 
 torch.set_num_threads(2)
+
 
 # %% [markdown]
 # ## 0. One image, two concepts
@@ -129,13 +132,13 @@ tmaps = {lam: token_maps(p) for lam, (p, c, h) in runs.items()}
 ious = {lam: np.array([[iou(a > 0.5, m) for m in masks] for a in tm])
         for lam, tm in tmaps.items()}        # ious[lam][token, mask]
 
-rows, titles = [], []
-for lam, tm in tmaps.items():
-    rows.append([overlay_map(ex.image, a) for a in tm])
-    titles.append(f"lambda_attn = {lam}: " + ", ".join(
-        f"{n} IoU {ious[lam][k, k]:.2f}" for k, n in enumerate(names)))
-fig = image_grid_figure(rows, row_titles=titles, col_titles=names, scale=2.2)
-plt.show()
+fig, axes = plt.subplots(len(tmaps), K, figsize=(2.4 * K, 2.6 * len(tmaps)))
+for i, (lam, tm) in enumerate(tmaps.items()):
+    for k, a in enumerate(tm):
+        axes[i, k].imshow(overlay_map(ex.image, a)); axes[i, k].set_axis_off()
+        axes[i, k].set_title(f"lambda_attn {lam}: {names[k]}\nIoU own {ious[lam][k, k]:.2f}, "
+                             f"other {ious[lam][k, 1 - k]:.2f}", fontsize=8)
+fig.tight_layout(); plt.show()
 
 # %%
 for lam, m in ious.items():
@@ -146,25 +149,40 @@ for lam, m in ious.items():
 # %%
 # NBVAL_CHECK_OUTPUT
 lam = config.lambda_attn
-print("with the loss, every token overlaps its own mask more than the other one:",
+print("without the loss, a token overlaps the other concept more than its own:",
+      bool(any(ious[0.0][k, 1 - k] > ious[0.0][k, k] for k in range(K))))
+print("with the loss, every token overlaps its own concept more than the other:",
       bool(all(ious[lam][k, k] > ious[lam][k, 1 - k] for k in range(K))))
-print("with the loss, own-mask IoU higher for every token:",
-      bool(all(ious[lam][k, k] > ious[0.0][k, k] for k in range(K))))
+print("mean own-mask IoU up by more than 0.2:",
+      bool(np.diag(ious[lam]).mean() > np.diag(ious[0.0]).mean() + 0.2))
 
 # %% [markdown]
-# TODO: interpretation.
+# **Without the loss the tokens are entangled.** `[v2]` was meant to be the triangle, yet
+# in "a photo of [v1] and [v2]" it looks at the *heart* (IoU 0.58 with the heart's mask,
+# 0.00 with its own), just like `[v1]`. Nothing in the masked diffusion loss forbids it:
+# the loss only asks that the prompt, as a whole, explain the pixels inside the union of
+# the masks, and a token can contribute to that from anywhere. (Both tokens start from the
+# same word, "shape", and the heart is the more salient object.)
+#
+# **With the loss each token looks at its own object**: `[v2]` now covers the triangle
+# (IoU 0.81) and nothing of the heart; `[v1]` stays on the heart (0.36: its map peaks at
+# the heart's centre and misses the dotted edges at 16x16).
 #
 # The trainer also keeps attention snapshots during training (`history.plot_attention()`):
-# the maps of each token, every 1/8 of the run, at a fixed noise level.
+# each token's map every 1/8 of the run, at a fixed noise level.
 
 # %%
-fig = runs[config.lambda_attn][2].plot_attention()
-plt.show()
+for lam, (p, c, h) in runs.items():
+    fig = h.plot_attention()             # library figures come closed: display() shows them
+    fig.suptitle(f"lambda_attn = {lam}", fontsize=9)
+    fig.tight_layout()
+    display(fig)
 
 # %% [markdown]
 # ## 4. What does each token draw?
-# Eight samples of "a photo of [v1]" and of "a photo of [v2]" per run, judged by the
-# classifier: does the image show the concept's colour, its shape, both?
+# Eight samples of "a photo of [v1]", of "a photo of [v2]" and of "a photo of [v1] and [v2]"
+# per run, judged by the classifier: does the image show each named concept's colour, its
+# shape, both (the pair head: *this* colour on *this* shape)?
 
 # %%
 from conceptlab.classifier import judge
@@ -181,18 +199,32 @@ gen = {}
 for lam, (p, c, h) in runs.items():
     for k, n in enumerate(names):
         gen[lam, n] = judged_samples(p, c, f"a photo of {n}", [judged[k]])
-rows = [gen[key][0] for key in gen]
-fig = image_grid_figure(rows, row_titles=[f"lambda_attn {lam}: 'a photo of {n}'"
-                                          for lam, n in gen], scale=1.1)
+    gen[lam, " and ".join(names)] = judged_samples(p, c, prompt_all, judged)
+fig = sample_strips([gen[key][0] for key in gen],
+                    [f"lambda_attn {lam}: 'a photo of {n}'" for lam, n in gen])
 plt.show()
 
 # %%
 for (lam, n), (imgs, s) in gen.items():
-    print(f"lambda_attn {lam}, {n} {judged[names.index(n)]}: colour {s['colour']:.2f} "
+    print(f"lambda_attn {lam}, 'a photo of {n}': colour {s['colour']:.2f} "
           f"shape {s['shape']:.2f} both {s['both']:.2f}")
 
 # %% [markdown]
-# TODO: interpretation.
+# Reading the numbers (8 samples per prompt, so one sample is 0.12 of a single-concept
+# prompt and 0.06 of a two-concept one; these are the numbers of the run stored here):
+#
+# - **Together.** "a photo of [v1] and [v2]" shows the two concepts' colours for 0.38 of
+#   the named objects without the loss and 0.62 with it: entangled tokens compete for the
+#   same object.
+# - **Alone.** The triangle's token gives white objects in most samples with or without the
+#   loss. The heart's token gave green in 0.88 of its samples without the loss and 0.38 with
+#   it, drifting towards blue. Do not read much into that difference: with 200 steps on one
+#   image, training is sensitive to everything, even float rounding. The same setting run
+#   with one thread instead of two gave *the same attention IoUs* (0.36 / 0.81) and green in
+#   0.88-1.0 of the samples in our tuning runs.
+# - **Shapes** are rarely reproduced (0.12-0.25 heart or triangle, the dots never): this
+#   2.4M-parameter model, trained for about 40 CPU-minutes, draws "a green heart" as a heart
+#   only about 0.4 of the time to begin with.
 #
 # ## 5. New arrangements and combinations
 # With the tokens of the run with the cross-attention loss: the two concepts swapped, a
@@ -208,7 +240,7 @@ new_prompts = {
     "a photo of [v2] and a blue star": [judged[1], ("blue", "star")],
 }
 combo = {pr: judged_samples(p, c, pr, objs) for pr, objs in new_prompts.items()}
-fig = image_grid_figure([v[0] for v in combo.values()], row_titles=list(combo), scale=1.1)
+fig = sample_strips([v[0] for v in combo.values()], list(combo))
 plt.show()
 
 # %%
@@ -220,18 +252,35 @@ for pr, (imgs, s) in combo.items():
 print(len(combo), "prompts x", combo[next(iter(combo))][0].shape, "images")
 
 # %% [markdown]
-# TODO: interpretation and honesty note.
+# What carries over to new prompts (the run stored here):
+#
+# - **ordinary words survive next to the tokens**: dotted and black backgrounds, a yellow
+#   circle, a blue star ("[v2] and a blue star": colours 0.75, shapes 0.56). This is
+#   what the norm penalty protects (notebook 03, section 6);
+# - **the triangle's token keeps its colour everywhere** (white on black: 1.00), while the
+#   heart's token, already weak in this run, loses its green in most combinations (0.00 on
+#   a dotted background);
+# - shapes and the dotted pattern are not reproduced, for the reasons above.
+#
+# **Honesty note.** On this model Break-a-Scene's recipe does what it claims where it can
+# be measured robustly: the cross-attention loss disentangles the tokens (IoU with the own
+# mask from 0.15 to about 0.6 on average) and two-concept prompts improve. Concept *fidelity* is
+# limited to colours, and varies from run to run. On Stable Diffusion the same code learns
+# far more from one image; here it is the mechanism, not the picture quality, that you can
+# inspect end to end in a few minutes.
 #
 # ## Exercises
 # 1. Add the background as a third concept (`ex.masks[2]`, init word "background") and
 #    generate "a photo of [v1] and [v2] on [v3]".
-# 2. Set `lambda_attn` ten times larger. Does the IoU keep rising? What happens to the
+# 2. Train with `norm_penalty=0` (notebook 03, section 6). How long do the rows grow, and
+#    what happens to the ordinary words of "a photo of [v2] and a blue star"?
+# 3. Set `lambda_attn` ten times larger. Does the IoU keep rising? What happens to the
 #    diffusion loss and to the generations?
-# 3. Generation has its own knob: the guidance scale (`generate(..., guidance_scale=...)`,
+# 4. Generation has its own knob: the guidance scale (`generate(..., guidance_scale=...)`,
 #    default 4 for this model). Judge "a photo of [v2] and [v1]" at 2 and 8.
 
 # %% hide
-# Solution sketch for exercise 3
+# Solution sketch for exercise 4
 for gs in (2.0, 8.0):
     imgs = generate(p, c, "a photo of [v2] and [v1]", n=8, seed=0, guidance_scale=gs,
                     output_type="np")
