@@ -202,6 +202,9 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
               f"layers {defaults['attention_layers']}, timesteps {defaults['attention_t_range']}.",
               "", "## Samples", "", "![samples](samples.png)", "",
               "Each row: one prompt, seeds 0-5, 25 DDIM steps, guidance 4.", ""]
+    recipes = dest / "recipes.md"   # hand-kept log of the recipes tried, numbers from files
+    if recipes.exists():
+        lines += ["", recipes.read_text().rstrip()]
     (dest / "README.md").write_text("\n".join(lines))
 
 

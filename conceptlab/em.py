@@ -271,6 +271,9 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
     gt_masks        per image (K_i, H, W) ground truth, for the IoU history ONLY
     checkpoint_dir  resumable: an interrupted run continued from here gives the same
                     result as an uninterrupted one
+    config          training settings; default ``TrainConfig.for_model(pipe, method)``
+                    (the bundled or Stable Diffusion preset; lambda_attn 0.1 for EM on the
+                    bundled model)
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -293,7 +296,7 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
         masks = [np.asarray(m, bool) for m in (masks if isinstance(masks, (list, tuple)) else [masks])]
     if gt_masks is not None:
         gt_masks = [np.asarray(m, bool) for m in (gt_masks if isinstance(gt_masks, (list, tuple)) else [gt_masks])]
-    cfg = (config or TrainConfig.for_bundled()).replace(seed=seed)
+    cfg = (config or TrainConfig.for_model(pipe, method)).replace(seed=seed)
     if steps is not None:
         cfg = cfg.replace(steps=steps)
     if method == "none":

@@ -259,3 +259,15 @@ def test_history_json_and_plots(uninterrupted, tmp_path):
     assert isinstance(hist.plot(), matplotlib.figure.Figure)
     assert isinstance(hist.plot_attention(), matplotlib.figure.Figure)
     assert hist.smoothed("loss", 2).shape == (3,)
+
+
+def test_for_model_picks_the_preset_by_model_size():
+    from conceptlab.model import tiny_pipeline
+
+    pipe = tiny_pipeline()   # small latents: a "bundled"-kind model
+    assert TrainConfig.for_model(pipe) == TrainConfig.for_bundled()
+    assert TrainConfig.for_model(pipe, "em").lambda_attn == 0.1
+    assert TrainConfig.for_model(pipe, "em", lambda_attn=0.5).lambda_attn == 0.5
+    assert TrainConfig.for_model(pipe, "given").lambda_attn == TrainConfig.for_bundled().lambda_attn
+    pipe.unet.register_to_config(sample_size=64)   # SD 1.5's latent size
+    assert TrainConfig.for_model(pipe, "em") == TrainConfig.for_stable_diffusion()

@@ -84,6 +84,16 @@ fig.axes[6].set_title("+ DenseCRF", fontsize=8)
 fig.axes[7].set_title("ground truth (eval only)", fontsize=8)
 plt.show()
 
+# %% [markdown]
+# The E-step has knobs: the background threshold of the assignment, and the CRF's kernel
+# widths, weights and iterations. Move the sliders (notebook 02 explains each) on the two
+# object tokens' maps; the static figure above is what the defaults give.
+
+# %%
+from conceptlab.widgets import crf_explorer
+
+crf_explorer(ex.image, est.maps[:2], ex.masks[:2])
+
 # %%
 # NBVAL_CHECK_OUTPUT
 from conceptlab.masks import iou
@@ -101,8 +111,15 @@ print("step-0 IoU per concept:", [round(float(v), 2) for v in ious0])
 # run and a last one at the end). The ground-truth masks are passed **for evaluation only**:
 # they are scored at every E-step and never used for training.
 
+#
+# The training settings are the course preset for EM on this model,
+# `TrainConfig.for_model(pipe, "em")`: notebook 04's preset with a **10x weaker
+# cross-attention loss** (`lambda_attn` 0.1 instead of 1.0). Section 4 shows why: with
+# the strong loss, EM cannot move its masks. Here 160 steps, to fit the notebook's budget.
+
 # %%
-cfg = TrainConfig.for_bundled(steps=160)
+cfg = TrainConfig.for_model(pipe, "em", steps=160)
+print(f"lambda_attn {cfg.lambda_attn}, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}")
 concepts = learn_concepts(pipe, ex.image, ex.init_words, method="em", config=cfg,
                           seed=0, progress=False, gt_masks=ex.masks)
 print("E-steps at", concepts.e_steps, "| training steps:", cfg.total_steps)
@@ -149,8 +166,8 @@ from conceptlab.classifier import judge
 
 star = ex.concepts[0].split()  # "blue star with white stripes"
 verdict = judge(rows[0], [[(star[0], star[1])]] * len(rows[0]))
-print(f"'{prompts[0]}': colour {np.mean([v[0]['colour_ok'] for v in verdict]):.2f}, "
-      f"shape {np.mean([v[0]['shape_ok'] for v in verdict]):.2f} of {len(rows[0])} images")
+print(f"'{prompts[0]}': colour {np.mean([v['colour_ok'] for v in verdict]):.2f}, "
+      f"shape {np.mean([v['shape_ok'] for v in verdict]):.2f} of {len(rows[0])} images")
 
 # %% [markdown]
 # ## 4. EM vs fixed masks (the paper's Figure 3)
@@ -175,15 +192,24 @@ for name, c in (("em", concepts), ("fixed", fixed)):
     print(f"{name:<5}" + "".join(f"{np.mean(r):>7.2f}" for r in c.eval_iou_history))
 
 # %% [markdown]
-# One image says little: the suite below has 20. The script saved its table and figure
-# with the command that made them:
+# One image says little: the suite has 20. `benchmarks/em_suite.py` saved its table and
+# figure with the command that made them. It runs EM's preset (`lambda_attn` 0.1) for all
+# three methods, 80 steps of batch 2 per run (shorter than the notebook's run, to fit 60
+# runs in about 20 CPU-minutes).
 
 # %%
 import json, os
 from IPython.display import Image as ShowImage, display
 
 results = os.path.join("..", "benchmarks", "results")
-full = json.load(open(os.path.join(results, "em_suite.json")))
+
+
+def load_suite(name):
+    with open(os.path.join(results, name)) as f:
+        return json.load(f)
+
+
+full = load_suite("em_suite.json")
 summ = full["summary"]
 print("made by:", full["command"], "|", full["n_scenes"], "of", full["n_planned"], "scenes")
 print("mean IoU at steps", summ["em"]["steps"])
@@ -191,25 +217,57 @@ for m in ("em", "fixed", "given"):
     s = summ[m]
     print(f"{m:>6}: " + " ".join(f"{v:.2f}" for v in s["mean"])
           + f" | final {s['final']:.2f} | {s['seconds_per_run']:.0f} s per run")
-w = summ["em_vs_fixed"]
-print(f"EM ends above fixed masks on {w['em_wins']} of {w['n_scenes']} scenes "
-      f"(mean difference {w['mean_difference']:+.2f})")
-display(ShowImage(os.path.join(results, "em_suite.png")))
-
-# %% [markdown]
-# ### Why does EM not beat the fixed masks here? The ablation
-# First, how the runs differ scene by scene (final IoU of EM minus fixed), and what
-# happened to single objects where EM ended lower:
-
-# %%
 em_f = np.array(full["per_scene"]["em"]["eval_iou"])[:, -1]
 fx_f = np.array(full["per_scene"]["fixed"]["eval_iou"])[:, -1]
 d = em_f - fx_f
-print(f"scenes where EM and fixed end within 0.01: {int((abs(d) < 0.01).sum())} of {len(d)}")
-print(f"EM more than 0.05 lower: {int((d < -0.05).sum())}, more than 0.05 higher: {int((d > 0.05).sum())}")
-for i in np.flatnonzero(d < -0.05):
-    pe = np.array(full["per_scene"]["em"]["per_concept"][i])
-    pf = np.array(full["per_scene"]["fixed"]["per_concept"][i])
+print(f"EM ends above fixed on {int((d > 0).sum())} of {len(d)} scenes, within 0.01 on "
+      f"{int((abs(d) < 0.01).sum())}, more than 0.05 below on {int((d < -0.05).sum())}; "
+      f"EM final >= 0.6 on {int((em_f >= 0.6).sum())} scenes")
+display(ShowImage(os.path.join(results, "em_suite.png")))
+
+# %% [markdown]
+# **What the suite says.** EM ends a little above the fixed masks on average and on more
+# scenes than it ends below, and below the given-mask ceiling. The paper's goal on this
+# suite (EM >= 0.6) is not reached: even the *given* masks only reach about 0.62, because
+# this small model's attention for patterned objects it never saw is coarse (16x16) and
+# often lands on the wrong object at step 0; no alternation recovers an object whose
+# token never looks at it. On many scenes EM and fixed end (nearly) the same: the loop
+# changed nothing.
+#
+# ### Why the weak attention loss? The ablation
+# The same suite with one thing changed at a time (`benchmarks/results/em_ablation_*.json`;
+# the shorter ones ran the first 8 scenes, so all rows compare those 8):
+
+# %%
+settings = [("lambda 0.1 (EM preset)", "em_suite.json"),
+            ("lambda 1.0 (notebook 04 preset)", "em_ablation_lambda1.json"),
+            ("lambda 0 (no attention loss)", "em_ablation_lambda0.json"),
+            ("lambda 0.1, no CRF", "em_ablation_nocrf_lambda0.1.json"),
+            ("lambda 1.0, no CRF", "em_ablation_nocrf_lambda1.json")]
+print(f"{'setting (first 8 scenes)':<34}{'EM':>6}{'fixed':>7}{'given':>7}{'EM > fixed':>12}")
+for name, fname in settings:
+    if not os.path.exists(os.path.join(results, fname)):
+        continue
+    per = load_suite(fname)["per_scene"]
+    fin = {m: np.array(v["eval_iou"])[:8, -1] for m, v in per.items()}
+    given = f"{fin['given'].mean():>7.2f}" if "given" in fin else f"{'':>7}"
+    print(f"{name:<34}{fin['em'].mean():>6.2f}{fin['fixed'].mean():>7.2f}{given}"
+          f"{int((fin['em'] > fin['fixed']).sum()):>8} of 8")
+
+# %% [markdown]
+# How the strong loss fails, scene by scene, in the 20-scene run with `lambda_attn` 1.0:
+
+# %%
+strong = load_suite("em_ablation_lambda1.json")["per_scene"]
+e1 = np.array(strong["em"]["eval_iou"])[:, -1]
+f1 = np.array(strong["fixed"]["eval_iou"])[:, -1]
+d1 = e1 - f1
+print(f"lambda 1.0, 20 scenes: EM {e1.mean():.2f}, fixed {f1.mean():.2f}; EM and fixed end "
+      f"within 0.01 on {int((abs(d1) < 0.01).sum())} scenes, EM more than 0.05 lower on "
+      f"{int((d1 < -0.05).sum())}, higher on {int((d1 > 0.05).sum())}")
+for i in np.flatnonzero(d1 < -0.05):
+    pe = np.array(strong["em"]["per_concept"][i])
+    pf = np.array(strong["fixed"]["per_concept"][i])
     k = int(np.argmax(pf[-1] - pe[-1]))            # the concept EM lost most on
     print(f"  scene {i + 1:>2}, concept {k + 1}: EM {pe[0, k]:.2f} -> {pe[-1, k]:.2f}, "
           f"fixed {pf[0, k]:.2f} -> {pf[-1, k]:.2f}")
@@ -217,32 +275,17 @@ for i in np.flatnonzero(d < -0.05):
 # %% [markdown]
 # Two failure modes, both the self-confirming loop of the introduction:
 #
-# - **the loop confirms itself exactly.** With the course preset's strong cross-attention
-#   loss (`lambda_attn = 1.0`), each token's attention becomes a copy of the mask it was
-#   trained on, so the next E-step hands back the same masks: EM and fixed end the same;
-# - **an E-step error is locked in.** Where an E-step loses part of an object (the
-#   16x16 attention, upsampled and CRF-refined again at every E-step, can shrink a small
-#   object), the next M-step trains the token to attend to the smaller region, and nothing
+# - **the loop confirms itself exactly.** With a strong cross-attention loss each token's
+#   attention becomes a copy of the mask it was trained on, so the next E-step hands back
+#   the same masks: EM and fixed end the same;
+# - **an E-step error is locked in.** Where an E-step loses most of an object (lines
+#   above), the next M-step trains the token to attend to the smaller region, and nothing
 #   brings the rest back. Fixed masks never re-estimate, so they never lose it.
 #
-# The CRF's image evidence cannot break the loop when it keeps receiving the same
-# attention. What can: a weaker attention loss, so the masked *diffusion* loss, which
-# sees the pixels, moves the tokens. The same suite, shorter (8 scenes, EM and fixed
-# only), with one thing changed at a time (`benchmarks/results/em_ablation_*.json`):
-
-# %%
-import glob
-
-rows = [("preset (lambda 1.0), first 8 scenes",
-         {m: np.array(full["per_scene"][m]["eval_iou"])[:8, -1] for m in ("em", "fixed")})]
-for path in sorted(glob.glob(os.path.join(results, "em_ablation_*.json"))):
-    ab = json.load(open(path))
-    per = {m: np.array(v["eval_iou"])[:, -1] for m, v in ab["per_scene"].items()}
-    rows.append((ab["command"].split("--threads 1")[-1].strip() or path, per))
-print(f"{'setting':<42}{'EM':>6}{'fixed':>7}{'EM wins':>9}")
-for name, per in rows:
-    em_, fx = per["em"], per["fixed"]
-    print(f"{name:<42}{em_.mean():>6.2f}{fx.mean():>7.2f}{int((em_ > fx).sum()):>5} of {len(em_)}")
+# Without the attention loss (lambda 0) nothing ties a token to any region at all, and
+# EM drifts far worse. In between, the masked *diffusion* loss, which sees the pixels, can
+# move the tokens while the attention loss keeps them near their masks: that is the
+# setting where re-estimating helps. The CRF matters less than the loss weight here.
 
 # %% [markdown]
 # ## Exercises
