@@ -63,12 +63,23 @@ def model_name(pipe) -> str:
             f"hidden size {te.hidden_size}, vocabulary {len(pipe.tokenizer)})")
 
 
+def added_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokens added to ``tokenizer`` after it was built (concept tokens of this or
+    earlier runs), special tokens excluded."""
+    special = set(tokenizer.all_special_tokens)
+    return sorted(i for t, i in tokenizer.get_added_vocab().items() if t not in special)
+
+
 def vocabulary_mean_norm(pipe, exclude_ids=()) -> float:
-    """Mean L2 norm of the embedding rows, leaving out ``exclude_ids`` (e.g. concept rows)."""
+    """Mean L2 norm of the model's OWN embedding rows: every added token (the concepts of
+    this run and of any earlier run in the same pipeline) and ``exclude_ids`` are left
+    out, so the reference does not depend on what was learned before."""
     w = embedding_weight(pipe).detach().float()
     keep = torch.ones(w.shape[0], dtype=torch.bool)
-    if len(exclude_ids):
-        keep[torch.as_tensor(list(exclude_ids), dtype=torch.long)] = False
+    drop = list(exclude_ids) + added_token_ids(pipe.tokenizer)
+    drop = [i for i in drop if i < w.shape[0]]
+    if drop:
+        keep[torch.as_tensor(drop, dtype=torch.long)] = False
     return float(w[keep].norm(dim=1).mean())
 
 
@@ -462,4 +473,5 @@ __all__ = [
     "trainable_embedding",
     "unet_state",
     "vocabulary_mean_norm",
+    "added_token_ids",
 ]

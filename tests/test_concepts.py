@@ -206,3 +206,18 @@ def test_generate_deterministic_loads_and_checks_tokens(pipe, tmp_path):
     assert grid.size == (3 * (64 + 2) + 2, 64 + 12 + 2 + 2)
     with pytest.raises(ValueError, match="cannot hold"):
         image_grid(ims, rows=1, cols=1)
+
+
+def test_vocabulary_mean_norm_ignores_every_added_token():
+    from conceptlab.concepts import added_token_ids, vocabulary_mean_norm
+    from conceptlab.model import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    base = vocabulary_mean_norm(pipe)
+    c = add_concept_tokens(pipe, ["[p1]", "[p2]"], ["star", "circle"])
+    assert added_token_ids(pipe.tokenizer) == sorted(c.token_ids)
+    w = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        w[c.token_ids] *= 50          # learned rows of an earlier run, grown large
+    assert vocabulary_mean_norm(pipe) == pytest.approx(base)
+    assert vocabulary_mean_norm(pipe, c.token_ids) == pytest.approx(base)
