@@ -389,8 +389,8 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
             _adjust_threads(cfg.out)
             _log(log_path, stage="unet", step=step, loss=round(l_diff.item(), 5),
-                 grounding=round(float(l_g), 5), lr=lr, time=round(time.time() - t0, 1))
-            bar.set_postfix(loss=f"{l_diff.item():.4f}", ground=f"{float(l_g):.3f}")
+                 grounding=round(float(l_g.detach()), 5), lr=lr, time=round(time.time() - t0, 1))
+            bar.set_postfix(loss=f"{l_diff.item():.4f}", ground=f"{float(l_g.detach()):.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.unet_steps - 1:
             _atomic_save({"stage": "unet", "step": step + 1, "vae": vae.state_dict(),
                           "unet": unet.state_dict(), "text_encoder": te.state_dict(),
