@@ -20,3 +20,16 @@ except ImportError:  # packaging tests do not need torch
 
 if torch is not None:
     torch.set_num_threads(2)
+
+
+if torch is not None:
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def one_thread():
+        """One torch thread for a module of small problems (no OpenMP oversubscription on
+        busy machines); modules opt in with ``pytestmark = usefixtures("one_thread")``."""
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(n)

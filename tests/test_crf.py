@@ -16,13 +16,7 @@ HAS_PYDENSECRF = crf.crf_backend("auto") == "pydensecrf"
 needs_pydensecrf = pytest.mark.skipif(not HAS_PYDENSECRF, reason="pydensecrf2 not installed")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These are small problems: one thread avoids OpenMP oversubscription on busy machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 # -----------------------------------------------------------------------------
 # synthetic scenes: coloured shapes on a plain or striped background, 64 x 64

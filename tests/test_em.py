@@ -8,13 +8,7 @@ from conceptlab.em import Concepts, MaskConfig, background_index, estimate_masks
 from conceptlab.model import tiny_pipeline
 from conceptlab.training import TrainConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def scene():

@@ -7,13 +7,7 @@ import torch
 
 from conceptlab.train_model import TrainConfig, train_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_tiny_training_loss_falls_and_resumes(tmp_path):
@@ -30,6 +24,7 @@ def test_tiny_training_loss_falls_and_resumes(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(path)
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
     from pathlib import Path
+
     from safetensors import safe_open
     with safe_open(str(next(Path(path, "unet").glob("*.safetensors"))), "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # stored as fp16
