@@ -202,7 +202,8 @@ def _to_uint8_rgb(image) -> np.ndarray:
         if np.issubdtype(arr.dtype, np.floating) and arr.max() <= 1.0:
             arr = arr * 255.0
         arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
+    # writeable: arrays of PIL images are read-only, and torch.from_numpy warns on those
+    return np.require(arr, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
 
 
 @dataclass
@@ -531,7 +532,7 @@ class ConceptTrainer:
         key = (image.shape, hash(image.tobytes()))
         if key not in self._latent_cache:
             vae = self.pipe.vae
-            x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
             x = torch.cat([x, x.flip(-1)]).to(self.device, vae.dtype)
             z = vae.encode(x).latent_dist.mean
             shift = getattr(vae.config, "shift_factor", None) or 0.0
