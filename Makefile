@@ -5,6 +5,8 @@
 #   make test   unit tests, then execute every notebook with nbval
 #   make lab    start JupyterLab on notebooks/
 #   make lint   ruff
+#   make sync   re-pair notebooks/NN_*.ipynb with their jupytext sources notebooks/NN_*.py
+#               (run after editing either; the newer file wins, outputs stay in the .ipynb)
 #   make clean  remove build artefacts, caches and outputs/ (keeps .venv; see distclean)
 
 PYTHON          ?= python3
@@ -19,7 +21,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TEST_ENV := TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error TQDM_DISABLE=1 \
             OMP_NUM_THREADS=2 MPLBACKEND=Agg HF_HUB_OFFLINE=1
 
-.PHONY: venv demo test lab lint clean distclean
+.PHONY: venv demo test lab lint sync clean distclean
 
 venv: $(STAMP)
 
@@ -65,6 +67,9 @@ lab: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+sync: venv
+	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.ipynb
 
 clean:
 	rm -rf build dist *.egg-info outputs .pytest_cache .ruff_cache

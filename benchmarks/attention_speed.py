@@ -40,7 +40,7 @@ def find_model() -> str | None:
 def load(model: str | None):
     import torch
 
-    from conceptlab.model import tiny_pipeline
+    from conceptlab.shapes.model import tiny_pipeline
 
     if model == "tiny" or model is None:
         if model is None:
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from conceptlab import world
+    from conceptlab.shapes import world
     from conceptlab.attention import record_attention
     from conceptlab.maps import (
         attention_maps,

@@ -17,19 +17,16 @@ Prints the mean IoU with the ground truth for objects and for the background.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from em_suite import suite_scenes
+from conceptlab.shapes.suites import suite_scenes
 
-from conceptlab.concepts import add_concept_tokens
-from conceptlab.em import MaskConfig, estimate_masks
+from conceptlab.tokens import add_concept_tokens
+from conceptlab.estep import MaskConfig, estimate_masks
 from conceptlab.masks import iou
-from conceptlab.pipeline import load_pipeline
+from conceptlab.models import load_pipeline
 
 
 def main():

@@ -38,7 +38,7 @@ def sd15_pipeline():
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conceptlab.model import build_tokenizer
+    from conceptlab.shapes.model import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer(77)
@@ -70,10 +70,10 @@ def measure(kind: str, phase: str, steps: int, threads: int, queue):
     import numpy as np
     import torch
 
-    from conceptlab.concepts import add_concept_tokens
-    from conceptlab.examples import load_example
-    from conceptlab.pipeline import load_pipeline
-    from conceptlab.training import ConceptImage, ConceptTrainer, TrainConfig
+    from conceptlab.tokens import add_concept_tokens
+    from conceptlab.shapes.examples import load_example
+    from conceptlab.models import load_pipeline
+    from conceptlab.train import ConceptImage, ConceptTrainer, TrainConfig
 
     torch.set_num_threads(threads)
     ex = load_example("striped-star-and-heart")

@@ -25,21 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conceptlab import world
-from conceptlab.em import MaskConfig, learn_concepts
-from conceptlab.pipeline import load_pipeline
-from conceptlab.training import TrainConfig
+from conceptlab.em import learn_concepts
+from conceptlab.estep import MaskConfig
+from conceptlab.models import load_pipeline
+from conceptlab.shapes.suites import suite_scenes
+from conceptlab.train import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def suite_scenes(n: int, seed: int = 2_000_000):
-    out = []
-    for i in range(n):
-        spec = world.sample_scene(seed=seed + i, n_objects=2 + i % 2, patterns=world.PATTERNS)
-        sc = world.render_scene(spec)
-        out.append(sc)
-    return out
 
 
 def run_suite(pipe, scenes, methods=("em", "fixed", "given"), steps=None, seed=0,

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from conceptlab.classifier import fidelity, fidelity_prompts, load_classifier
-from conceptlab.pipeline import load_pipeline
+from conceptlab.shapes.judge import fidelity, fidelity_prompts, load_classifier
+from conceptlab.models import load_pipeline
 
 
 def main():

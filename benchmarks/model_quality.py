@@ -12,7 +12,7 @@ seeded 0). Prints every figure and writes them to ``--json`` if given.
    ground-truth mask, per layer resolution, per timestep range and per caption position,
    beside two trivial baselines (a centred disc; the union of all objects).
 3. Generation fidelity: fraction of generated objects whose named colour / shape / both
-   are judged present by the shipped shape/colour classifier (conceptlab.classifier).
+   are judged present by the shipped shape/colour classifier (conceptlab.shapes.judge).
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conceptlab import world
+from conceptlab.shapes import world
 from conceptlab.attention import layer_resolutions, record_attention
-from conceptlab.pipeline import encode_prompt, load_pipeline, native_size
+from conceptlab.shapes.suites import held_out_scenes
+from conceptlab.models import encode_prompt, load_pipeline, native_size
 
 T_BINS = [(0, 250), (250, 500), (500, 750), (750, 1000)]
-
-
-def held_out_scenes(n, seed=1_000_000, size=64, **kw):
-    return [world.render_scene(world.sample_scene(seed=seed + i, **kw), size) for i in range(n)]
 
 
 @torch.no_grad()
@@ -175,7 +172,7 @@ def main(argv=None):
         print(f"   baseline {k:>5}: {v['all']:.3f} (by position "
               + " / ".join(f"{x:.3f}" for x in v["by_position"].values()) + ")")
     if not args.skip_generation:
-        from conceptlab.classifier import fidelity, fidelity_prompts, load_classifier
+        from conceptlab.shapes.judge import fidelity, fidelity_prompts, load_classifier
 
         clf = load_classifier()
         prompts = fidelity_prompts(args.n_generation_prompts, seed=7)

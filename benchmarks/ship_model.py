@@ -17,19 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 import model_quality
 
 from conceptlab.attention import layer_resolutions
-from conceptlab.figures import save_captioned_grid
-from conceptlab.model import describe_model
-from conceptlab.pipeline import load_pipeline, sample_grid
+from conceptlab.viz.figures import save_captioned_grid
+from conceptlab.shapes.model import describe_model
+from conceptlab.generation import sample_grid
+from conceptlab.models import load_pipeline
 
 SAMPLE_PROMPTS = [
     "a red star on a gray background",
@@ -186,7 +185,7 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
                                                  for b in bins) + " |")
     if gen:
         lines += ["", f"3. Generation fidelity ({gen.get('n_images', '?')} images, "
-                  "judged by the shipped shape/colour classifier `conceptlab.classifier`): "
+                  "judged by the shipped shape/colour classifier `conceptlab.shapes.judge`): "
                   f"colour {gen['colour']:.3f}, shape {gen['shape']:.3f}, both "
                   f"{gen['both']:.3f} (chance for shape: 0.2)."]
     if "control" in q:

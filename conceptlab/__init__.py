@@ -2,32 +2,43 @@
 
 The names most notebooks use are importable from the top level::
 
-    from conceptlab import load_pipeline, attention_maps, record_attention
+    from conceptlab import load_pipeline, attention_maps, learn_concepts, generate
+
+Modules, lowest layer first (each imports only from the layers before it; a test checks):
+``fileio``, ``models``, ``attention``, ``masks``, ``crf``, ``maps``, ``losses``,
+``unet_delta``, ``tokens``, ``train/``, ``estep``, ``result``, ``em``, ``generation``,
+``viz/``, ``shapes/``, ``cli``. The README has the table.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .attention import record_attention
-from .pipeline import load_pipeline
+from .models import load_pipeline
+
+_LAZY = {  # keep `import conceptlab` light: these load on first use
+    "attention_maps": ("maps", "attention_maps"),
+    "learn_concepts": ("em", "learn_concepts"),
+    "LearnedConcepts": ("result", "LearnedConcepts"),
+    "estimate_masks": ("estep", "estimate_masks"),
+    "generate": ("generation", "generate"),
+    "TrainConfig": ("train", "TrainConfig"),
+}
 
 
-def __getattr__(name):  # lazy: keep `import conceptlab` light
-    if name == "attention_maps":
-        from .maps import attention_maps
-        return attention_maps
-    if name in ("learn_concepts", "Concepts"):
-        from . import em
-        return getattr(em, name)
-    if name == "generate":
-        from .generation import generate
-        return generate
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
     raise AttributeError(f"module 'conceptlab' has no attribute {name!r}")
 
 
 __all__ = [
-    "Concepts",
+    "LearnedConcepts",
+    "TrainConfig",
     "__version__",
     "attention_maps",
+    "estimate_masks",
     "generate",
     "learn_concepts",
     "load_pipeline",

@@ -11,15 +11,45 @@ from dataclasses import fields
 import numpy as np
 
 
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C, its checkpoint saved: exit 130."""
+
+
 def _threads(n):
     import torch
     if n:
         torch.set_num_threads(n)
 
 
+def _int_at_least(lo):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _float_in(lo, hi=None):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not v >= lo or (hi is not None and not v <= hi):
+            raise argparse.ArgumentTypeError(
+                f"must be in [{lo}, {hi}], got {v}" if hi is not None else f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
 def cmd_sample(args):
-    from .figures import save_captioned_grid
-    from .pipeline import load_pipeline, sample_grid
+    from .viz.figures import save_captioned_grid
+    from .generation import sample_grid
+    from .models import load_pipeline
 
     _threads(args.threads)
     pipe = load_pipeline(args.model)
@@ -40,8 +70,9 @@ def cmd_sample(args):
 
 
 def cmd_learn(args):
-    from .em import MaskConfig, learn_concepts
-    from .pipeline import load_pipeline, native_size, to_uint8_image
+    from .em import learn_concepts
+    from .estep import MaskConfig
+    from .models import load_pipeline, native_size, to_uint8
 
     _threads(args.threads)
     pipe = load_pipeline(args.model)
@@ -49,17 +80,31 @@ def cmd_learn(args):
     images = []
     for path in args.images:
         if not os.path.exists(path):
-            raise ValueError(f"no such image: {path}")
-        img = to_uint8_image(path)
+            raise FileNotFoundError(f"no such image: {path}")
+        img = to_uint8(path)
         if img.shape[:2] != (size, size):
             print(f"note: {path} is {img.shape[1]}x{img.shape[0]}; resizing to {size}x{size}")
-            img = to_uint8_image(img, size, resize=True)
+            img = to_uint8(img, size, resize=True)
         images.append(img)
-    words = [w.strip() or None for w in args.concepts.split(",")]
+    words = [w.strip() for w in args.concepts.split(",")]
+    if any(not w for w in words):
+        raise ValueError(f"--concepts {args.concepts!r} has an empty entry: give one class word "
+                         "per concept, e.g. --concepts star,heart,background")
+    ckpt = os.path.join(args.out, "checkpoint")
+    if args.resume and not os.path.exists(os.path.join(ckpt, "run.json")):
+        raise FileNotFoundError(f"--resume: there is no run to resume in {ckpt}")
+    if os.path.exists(os.path.join(args.out, "em.json")) and not args.overwrite \
+            and not os.path.exists(os.path.join(ckpt, "run.json")):
+        raise ValueError(f"{args.out} already holds learned concepts: pass --overwrite to "
+                         "replace them or choose another --out")
     concepts = learn_concepts(pipe, images, words, method=args.method, steps=args.steps,
                               em_every=args.em_every, seed=args.seed, progress=not args.quiet,
-                              checkpoint_dir=os.path.join(args.out, "checkpoint"),
+                              checkpoint_dir=ckpt, overwrite=args.overwrite,
                               mask_config=MaskConfig(background_threshold=args.background_threshold))
+    if not concepts.complete:
+        raise Interrupted(f"interrupted: the run is INCOMPLETE and nothing was saved to "
+                          f"{args.out} as a result; its checkpoint is in {ckpt}: run the same "
+                          "command again to resume")
     concepts.save(args.out)
     fig = concepts.plot_mask_evolution()
     fig.savefig(os.path.join(args.out, "mask_evolution.png"), dpi=100)
@@ -70,18 +115,18 @@ def cmd_learn(args):
 
 
 def cmd_generate(args):
-    from .em import Concepts
-    from .figures import save_captioned_grid
+    from .result import LearnedConcepts
+    from .viz.figures import save_captioned_grid
     from .generation import generate
-    from .pipeline import load_pipeline
+    from .models import load_pipeline
 
     _threads(args.threads)
     pipe = load_pipeline(args.model)
     if not os.path.exists(os.path.join(args.concepts, "em.json")):
         raise ValueError(f"{args.concepts} holds no learned concepts (run `conceptlab learn` "
                          "first and pass its --out folder)")
-    concepts = Concepts.load(args.concepts, pipe)
-    rows = [np.asarray(generate(pipe, concepts.tokens, p, n=args.n, seed=args.seed,
+    concepts = LearnedConcepts.load(args.concepts, pipe)
+    rows = [np.asarray(generate(pipe, concepts, p, n=args.n, seed=args.seed,
                                 output_type="np")) for p in args.prompt]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "generations.png")
@@ -94,11 +139,11 @@ def cmd_demo(args):
     import json
 
     from .em import learn_concepts
-    from .examples import load_example
-    from .figures import image_grid_figure, overlay_masks, save_captioned_grid
+    from .shapes.examples import load_example
+    from .viz.figures import image_grid_figure, overlay_masks, save_captioned_grid
     from .generation import generate
     from .masks import iou
-    from .pipeline import load_pipeline
+    from .models import load_pipeline
 
     _threads(args.threads)
     t0 = time.time()
@@ -108,7 +153,10 @@ def cmd_demo(args):
     print(f"example {ex.name!r}: concepts {ex.concepts}")
     concepts = learn_concepts(pipe, ex.image, ex.init_words, method="em", steps=args.steps,
                               seed=args.seed, progress=not args.quiet, gt_masks=ex.masks,
-                              checkpoint_dir=os.path.join(args.out, "checkpoint"))
+                              checkpoint_dir=os.path.join(args.out, "checkpoint"),
+                              overwrite=True)  # the demo always runs afresh
+    if not concepts.complete:
+        raise Interrupted("interrupted: the demo is incomplete")
     concepts.save(os.path.join(args.out, "concepts"))
     fig = concepts.plot_mask_evolution()
     fig.savefig(os.path.join(args.out, "mask_evolution.png"), dpi=100)
@@ -144,7 +192,7 @@ def cmd_demo(args):
 
 
 def cmd_train_model(args):
-    from .train_model import TrainConfig, train_model
+    from .shapes.train import TrainConfig, train_model
 
     kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
           if getattr(args, f.name, None) is not None}
@@ -153,14 +201,14 @@ def cmd_train_model(args):
 
 
 def cmd_make_examples(args):
-    from .examples import write_examples
+    from .shapes.examples import write_examples
 
     names = write_examples(args.out)
     print(f"wrote {len(names)} examples: {', '.join(names)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train_model import TrainConfig
+    from .shapes.train import TrainConfig
 
     p = argparse.ArgumentParser(
         prog="conceptlab",
@@ -172,25 +220,29 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="shapes-ldm",
                         help="bundled model name, local diffusers folder or hub id")
         sp.add_argument("--out", default=out, help="output folder (default: %(default)s)")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+        sp.add_argument("--seed", type=_int_at_least(0), default=0)
+        sp.add_argument("--threads", type=_int_at_least(0), default=0,
+                        help="torch CPU threads (0: default)")
 
     sp = sub.add_parser("demo", help="the main job: learn an example's concepts with EM, "
                         "write masks and generations to outputs/, print the mask IoU")
     common(sp)
     sp.add_argument("--example", default="striped-star-and-heart",
                     help="bundled example (data/examples)")
-    sp.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
-    sp.add_argument("-n", type=int, default=4, help="images per prompt")
+    sp.add_argument("--steps", type=_int_at_least(1), default=None,
+                    help="training steps (default: preset)")
+    sp.add_argument("-n", type=_int_at_least(1), default=4, help="images per prompt")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("sample", help="write a captioned grid of generations")
     common(sp)
     sp.add_argument("prompt", nargs="*", help="prompts (default: a fixed set)")
-    sp.add_argument("-n", type=int, default=4, help="images per prompt")
-    sp.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    sp.add_argument("--guidance", type=float, default=4.0, help="guidance scale")
+    sp.add_argument("-n", type=_int_at_least(1), default=4, help="images per prompt")
+    sp.add_argument("--steps", type=_int_at_least(1), default=None,
+                    help="sampler steps (default: the model's)")
+    sp.add_argument("--guidance", type=_float_in(0), default=None,
+                    help="guidance scale (default: the model's)")
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser("learn", help="learn one token (and mask) per concept from images")
@@ -198,17 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--concepts", required=True,
                     help="comma-separated class words, one per concept, e.g. shape,shape,background")
     sp.add_argument("--method", default="em", choices=["em", "fixed", "none"])
-    sp.add_argument("--steps", type=int, default=None)
-    sp.add_argument("--em-every", type=int, default=None)
-    sp.add_argument("--background-threshold", type=float, default=0.3)
+    sp.add_argument("--steps", type=_int_at_least(1), default=None)
+    sp.add_argument("--em-every", type=_int_at_least(1), default=None)
+    sp.add_argument("--background-threshold", type=_float_in(0, 1), default=0.3)
     sp.add_argument("--quiet", action="store_true")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a run or result already in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (an error if there is none)")
     common(sp, out="outputs/concepts")
     sp.set_defaults(func=cmd_learn)
 
     sp = sub.add_parser("generate", help="generate images with learned concept tokens")
     sp.add_argument("concepts", help="folder written by `conceptlab learn`")
     sp.add_argument("prompt", nargs="+", help='prompts, e.g. "a photo of [v1] next to [v2]"')
-    sp.add_argument("-n", type=int, default=4)
+    sp.add_argument("-n", type=_int_at_least(1), default=4)
     common(sp, out="outputs")
     sp.set_defaults(func=cmd_generate)
 
@@ -226,14 +283,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run a subcommand. Every error is one line on stderr and exit code 2 (1 for an
+    unexpected one, 130 for Ctrl-C); ``--debug`` shows the traceback instead."""
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # version chatter off
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"conceptlab {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"conceptlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Interrupted as e:
+        print(f"conceptlab {args.command}: {e}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, ImportError,
+            KeyError) as e:
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"conceptlab {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 -- a bug: still one line, unless --debug
+        if args.debug:
+            raise
+        print(f"conceptlab {args.command}: unexpected error ({type(e).__name__}: {e}); rerun "
+              "with --debug for the traceback and report it", file=sys.stderr)
+        return 1
     return 0
 
 

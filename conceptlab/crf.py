@@ -50,7 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from conceptlab import masks as _masks
+from . import masks as _masks
+from .models import to_uint8
 
 # Defaults for 64 x 64 images with objects of radius ~10 px.
 #  - Gaussian (smoothness) kernel: sxy=3, compat=3, pydensecrf's usual values;
@@ -79,29 +80,8 @@ UNARY_CLIP = 1e-5             # probabilities are clipped to this before -log (a
 
 
 def _image_uint8(image):
-    """PIL image / (H, W, 3) uint8 numpy array / tensor -> C-contiguous (H, W, 3) uint8 numpy."""
-    if type(image).__module__.startswith("PIL."):
-        image = np.asarray(image.convert("RGB"))
-    elif isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    elif not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a PIL.Image, numpy array or torch tensor, "
-                        f"got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        hint = ""
-        if image.ndim == 3 and image.shape[0] == 3:
-            hint = " It looks channel-first; use image.permute(1, 2, 0) / image.transpose(1, 2, 0)."
-        elif image.ndim == 2:
-            hint = " For a grayscale image, stack it: np.stack([img] * 3, -1)."
-        raise ValueError(f"image must have shape (H, W, 3) (RGB, channel-last), "
-                         f"got {image.shape}.{hint}")
-    if image.dtype != np.uint8:
-        raise TypeError(
-            f"image must be uint8 in [0, 255], got dtype {image.dtype}; for a float image in "
-            f"[0, 1] use (image * 255).round().astype(np.uint8) (or .to(torch.uint8) for tensors)"
-        )
-    # pydensecrf needs a writeable buffer (np.asarray of a PIL image is read-only)
-    return np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
+    """The image as (H, W, 3) uint8 (:func:`conceptlab.models.to_uint8`, the one converter)."""
+    return to_uint8(image, min_side=1)
 
 
 def _check_probs(probs, image_hw):

@@ -1,301 +1,199 @@
 """Learning concept tokens AND their masks together, without user masks (the EM method).
 
-    concepts = learn_concepts(pipe, image, ["star", "heart", "background"])
-    concepts.masks[0]          # (K, H, W) bool, one mask per concept, found by the method
-    generate(pipe, concepts, "a photo of [v1] and [v2]")
+    result = learn_concepts(pipe, image, ["star", "heart", "background"])
+    result.masks[0]            # (K, H, W) bool, one mask per concept, found by the method
+    generate(pipe, result, "a photo of [v1] and [v2]")
 
-The alternation (see ``shared/METHOD.md`` in the course, and notebook 05):
+The alternation (``docs/cheatsheet.md``; notebook 05 writes it out by hand), a hard-EM /
+coordinate ascent in which the masks are the latent variables:
 
-- **E-step** (model frozen): run the U-Net on the noised image at many timesteps with a
-  prompt naming every concept token, average each token's cross-attention map over
-  timesteps, normalise, assign each pixel to a concept or to "nothing" (argmax against a
-  constant background channel) and refine with a DenseCRF on the image colours.
-- **M-step**: train the tokens with the masked diffusion loss and the cross-attention
-  loss, with the current masks (``conceptlab.training.ConceptTrainer``).
-- Repeat the E-step every ``em_every`` steps with the improved tokens.
+- **E-step** (:func:`conceptlab.estep.estimate_masks`, model frozen): masks from each
+  token's timestep-averaged cross-attention, assigned against a background channel and
+  refined by a DenseCRF;
+- **M-step** (:class:`conceptlab.train.ConceptTrainer`): train the tokens with the masked
+  diffusion loss and the cross-attention loss on the current masks;
+- repeat the E-step every ``em_every`` steps, and once more at the end.
+
+Nothing guarantees that an E-step improves a mask (the CRF and the threshold are not part
+of the training objective), so every new mask goes through
+:func:`conceptlab.estep.check_masks`: an empty or full mask keeps the previous one.
 
 Baselines through the same call: ``method="fixed"`` (E-step once at step 0),
 ``method="given"`` (masks passed in: Break-a-Scene), ``method="none"`` (no masks: plain
 textual inversion on the whole image, no attention loss). With ``gt_masks`` (evaluation
 only, never used for training) the IoU of the masks at every E-step is recorded.
+
+Runs with a ``checkpoint_dir`` resume exactly: an interrupted run (Ctrl-C, a kill, during
+an M-step or an E-step) continued with the same call gives the same result as an
+uninterrupted one. The folder records a fingerprint of the inputs; another run into it is
+refused (``overwrite=True`` replaces it), and so is a finished one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from . import crf as _crf
 from . import masks as _masks
-from .concepts import ConceptTokens, add_concept_tokens, load_concepts, save_concepts
-from .maps import attention_maps
-from .pipeline import native_size, to_uint8_image
-from .training import ConceptImage, ConceptTrainer, TrainConfig, TrainingHistory
+from .estep import MaskConfig, background_index, check_masks, estimate_masks, fallback_masks
+from .fileio import atomic_save, atomic_write_json
+from .models import native_size, to_uint8
+from .result import LearnedConcepts
+from .tokens import CONCEPTS_FILE, UNET_DELTA_FILE, add_concept_tokens, load_concepts, model_name
+from .train import ConceptImage, ConceptTrainer, TrainConfig
 
 METHODS = ("em", "fixed", "given", "none")
+RUN_FILE = "run.json"
+STATE_FILE = "em_state.npz"
 
 
-@dataclass
-class MaskConfig:
-    """How the E-step turns attention into masks."""
-
-    n_timesteps: int = 50
-    t_range: tuple | None = None  # None: the model's default (conceptlab.maps)
-    layers: list | None = None  # None: the model's default
-    background_threshold: float = 0.3
-    crf: bool = True
-    temperature: float = 0.1  # of the CRF unaries (conceptlab.masks.unary_from_maps)
-    crf_params: dict = field(default_factory=dict)  # conceptlab.crf.DEFAULT_CRF_PARAMS keys
-    min_fraction: float = 0.005  # a mask smaller than this fraction of the image is "empty"
-    max_fraction: float = 0.95  # larger than this is "full"
-    # a concept whose init word is this one is the BACKGROUND: its mask is every pixel that
-    # no other concept claims (the assignment's background channel), not its own attention
-    # argmax. A word like "background" is rarely attended to where the background is (in
-    # the bundled model and in SD alike), so its own map would lose most pixels to the
-    # "nothing" channel. None: every concept competes with its own map.
-    background_word: str | None = "background"
-
-
-@dataclass
-class MaskEstimate:
-    masks: np.ndarray  # (K, H, W) bool, disjoint
-    maps: np.ndarray  # (K, h, w) raw timestep-averaged attention of each concept token
-    masks_no_crf: np.ndarray  # (K, H, W) bool, argmax with background, before the CRF
-    prompt: str
-    crf_backend: str | None = None
-
-
-def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
-                   config: MaskConfig | None = None, seed: int = 0,
-                   background: int | None = None) -> MaskEstimate:
-    """E-step for one image: masks of the concepts whose tokens are ``tokens``.
-
-    image       (H, W, 3) uint8 / PIL at the pipeline's native size
-    tokens      the concept tokens present in the image, e.g. ["[v1]", "[v2]"]
-    prompt      default: "a photo of [v1] and [v2]"
-    background  index (into ``tokens``) of the concept that is the image's background: the
-                other concepts are assigned (and CRF-refined) against the background
-                channel, and this concept gets what that channel keeps. None: every
-                concept is assigned from its own map, unclaimed pixels belong to no one.
-    """
-    cfg = config or MaskConfig()
-    img = to_uint8_image(image, native_size(pipe))
-    prompt = prompt or "a photo of " + " and ".join(tokens)
-    kw = {}
-    if cfg.layers is not None:
-        kw["layers"] = cfg.layers
-    if cfg.t_range is not None:
-        kw["t_range"] = cfg.t_range
-    am = attention_maps(pipe, img, prompt, n_timesteps=cfg.n_timesteps, seed=seed, **kw)
-    maps = am.concept_maps(tokens)  # (K, h, w) raw
-    H, W = img.shape[:2]
-    up = _masks.resize_map(maps, (H, W)).clamp_min(0)
-    K = len(tokens)
-    if background is not None and not 0 <= background < K:
-        raise ValueError(f"background must index one of the {K} tokens, got {background}")
-    objs = [k for k in range(K) if k != background]
-    backend = None
-    hard = np.zeros((K, H, W), bool)
-    refined = np.zeros((K, H, W), bool)
-    if objs:
-        hard[objs] = np.asarray(_masks.assign_masks(up[objs], cfg.background_threshold), bool)
-        if cfg.crf:
-            backend = _crf.crf_backend()
-            refined[objs] = np.asarray(_crf.refine_masks(
-                img, up[objs], background_threshold=cfg.background_threshold,
-                temperature=cfg.temperature, **cfg.crf_params), bool)
-        else:
-            refined[objs] = hard[objs]
-    if background is not None:
-        hard[background] = ~hard[objs].any(0)
-        refined[background] = ~refined[objs].any(0)
-    return MaskEstimate(refined, maps.numpy(), hard, prompt, backend)
-
-
-@dataclass
-class Concepts:
-    """What :func:`learn_concepts` returns (and :meth:`save` / :meth:`load` round-trip)."""
-
-    tokens: ConceptTokens
-    method: str
-    images: list  # (H, W, 3) uint8 per image
-    concept_ids: list  # per image: which concepts it shows (mask row j = concept ids[j])
-    masks: list  # per image: (K_i, H, W) bool final masks
-    history: TrainingHistory | None = None
-    e_steps: list = field(default_factory=list)  # steps at which masks were (re)estimated
-    mask_history: list = field(default_factory=list)  # per E-step: list per image of masks
-    iou_history: list = field(default_factory=list)  # per E-step: (K,) IoU per concept
-    warnings: list = field(default_factory=list)
-    # evaluation only (gt_masks given): IoU of masks re-estimated from the CURRENT tokens'
-    # attention at the E-step schedule, for every method (for "em" they are the masks used)
-    eval_steps: list = field(default_factory=list)
-    eval_iou_history: list = field(default_factory=list)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.tokens.names)
-
-    @property
-    def embeddings(self) -> torch.Tensor:
-        return self.tokens.embeddings
-
-    def latent_masks(self, pipe_or_factor=4) -> list:
-        """Masks at latent resolution (nearest), per image: (K_i, H/f, W/f) bool."""
-        f = pipe_or_factor if isinstance(pipe_or_factor, int) else pipe_or_factor.vae_scale_factor
-        return [np.asarray(_masks.resize_mask(m, (m.shape[1] // f, m.shape[2] // f)), bool)
-                for m in self.masks]
-
-    def mean_iou(self, step: int = -1) -> float:
-        return float(np.mean(self.iou_history[step])) if self.iou_history else float("nan")
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, directory) -> str:
-        os.makedirs(directory, exist_ok=True)
-        save_concepts(self.tokens, directory)
-        arrays = {f"image_{i}": im for i, im in enumerate(self.images)}
-        arrays.update({f"masks_{i}": m for i, m in enumerate(self.masks)})
-        for s, per_image in enumerate(self.mask_history):
-            for i, m in enumerate(per_image):
-                arrays[f"history_{s}_{i}"] = m
-        np.savez_compressed(os.path.join(directory, "masks.npz"), **arrays)
-        meta = {"method": self.method, "concept_ids": self.concept_ids, "e_steps": self.e_steps,
-                "iou_history": self.iou_history, "warnings": self.warnings,
-                "eval_steps": self.eval_steps, "eval_iou_history": self.eval_iou_history,
-                "names": self.names, "n_images": len(self.images)}
-        with open(os.path.join(directory, "em.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        if self.history is not None:
-            self.history.to_json(os.path.join(directory, "history.json"))
-        return str(directory)
-
-    @classmethod
-    def load(cls, directory, pipe) -> Concepts:
-        """Load saved concepts and add their tokens to ``pipe`` (ready to generate)."""
-        meta = json.load(open(os.path.join(directory, "em.json")))
-        tokens = load_concepts(pipe, directory)
-        z = np.load(os.path.join(directory, "masks.npz"))
-        n = meta["n_images"]
-        hist = []
-        for s in range(len(meta["e_steps"])):
-            hist.append([z[f"history_{s}_{i}"] for i in range(n) if f"history_{s}_{i}" in z])
-        h = os.path.join(directory, "history.json")
-        return cls(tokens, meta["method"], [z[f"image_{i}"] for i in range(n)],
-                   meta["concept_ids"], [z[f"masks_{i}"] for i in range(n)],
-                   TrainingHistory.from_json(h) if os.path.exists(h) else None,
-                   meta["e_steps"], hist, meta["iou_history"], meta["warnings"],
-                   meta.get("eval_steps", []), meta.get("eval_iou_history", []))
-
-    # ------------------------------------------------------------------ figures
-    def plot_mask_evolution(self, image: int = 0, scale: float = 1.3):
-        """Rows: E-steps; columns: the image with each concept's mask."""
-        import matplotlib.pyplot as plt
-
-        from .figures import overlay_masks
-
-        rows = self.mask_history or [self.masks]
-        steps = self.e_steps or [0]
-        K = rows[0][image].shape[0]
-        fig, axes = plt.subplots(len(rows), K + 1, figsize=(scale * (K + 1), scale * len(rows)),
-                                 squeeze=False)
-        img = self.images[image]
-        for r, per_image in enumerate(rows):
-            m = per_image[image]
-            axes[r][0].imshow(overlay_masks(img, m))
-            axes[r][0].set_ylabel(f"step {steps[r]}", fontsize=8)
-            for k in range(K):
-                axes[r][k + 1].imshow(m[k], cmap="gray", vmin=0, vmax=1)
-                title = self.names[self.concept_ids[image][k]]
-                if self.iou_history and image == 0:
-                    title += f"\nIoU {self.iou_history[r][self.concept_ids[image][k]]:.2f}"
-                if r == 0 or self.iou_history:
-                    axes[r][k + 1].set_title(title, fontsize=7)
-            for ax in axes[r]:
-                ax.set_xticks([])
-                ax.set_yticks([])
-        fig.tight_layout()
-        return fig
-
-
-def _schedule(total: int, em_every: int | None, method: str) -> list[int]:
+def e_step_schedule(total: int, em_every: int | None, method: str) -> list[int]:
+    """Steps at which the masks are (re-)estimated (EM also does one at ``total``)."""
     if method != "em":
         return [0]
     every = em_every or max(1, total // 4)
-    return list(range(0, total, every))  # plus a final E-step at the end (learn_concepts)
+    return list(range(0, total, every))
 
 
-def _check_masks(new, old, names, step, warn_list, cfg: MaskConfig):
-    """Keep the previous mask of a concept whose new mask is empty or covers everything."""
-    out = new.copy()
-    area = new.reshape(len(new), -1).mean(1)
-    for k, a in enumerate(area):
-        if a < cfg.min_fraction or a > cfg.max_fraction:
-            kind = "empty" if a < cfg.min_fraction else "full"
-            msg = (f"step {step}: the mask of {names[k]} is {kind} ({a:.1%} of the image); "
-                   + ("keeping the previous mask" if old is not None else
-                      "using the attention map above its mean instead"))
-            warn_list.append(msg)
-            warnings.warn(msg, stacklevel=3)
-            if old is not None:
-                out[k] = old[k]
+def _as_images(images, size) -> list[np.ndarray]:
+    if isinstance(images, (np.ndarray, str, os.PathLike)) or hasattr(images, "convert") \
+            or type(images).__name__ == "Tensor":
+        images = [images]
+    images = list(images)
+    if not images:
+        raise ValueError("no images given: pass one image or a list of them")
+    return [to_uint8(im, size, resize=True) for im in images]
+
+
+def _as_mask_list(masks, n_images, ids, H, W, what):
+    masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+    if len(masks) != n_images:
+        raise ValueError(f"{what}: {len(masks)} mask arrays for {n_images} images")
+    out = []
+    for i, m in enumerate(masks):
+        m = np.asarray(m)
+        if m.ndim == 2:
+            m = m[None]
+        if m.shape[0] != len(ids[i]):
+            raise ValueError(f"{what}: image {i} shows {len(ids[i])} concepts but has "
+                             f"{m.shape[0]} masks")
+        if m.shape[1:] != (H, W):
+            m = np.asarray(_masks.resize_mask(m.astype(bool), (H, W)), bool)
+        out.append(m.astype(bool))
     return out
 
 
-def _fallback_masks(est: MaskEstimate, H, W):
-    """Disjoint masks from each map above its own mean (used when the E-step is empty)."""
-    up = _masks.resize_map(torch.from_numpy(est.maps), (H, W))
-    m = (up > up.mean((1, 2), keepdim=True)).numpy()
-    owner = up.argmax(0).numpy()
-    return np.stack([m[k] & (owner == k) for k in range(len(m))])
+def run_fingerprint(pipe, imgs, init_words, ids, method, cfg, mcfg, em_every, masks,
+                    token_prefix) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"init_words": [None if w is None else str(w) for w in init_words],
+                         "concept_images": ids, "method": method, "config": cfg.to_dict(),
+                         "mask_config": repr(mcfg), "em_every": em_every,
+                         "token_prefix": token_prefix,
+                         "model": os.path.basename(model_name(pipe).rstrip("/"))},
+                        sort_keys=True).encode())
+    for im in imgs:
+        h.update(im.tobytes())
+    for m in masks or []:
+        h.update(np.packbits(m).tobytes())
+    return h.hexdigest()
+
+
+def _claim_folder(checkpoint_dir, fingerprint, overwrite) -> bool:
+    """Make ``checkpoint_dir`` this run's: True when it holds this run, unfinished (resume)."""
+    run_path = os.path.join(checkpoint_dir, RUN_FILE)
+    state = [f for f in (RUN_FILE, STATE_FILE, "checkpoint.pt")
+             if os.path.exists(os.path.join(checkpoint_dir, f))]
+    if state:
+        run = {}
+        if os.path.exists(run_path):
+            with open(run_path) as f:
+                run = json.load(f)
+        same = run.get("fingerprint") == fingerprint
+        if not overwrite:
+            if not same:
+                raise ValueError(
+                    f"{checkpoint_dir} holds the checkpoint of another run (other images, "
+                    "words, method or settings): pass overwrite=True (CLI: --overwrite) to "
+                    "replace it, or use another folder")
+            if run.get("finished"):
+                raise ValueError(
+                    f"{checkpoint_dir} holds this run, finished: load it with "
+                    "LearnedConcepts.load (CLI: the --out folder), or pass overwrite=True "
+                    "(CLI: --overwrite) to run it again")
+            return True
+        for f in (RUN_FILE, STATE_FILE, "checkpoint.pt", CONCEPTS_FILE, UNET_DELTA_FILE):
+            if os.path.exists(os.path.join(checkpoint_dir, f)):  # only this module's files
+                os.remove(os.path.join(checkpoint_dir, f))
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    atomic_write_json(run_path, {"fingerprint": fingerprint, "finished": False})
+    return False
 
 
 def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                    concept_images=None, steps: int | None = None, em_every: int | None = None,
                    config: TrainConfig | None = None, mask_config: MaskConfig | None = None,
                    seed: int = 0, progress: bool = True, checkpoint_dir=None,
-                   gt_masks=None, token_prefix: str = "v") -> Concepts:
+                   overwrite: bool = False, gt_masks=None,
+                   token_prefix: str = "v") -> LearnedConcepts:
     """Learn one token per concept (and, with ``method="em"``, its mask) from images.
 
-    images          one image or a list ((H, W, 3) uint8 / PIL / path) at the model's size
+    images          one image or a list (path / PIL / (H, W, 3) array), at the model's size
+                    (other sizes are resized with a warning)
     init_words      one class word per concept (e.g. ["star", "heart", "background"]);
                     None entries start from a random embedding
     concept_images  per image, the concept indices it shows (default: every concept in
                     every image); concept k's mask row in image i is its position in that list
     masks           method="given": per image (K_i, H, W) bool masks (Break-a-Scene)
     steps, em_every training steps (default: the config's) and E-step period
-                    (default: 4 E-steps per run, at 0, T/4, T/2, 3T/4)
+                    (default: 4 E-steps per run, at 0, T/4, T/2, 3T/4, and one at T)
     gt_masks        per image (K_i, H, W) ground truth, for the IoU history ONLY
-    checkpoint_dir  resumable: an interrupted run continued from here gives the same
-                    result as an uninterrupted one
+    checkpoint_dir  resumable (see the module doc); ``overwrite`` replaces what is there
     config          training settings; default ``TrainConfig.for_model(pipe, method)``
-                    (the bundled or Stable Diffusion preset; lambda_attn 0.1 for EM on the
-                    bundled model)
+    Returns a :class:`~conceptlab.result.LearnedConcepts`; ``.complete`` is False when
+    the run was interrupted (Ctrl-C): call again with the same arguments to resume.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(images, (np.ndarray, str, os.PathLike)) or hasattr(images, "convert"):
-        images = [images]
-    size = native_size(pipe)
-    imgs = [to_uint8_image(im, size, resize=True) for im in images]
+    if isinstance(init_words, str) or not isinstance(init_words, (list, tuple)):
+        raise TypeError(f"init_words must be a list of words (one per concept), got "
+                        f"{init_words!r}: e.g. ['star', 'heart', 'background']")
     K = len(init_words)
     if K < 1:
         raise ValueError("init_words must name at least one concept, e.g. ['shape', 'background']")
+    for w in init_words:
+        if w is not None and (not isinstance(w, str) or not w.strip()):
+            raise ValueError(f"each init word must be a non-empty string or None, got {w!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if em_every is not None and (isinstance(em_every, bool) or not isinstance(em_every, int)
+                                 or em_every < 1):
+        raise ValueError(f"em_every must be an integer >= 1, got {em_every!r}")
+    size = native_size(pipe)
+    imgs = _as_images(images, size)
+    H = W = size
     ids = concept_images or [list(range(K)) for _ in imgs]
     if len(ids) != len(imgs):
         raise ValueError(f"{len(imgs)} images but concept_images has {len(ids)} entries")
     ids = [list(range(K)) if c == "all" else [int(x) for x in c] for c in ids]
+    for i, cs in enumerate(ids):
+        if not cs or len(set(cs)) != len(cs) or not all(0 <= c < K for c in cs):
+            raise ValueError(f"concept_images[{i}] = {cs}: a non-empty list of distinct "
+                             f"concept indices in 0..{K - 1}")
     if sorted({c for cs in ids for c in cs}) != list(range(K)):
         raise ValueError(f"every concept 0..{K - 1} must appear in some image: {ids}")
     if method == "given":
         if masks is None:
             raise ValueError("method='given' needs masks=[(K_i, H, W) bool per image]")
-        masks = [np.asarray(m, bool) for m in (masks if isinstance(masks, (list, tuple)) else [masks])]
+        masks = _as_mask_list(masks, len(imgs), ids, H, W, "masks")
+    elif masks is not None:
+        raise ValueError(f"masks are only used by method='given' (got method={method!r})")
     if gt_masks is not None:
-        gt_masks = [np.asarray(m, bool) for m in (gt_masks if isinstance(gt_masks, (list, tuple)) else [gt_masks])]
+        gt_masks = _as_mask_list(gt_masks, len(imgs), ids, H, W, "gt_masks")
     cfg = (config or TrainConfig.for_model(pipe, method)).replace(seed=seed)
     if steps is not None:
         cfg = cfg.replace(steps=steps)
@@ -303,34 +201,43 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
         cfg = cfg.replace(lambda_attn=0.0)
     mcfg = mask_config or MaskConfig()
     total = cfg.total_steps
-
-    # tokens (reuse those already in the pipeline when resuming)
     names = [f"[{token_prefix}{i + 1}]" for i in range(K)]
-    state_path = os.path.join(checkpoint_dir, "em_state.npz") if checkpoint_dir else None
-    resuming = bool(state_path and os.path.exists(state_path))
+    longest = "a photo of " + " and ".join(names)
+    n_tok = len(pipe.tokenizer(cfg.template.format(cfg.joiner.join(names))).input_ids)
+    if n_tok > pipe.tokenizer.model_max_length or \
+            len(pipe.tokenizer(longest).input_ids) > pipe.tokenizer.model_max_length:
+        raise ValueError(f"{K} concepts make a prompt of {n_tok} tokens, more than the text "
+                         f"encoder's {pipe.tokenizer.model_max_length}: learn fewer concepts "
+                         "per image")
+
+    resuming = False
+    if checkpoint_dir:
+        checkpoint_dir = str(checkpoint_dir)
+        fp = run_fingerprint(pipe, imgs, init_words, ids, method, cfg, mcfg, em_every, masks,
+                             token_prefix)
+        resuming = _claim_folder(checkpoint_dir, fp, overwrite)
+    state_path = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir else None
+    resuming = resuming and os.path.exists(state_path)
     if resuming and all(pipe.tokenizer.convert_tokens_to_ids(n) != pipe.tokenizer.unk_token_id
                         for n in names):
         tokens = load_concepts(pipe, checkpoint_dir)
     else:
         tokens = add_concept_tokens(pipe, names, list(init_words), seed=seed)
-    H = W = size
-    result = Concepts(tokens, method, imgs, ids, [])
-
-    def background_of(cs):
-        return background_index([init_words[c] for c in cs], mcfg.background_word)
+    result = LearnedConcepts(tokens, method, imgs, ids, [])
 
     def e_step(step, previous, warn_list=None):
         warn_list = result.warnings if warn_list is None else warn_list
         per_image = []
         for i, img in enumerate(imgs):
+            bg = background_index([init_words[c] for c in ids[i]], mcfg.background_word)
             est = estimate_masks(pipe, img, [names[c] for c in ids[i]], config=mcfg,
-                                 seed=seed + 1000 * step + i, background=background_of(ids[i]))
-            m = _check_masks(est.masks, None if previous is None else previous[i],
-                             [names[c] for c in ids[i]], step, warn_list, mcfg)
+                                 seed=seed + 1000 * step + i, background=bg)
+            m = check_masks(est.masks, None if previous is None else previous[i],
+                            [names[c] for c in ids[i]], step, warn_list, mcfg)
             area = m.reshape(len(m), -1).mean(1)
             bad = (area < mcfg.min_fraction) | (area > mcfg.max_fraction)
             if previous is None and bad.any():  # nothing to keep: each map above its mean
-                m = np.where(bad[:, None, None], _fallback_masks(est, H, W), m)
+                m = np.where(bad[:, None, None], fallback_masks(est, H, W), m)
             per_image.append(m)
         return per_image
 
@@ -367,8 +274,28 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
     def data_for(per_image):
         return [ConceptImage(img, m, c) for img, m, c in zip(imgs, per_image, ids)]
 
-    schedule = _schedule(total, em_every, method)
-    eval_schedule = sorted(set(_schedule(total, em_every, "em")) | {total}) \
+    def save_state():
+        if not checkpoint_dir:
+            return
+        arrays = {f"current_{i}": m for i, m in enumerate(current)}
+        for s, per in enumerate(result.mask_history):
+            for i, m in enumerate(per):
+                arrays[f"hist_{s}_{i}"] = m
+        meta = {"e_steps": result.e_steps, "iou_history": result.iou_history,
+                "warnings": result.warnings, "eval_steps": result.eval_steps,
+                "eval_iou_history": result.eval_iou_history, "eval_last": last_eval[0] is not None}
+        if last_eval[0] is not None:
+            arrays.update({f"eval_{i}": m for i, m in enumerate(last_eval[0])})
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, meta=json.dumps(meta), **arrays)
+        atomic_save(write, state_path)
+
+    schedule = e_step_schedule(total, em_every, method)
+    if method == "em":
+        schedule = schedule + [total]  # final masks: from the final tokens
+    eval_schedule = sorted(set(e_step_schedule(total, em_every, "em")) | {total}) \
         if gt_masks is not None else []
     if resuming:
         z = np.load(state_path, allow_pickle=False)
@@ -379,99 +306,61 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
         result.eval_steps, result.eval_iou_history = meta["eval_steps"], meta["eval_iou_history"]
         result.mask_history = [[z[f"hist_{s}_{i}"] for i in range(len(imgs))]
                                for s in range(len(meta["e_steps"]))]
+        if meta.get("eval_last"):
+            last_eval[0] = [z[f"eval_{i}"] for i in range(len(imgs))]
     elif method == "given":
         current = masks
-        record(0, current)
     elif method == "none":
         current = [np.ones((len(c), H, W), bool) for c in ids]
-        record(0, current)
     else:
         current = e_step(0, None)
+    if not resuming:
         record(0, current)
-
-    def save_state():
-        if not checkpoint_dir:
-            return
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        arrays = {f"current_{i}": m for i, m in enumerate(current)}
-        for s, per in enumerate(result.mask_history):
-            for i, m in enumerate(per):
-                arrays[f"hist_{s}_{i}"] = m
-        meta = {"e_steps": result.e_steps, "iou_history": result.iou_history,
-                "warnings": result.warnings, "eval_steps": result.eval_steps,
-                "eval_iou_history": result.eval_iou_history}
-        np.savez(state_path + ".tmp.npz", meta=json.dumps(meta), **arrays)
-        os.replace(state_path + ".tmp.npz", state_path)
 
     trainer = ConceptTrainer(pipe, data_for(current), tokens, cfg, progress=progress,
                              checkpoint_dir=checkpoint_dir, resume=True)
+    every = cfg.checkpoint_every or total
+    interrupted = False
     try:
-        if trainer.step_count == 0:
-            evaluate(0, current)
-        save_state()
-        every = cfg.checkpoint_every or total
-        while trainer.step_count < total:
-            nxt = min([s for s in schedule + eval_schedule if s > trainer.step_count] + [total])
-            nxt = min(nxt, (trainer.step_count // every + 1) * every)
-            trainer.train(nxt - trainer.step_count)
-            if trainer.history.interrupted:
-                result.warnings.append(f"interrupted at step {trainer.step_count}")
-                break
-            if trainer.step_count in schedule and trainer.step_count not in result.e_steps:
-                current = e_step(trainer.step_count, current)
-                record(trainer.step_count, current)
+        while True:
+            s = trainer.step_count
+            # what is due at this step and not yet done (after a resume, too): the E-step,
+            # then the evaluation; then the state is saved, so a kill repeats only what
+            # was not saved
+            if s in schedule and s not in result.e_steps:
+                current = e_step(s, current)
+                record(s, current)
                 trainer.set_data(data_for(current))
-            if method == "em" and trainer.step_count == total and total not in result.e_steps:
-                current = e_step(total, current)  # final masks: from the final tokens
-                record(total, current)
-            if trainer.step_count in eval_schedule:
-                evaluate(trainer.step_count, current)
+            if s in eval_schedule or s == 0:
+                evaluate(s, current)
             save_state()
             if checkpoint_dir:
                 trainer.save_checkpoint()
+            if s >= total:
+                break
+            nxt = min([t for t in schedule + eval_schedule if t > s] + [total])
+            nxt = min(nxt, (s // every + 1) * every)
+            trainer.train(nxt - s)
+            if trainer.history.interrupted:
+                interrupted = True
+                break
+    except KeyboardInterrupt:  # during an E-step: its step is redone on resume
+        interrupted = True
     finally:
         trainer.close()
     result.masks = current
     result.history = trainer.history
+    result.complete = not interrupted
+    if interrupted:
+        msg = (f"interrupted at step {trainer.step_count} of {total}: the result is "
+               "INCOMPLETE" + (f"; call again with checkpoint_dir={checkpoint_dir!r} to resume"
+                               if checkpoint_dir else ""))
+        result.warnings.append(msg)
+        warnings.warn(msg, stacklevel=2)
+    elif checkpoint_dir:
+        atomic_write_json(os.path.join(checkpoint_dir, RUN_FILE),
+                          {"fingerprint": fp, "finished": True})
     return result
 
 
-def background_index(words, background_word: str | None = "background") -> int | None:
-    """Position of the one concept whose init word is ``background_word`` (case-insensitive);
-    None when there is none, more than one, or ``background_word`` is None."""
-    if not background_word:
-        return None
-    hits = [j for j, w in enumerate(words)
-            if w is not None and str(w).lower() == background_word.lower()]
-    return hits[0] if len(hits) == 1 else None
-
-
-def evaluate_masks(pipe, concepts: Concepts, gt_masks, *, mask_config: MaskConfig | None = None,
-                   seed: int = 0) -> list[float]:
-    """IoU per concept of masks re-estimated from the CURRENT tokens' attention (whatever
-    masks were used for training): how well the learned tokens localise their concepts."""
-    gt = gt_masks if isinstance(gt_masks, (list, tuple)) else [gt_masks]
-    K = len(concepts.names)
-    ious, count = np.zeros(K), np.zeros(K)
-    for i, img in enumerate(concepts.images):
-        cs = concepts.concept_ids[i]
-        bg = background_index([concepts.tokens.init_words[c] for c in cs],
-                              (mask_config or MaskConfig()).background_word)
-        est = estimate_masks(pipe, img, [concepts.names[c] for c in cs],
-                             config=mask_config, seed=seed + i, background=bg)
-        for j, c in enumerate(concepts.concept_ids[i]):
-            ious[c] += float(_masks.iou(est.masks[j], np.asarray(gt[i][j], bool)))
-            count[c] += 1
-    return (ious / np.maximum(count, 1)).tolist()
-
-
-__all__ = [
-    "METHODS",
-    "Concepts",
-    "MaskConfig",
-    "MaskEstimate",
-    "background_index",
-    "estimate_masks",
-    "evaluate_masks",
-    "learn_concepts",
-]
+__all__ = ["METHODS", "MaskConfig", "e_step_schedule", "learn_concepts"]

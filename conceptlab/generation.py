@@ -1,7 +1,7 @@
 """Generate images with learned concept tokens.
 
     images = generate(pipe, concepts, "a photo of [v1] and [v2] on a gray background", n=4)
-    image_grid(images, rows=1, cols=4, captions=["seed 0", "seed 1", "seed 2", "seed 3"])
+    image_grid(images, rows=1, cols=4)         # conceptlab.viz.figures
 
 Image i uses ``torch.Generator("cpu").manual_seed(seed + i)``, so it is the same whether
 you ask for 1 or 4 images. Default sampler settings depend on the model
@@ -19,7 +19,8 @@ import re
 import numpy as np
 import torch
 
-from .concepts import ConceptTokens, _add_tokens, load_concepts, single_token_id
+from .models import check_prompt, model_kind
+from .tokens import ConceptTokens, _add_tokens, load_concepts, single_token_id
 
 #: default sampler settings; tunable (e.g. ``GENERATION_DEFAULTS["bundled"]["guidance_scale"] = 5``)
 GENERATION_DEFAULTS = {
@@ -28,13 +29,6 @@ GENERATION_DEFAULTS = {
 }
 
 _TOKEN_RE = re.compile(r"\[[^\[\]\s]+\]")
-
-
-def model_kind(pipe) -> str:
-    """'bundled' for the small conceptlab models (latent side <= 32), else 'stable-diffusion'."""
-    s = pipe.unet.config.sample_size
-    s = max(s) if isinstance(s, (tuple, list)) else s
-    return "bundled" if s <= 32 else "stable-diffusion"
 
 
 def generation_defaults(pipe) -> dict:
@@ -49,9 +43,14 @@ def concept_tokens_in(prompt: str) -> list[str]:
 def _as_list(concepts):
     if concepts is None:
         return []
-    if isinstance(concepts, (ConceptTokens, str, os.PathLike)):
+    if isinstance(concepts, (ConceptTokens, str, os.PathLike)) or _is_result(concepts):
         return [concepts]
     return list(concepts)
+
+
+def _is_result(obj) -> bool:
+    """A :class:`conceptlab.result.LearnedConcepts` (or anything holding ``.tokens``)."""
+    return isinstance(getattr(obj, "tokens", None), ConceptTokens)
 
 
 def ensure_concepts(pipe, concepts) -> list[ConceptTokens]:
@@ -61,6 +60,8 @@ def ensure_concepts(pipe, concepts) -> list[ConceptTokens]:
     (its rows overwrite the pipeline's)."""
     out = []
     for c in _as_list(concepts):
+        if _is_result(c):
+            c = c.tokens
         if isinstance(c, ConceptTokens):
             if not c.present_in(pipe):
                 vocab = pipe.tokenizer.get_vocab()
@@ -82,7 +83,8 @@ def ensure_concepts(pipe, concepts) -> list[ConceptTokens]:
         elif isinstance(c, (str, os.PathLike)):
             out.append(load_concepts(pipe, c))
         else:
-            raise TypeError(f"concepts must be ConceptTokens or a saved folder, got {type(c)}")
+            raise TypeError(f"concepts must be ConceptTokens, LearnedConcepts (what "
+                            f"learn_concepts returns) or a saved folder, got {type(c).__name__}")
     return out
 
 
@@ -115,8 +117,8 @@ def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
              progress: bool = False, **pipe_kwargs):
     """Sample ``n`` images of ``prompt``.
 
-    concepts     ConceptTokens, a folder saved by ``save_concepts``, a list of those, or
-                 None; loaded into ``pipe`` if not yet present (see :func:`ensure_concepts`)
+    concepts     ConceptTokens, the LearnedConcepts of ``learn_concepts``, a folder saved
+                 by either, a list of those, or None; loaded into ``pipe`` if not yet present (see :func:`ensure_concepts`)
     prompt       may mix concept tokens and words; every ``[...]`` token must be a known
                  concept token (ValueError listing the known ones otherwise)
     seed         image i uses ``torch.Generator('cpu').manual_seed(seed + i)``
@@ -126,8 +128,15 @@ def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
     """
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    check_prompt(pipe, prompt)
+    if guidance_scale is not None and not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+    if num_inference_steps is not None and (not isinstance(num_inference_steps, int)
+                                            or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got "
+                         f"{num_inference_steps!r}")
     loaded = ensure_concepts(pipe, concepts)
     known = [name for c in loaded for name in c.names]
     known += [t for t in pipe.tokenizer.get_added_vocab() if _TOKEN_RE.fullmatch(t)]
@@ -149,52 +158,20 @@ def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
     return [Image.fromarray(a) for a in arr]
 
 
-def image_grid(images, rows: int | None = None, cols: int | None = None, captions=None, *,
-               scale: int = 1, pad: int = 2, background=(255, 255, 255)):
-    """Paste images (PIL, or uint8 / [0, 1] float arrays) into one PIL image, row by row.
+def sample_grid(pipe, prompts, *, n_per_prompt: int = 4, seed: int = 0,
+                guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                concepts=None):
+    """``n_per_prompt`` images per prompt (the model's default sampler settings, as
+    :func:`generate`); returns (rows of (n, H, W, 3) uint8 arrays, prompts).
 
-    rows, cols  default: one row (or enough rows for ``cols``); captions (one per image,
-    or None) are written under each image with PIL's default font. ``scale`` enlarges
-    each image by an integer factor (nearest neighbour; for 64-px images).
+    Image j of a prompt uses ``torch.Generator().manual_seed(seed + j)``: deterministic
+    and independent of how many images are requested.
     """
-    from PIL import Image, ImageDraw
-
-    ims = []
-    for im in images:
-        if not isinstance(im, Image.Image):
-            a = np.asarray(im)
-            if a.dtype != np.uint8:
-                a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-            im = Image.fromarray(a)
-        im = im.convert("RGB")
-        if scale > 1:
-            im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-        ims.append(im)
-    if not ims:
-        raise ValueError("no images to put in a grid")
-    N = len(ims)
-    if rows is None and cols is None:
-        rows, cols = 1, N
-    elif rows is None:
-        rows = -(-N // cols)
-    elif cols is None:
-        cols = -(-N // rows)
-    if rows * cols < N:
-        raise ValueError(f"a {rows}x{cols} grid cannot hold {N} images")
-    if captions is not None and len(captions) != N:
-        raise ValueError(f"{len(captions)} captions for {N} images")
-    w = max(i.width for i in ims)
-    h = max(i.height for i in ims)
-    cap_h = 12 if captions is not None else 0
-    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + cap_h + pad) + pad), background)
-    draw = ImageDraw.Draw(grid)
-    for j, im in enumerate(ims):
-        r, c = divmod(j, cols)
-        x, y = pad + c * (w + pad), pad + r * (h + cap_h + pad)
-        grid.paste(im, (x, y))
-        if captions is not None and captions[j]:
-            draw.text((x + 1, y + h), str(captions[j]), fill=(0, 0, 0))
-    return grid
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    rows = [generate(pipe, concepts, p, n=n_per_prompt, seed=seed, guidance_scale=guidance_scale,
+                     num_inference_steps=num_inference_steps, output_type="np")
+            for p in prompts]
+    return rows, prompts
 
 
 __all__ = [
@@ -204,6 +181,5 @@ __all__ = [
     "ensure_concepts",
     "generate",
     "generation_defaults",
-    "image_grid",
-    "model_kind",
+    "sample_grid",
 ]

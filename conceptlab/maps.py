@@ -47,8 +47,6 @@ Shapes of :class:`AttentionMaps` (``n`` timesteps, ``L`` layers, ``T`` tokens =
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -57,75 +55,48 @@ import torch
 import torch.nn.functional as F
 
 from .attention import cross_attention_layers, layer_resolutions, record_attention
+from .models import (
+    encode_pixels,
+    latent_size,
+    model_folder_config,
+    native_size,
+    num_train_timesteps,
+    prompt_ids,
+    to_model_input,
+)
 
 __all__ = [
-    "CONFIG_FILE",
     "AttentionMaps",
     "attention_maps",
     "default_attention_config",
     "encode_prompt_with_ids",
-    "native_image_size",
-    "prepare_image",
     "resolve_layers",
+    "select_layers",
     "sequential_attention_maps",
     "word_occurrences",
     "word_token_indices",
 ]
 
-CONFIG_FILE = "conceptlab.json"
 MAX_BATCH = 64
 SD_LATENT_SIZE = 64  # latent side of Stable Diffusion 1.x/2.x at 512x512
 EOW = "</w>"  # CLIP's end-of-word marker
 
 
 # ----------------------------------------------------------------------------- helpers
-def _latent_hw(unet) -> tuple[int, int]:
-    s = unet.config.sample_size
-    if isinstance(s, (list, tuple)):
-        return int(s[0]), int(s[1])
-    return int(s), int(s)
-
-
-def native_image_size(pipe) -> tuple[int, int]:
-    """(H, W) in pixels the pipeline's VAE/U-Net were built for."""
-    h, w = _latent_hw(pipe.unet)
-    f = pipe.vae_scale_factor
-    return h * f, w * f
-
-
-def _num_train_timesteps(pipe) -> int:
-    return int(pipe.scheduler.config.get("num_train_timesteps", 1000))
-
-
-def _pipeline_folder(pipe) -> str | None:
-    for path in (getattr(pipe, "name_or_path", None),
-                 pipe.config.get("_name_or_path") if hasattr(pipe, "config") else None):
-        if path and os.path.isdir(str(path)):
-            return str(path)
-    return None
-
-
 def _is_special(tok: str) -> bool:
     return tok.startswith("<|") and tok.endswith("|>")
 
 
 # ----------------------------------------------------------------------------- layers
-def resolve_layers(unet, layers=None) -> list[str]:
-    """Cross-attention processor names selected by ``layers``, in U-Net order.
-
-    ``layers`` may be ``"all"``, an int (a resolution: every cross-attention layer whose map
-    is that many pixels wide, e.g. 16), a string ``"resolution:16"``, a full processor name
-    (``"up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"``, the
-    ``".processor"`` suffix is optional), a dotted prefix (``"up_blocks.1"``,
-    ``"mid_block"``), or a list mixing these. ``None`` means all layers.
-    Raises ValueError if an entry matches nothing (listing what exists).
-    """
-    names = cross_attention_layers(unet)
-    if not names:
-        raise ValueError("this U-Net has no cross-attention layers")
+def select_layers(names: list[str], resolution_of: dict, layers=None) -> list[str]:
+    """The entries of ``names`` (in order) chosen by ``layers``: ``None`` or ``"all"`` (all),
+    an int (a resolution: every layer whose map is that many pixels wide, e.g. 16), a string
+    ``"resolution:16"``, a full processor name (the ``".processor"`` suffix is optional), a
+    dotted prefix (``"up_blocks.1"``, ``"mid_block"``), or a list mixing these.
+    ``resolution_of[name]`` is each layer's map side. Raises ValueError if an entry matches
+    nothing (listing what exists)."""
     if layers is None:
         return list(names)
-    res = layer_resolutions(unet)
     items = [layers] if isinstance(layers, (str, int)) else list(layers)
     if not items:
         raise ValueError("layers is empty: pass None or 'all' for all cross-attention layers")
@@ -138,12 +109,15 @@ def resolve_layers(unet, layers=None) -> list[str]:
         if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             r = int(item)
         elif isinstance(item, str) and item.split(":")[0].strip().lower() in ("resolution", "res"):
-            r = int(item.split(":", 1)[1])
+            try:
+                r = int(item.split(":", 1)[1])
+            except (IndexError, ValueError):
+                raise ValueError(f"bad layer selector {item!r}: use e.g. 'resolution:16'") from None
         if r is not None:
-            hit = [n for n in names if res[n] == r]
+            hit = [n for n in names if resolution_of[n] == r]
             if not hit:
-                raise ValueError(f"no cross-attention layer at resolution {r}; this U-Net has "
-                                 f"resolutions {sorted(set(res.values()), reverse=True)}")
+                raise ValueError(f"no cross-attention layer at resolution {r}; there are "
+                                 f"resolutions {sorted(set(resolution_of.values()), reverse=True)}")
             chosen.update(hit)
             continue
         if not isinstance(item, str):
@@ -158,6 +132,15 @@ def resolve_layers(unet, layers=None) -> list[str]:
     return [n for n in names if n in chosen]
 
 
+def resolve_layers(unet, layers=None) -> list[str]:
+    """Cross-attention processor names of ``unet`` selected by ``layers`` (see
+    :func:`select_layers`), in U-Net order. ``None`` means all layers."""
+    names = cross_attention_layers(unet)
+    if not names:
+        raise ValueError("this U-Net has no cross-attention layers")
+    return select_layers(names, layer_resolutions(unet), layers)
+
+
 def default_attention_config(pipe) -> dict:
     """``dict(layers=[processor names], t_range=(lo, hi))`` to use for this pipeline.
 
@@ -170,12 +153,8 @@ def default_attention_config(pipe) -> dict:
     3. Otherwise all cross-attention layers at the largest resolution <= 16, same ``t``.
     """
     unet = pipe.unet
-    n_train = _num_train_timesteps(pipe)
-    cfg: dict = {}
-    folder = _pipeline_folder(pipe)
-    if folder is not None and os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-        with open(os.path.join(folder, CONFIG_FILE)) as f:
-            cfg = json.load(f)
+    n_train = num_train_timesteps(pipe)
+    cfg = model_folder_config(pipe)
     layers = cfg.get("attention_layers")
     if layers is not None:
         names = resolve_layers(unet, layers)
@@ -183,7 +162,7 @@ def default_attention_config(pipe) -> dict:
         res = layer_resolutions(unet)
         if not res:
             raise ValueError("this U-Net has no cross-attention layers")
-        if min(_latent_hw(unet)) >= SD_LATENT_SIZE and 16 in res.values():
+        if min(latent_size(pipe)) >= SD_LATENT_SIZE and 16 in res.values():
             target = 16
         else:
             small = [r for r in res.values() if r <= 16]
@@ -200,8 +179,7 @@ def _word_ids(tokenizer, word: str) -> list[int]:
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return list(tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True).input_ids)
+    return prompt_ids(tokenizer, prompt)[0].tolist()
 
 
 def word_occurrences(tokenizer, prompt: str, word: str) -> list[list[int]]:
@@ -248,7 +226,7 @@ def word_token_indices(tokenizer, prompt: str, word: str, occurrence: int | None
 
 def encode_prompt_with_ids(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings (1, T, D), input_ids (T,)) padded to ``model_max_length``; warns when the
-    prompt is truncated. (``conceptlab.pipeline.encode_prompt`` returns the embeddings only.)"""
+    prompt is truncated. (``conceptlab.models.encode_prompt`` returns the embeddings only.)"""
     tok = pipe.tokenizer
     full = tok(prompt).input_ids
     if len(full) > tok.model_max_length:
@@ -264,51 +242,6 @@ def encode_prompt_with_ids(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tenso
     with torch.no_grad():
         emb = te(ids[None].to(te.device), attention_mask=mask)[0]
     return emb, ids
-
-
-# ----------------------------------------------------------------------------- image
-def prepare_image(image, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
-    """PIL image / (H, W, 3) uint8 array or tensor (or (3, H, W) tensor) -> (1, 3, H, W)
-    float in [-1, 1]. Raises ValueError if the size is not ``size`` unless ``resize``."""
-    from PIL import Image
-
-    H, W = size
-    if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"))
-    elif isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
-            t = t.permute(1, 2, 0)
-        arr = t.numpy()
-    elif isinstance(image, np.ndarray):
-        arr = image
-    else:
-        raise TypeError(f"image must be a PIL image, a numpy array or a torch tensor, "
-                        f"got {type(image).__name__}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, -1)
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
-        raise ValueError(f"image must be (H, W, 3) RGB, got shape {tuple(arr.shape)}")
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, -1)
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.size and 0 <= arr.min() \
-                and arr.max() <= 1:
-            arr = (arr * 255).round().astype(np.uint8)
-        else:
-            raise TypeError(f"image must be uint8 (0..255) or float in [0, 1], got "
-                            f"{arr.dtype}")
-    h, w = arr.shape[:2]
-    if (h, w) != (H, W):
-        if not resize:
-            raise ValueError(
-                f"image is {w}x{h} pixels (WxH) but this pipeline works at {W}x{H}: resize "
-                f"it first, e.g. PIL.Image.fromarray(img).resize(({W}, {H}), "
-                f"PIL.Image.BICUBIC), or pass resize=True")
-        warnings.warn(f"resizing the image from {w}x{h} to {W}x{H} (bicubic)", stacklevel=3)
-        arr = np.asarray(Image.fromarray(arr).resize((W, H), Image.BICUBIC))
-    x = torch.tensor(arr).permute(2, 0, 1)[None].float()  # copies: arr may be read-only
-    return x / 127.5 - 1.0
 
 
 def _noiser(pipe):
@@ -414,28 +347,10 @@ class AttentionMaps:
 
     # --------------------------------------------------------------- selection
     def _layer_sel(self, layers) -> list[str]:
-        if layers is None:
-            return list(self.layers)
-        items = [layers] if isinstance(layers, (str, int)) else list(layers)
-        chosen = set()
-        for item in items:
-            if isinstance(item, str) and item.lower() == "all":
-                chosen.update(self.layers)
-            elif isinstance(item, (int, np.integer)) or (
-                    isinstance(item, str) and item.split(":")[0].lower() in ("res", "resolution")):
-                r = int(item) if not isinstance(item, str) else int(item.split(":", 1)[1])
-                hit = [n for n in self.layers if self.layer_resolution[n] == r]
-                if not hit:
-                    raise ValueError(f"no recorded layer at resolution {r}; recorded "
-                                     f"resolutions: {sorted(set(self.layer_resolution.values()))}")
-                chosen.update(hit)
-            else:
-                hit = [n for n in self.layers if n == item or n == item + ".processor"
-                       or n.startswith(item.rstrip(".") + ".")]
-                if not hit:
-                    raise ValueError(f"layer {item!r} was not recorded; recorded: {self.layers}")
-                chosen.update(hit)
-        return [n for n in self.layers if n in chosen]
+        try:
+            return select_layers(self.layers, self.layer_resolution, layers)
+        except ValueError as e:
+            raise ValueError(f"{e} (among the recorded layers)") from None
 
     def _time_sel(self, timesteps=None, t_range=None) -> torch.Tensor:
         """Indices into ``self.timesteps``: ``timesteps`` = int / slice / list / bool mask
@@ -585,20 +500,16 @@ def _compute(pipe, image, prompt, *, n_timesteps, seed, layers, t_range, batch_s
     defaults = default_attention_config(pipe) if layers is None or t_range is None else None
     names = defaults["layers"] if layers is None else resolve_layers(unet, layers)
     lo, hi = _check_t_range(defaults["t_range"] if t_range is None else t_range,
-                            _num_train_timesteps(pipe))
+                            num_train_timesteps(pipe))
     res = layer_resolutions(unet)
     bs = min(n_timesteps, MAX_BATCH) if batch_size is None else int(batch_size)
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    x = prepare_image(image, native_image_size(pipe), resize)
+    x = to_model_input(image, native_size(pipe), resize)
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        latent = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
-        latent = latent * vae.config.scaling_factor
-        if vae.config.get("shift_factor") is not None:
-            latent = latent - vae.config.shift_factor  # SD3/Flux-style VAEs
-        latent = latent.to(unet.device, unet.dtype)
+        latent = encode_pixels(vae, x).to(unet.device, unet.dtype)
         emb, ids = encode_prompt_with_ids(pipe, prompt)
         emb = emb.to(unet.device, unet.dtype)
 

@@ -10,7 +10,7 @@ from conceptlab.attention import (
     layer_resolutions,
     record_attention,
 )
-from conceptlab.model import tiny_pipeline
+from conceptlab.shapes.model import tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 

@@ -257,8 +257,10 @@ def test_clear_errors():
         crf.dense_crf(image, probs * 2)
     with pytest.raises(ValueError, match=r"\(L, H, W\)"):
         crf.dense_crf(image, probs[0])
-    with pytest.raises(TypeError, match="uint8"):
-        crf.dense_crf(image / 255.0, probs)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):   # floats must be in [0, 1] ...
+        crf.dense_crf(image * 2.0, probs)
+    np.testing.assert_array_equal(crf.dense_crf(image / 255.0, probs).labels,  # ... x 255
+                                  crf.dense_crf(image, probs).labels)
     with pytest.raises(ValueError, match="channel-first"):
         crf.dense_crf(image.transpose(2, 0, 1), probs)
     with pytest.raises(ValueError, match="backend"):

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from conceptlab import world
-from conceptlab.em import Concepts, MaskConfig, background_index, estimate_masks, learn_concepts
-from conceptlab.model import tiny_pipeline
-from conceptlab.training import TrainConfig
+from conceptlab.shapes import world
+from conceptlab.em import learn_concepts
+from conceptlab.estep import MaskConfig, background_index, estimate_masks
+from conceptlab.result import LearnedConcepts
+from conceptlab.shapes.model import tiny_pipeline
+from conceptlab.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -90,22 +92,74 @@ def test_fixed_given_none_baselines():
         learn_concepts(tiny_pipeline(), sc.image, ["shape"], method="magic")
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    sc = scene()
-    full = learn_concepts(tiny_pipeline(), sc.image, ["shape", "shape"], config=CFG, em_every=3,
-                          mask_config=MCFG, progress=False)
-    # interrupt after 4 steps via a callback-free route: run with steps=4 then continue to 6
+def _same(a, b):
+    assert torch.allclose(a.embeddings, b.embeddings, atol=1e-6)
+    assert a.e_steps == b.e_steps
+    assert all((x == y).all() for x, y in zip(a.masks, b.masks))
+    assert all((x == y).all() for pa, pb in zip(a.mask_history, b.mask_history)
+               for x, y in zip(pa, pb))
+    assert a.history.steps == b.history.steps
+
+
+class Killed(Exception):
+    """Stands for SIGKILL: nothing is saved on the way out."""
+
+
+def _run(ck=None, **kw):
+    return learn_concepts(tiny_pipeline(), scene().image, ["shape", "shape"],
+                          config=CFG.replace(checkpoint_every=2), em_every=3, mask_config=MCFG,
+                          progress=False, checkpoint_dir=ck, **kw)
+
+
+@pytest.fixture(scope="module")
+def full_run():
+    return _run()
+
+
+@pytest.mark.parametrize("where", ["e-step", "m-step"])
+@pytest.mark.parametrize("how", [Killed, KeyboardInterrupt])
+def test_resume_after_kill_or_ctrl_c_equals_uninterrupted(full_run, tmp_path, monkeypatch,
+                                                          where, how):
+    import conceptlab.em as em_mod
+    from conceptlab.train.trainer import ConceptTrainer
+
+    calls = {"n": 0}
+    if where == "e-step":  # the 2nd E-step (step 3) dies half-way
+        real = em_mod.estimate_masks
+
+        def dying(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise how()
+            return real(*a, **k)
+        monkeypatch.setattr(em_mod, "estimate_masks", dying)
+    else:  # the M-step dies at step 5 (between checkpoints at 4 and 6)
+        real_step = ConceptTrainer.step
+
+        def dying_step(self, *a, **k):
+            if self.step_count == 4:
+                raise how()
+            return real_step(self, *a, **k)
+        monkeypatch.setattr(ConceptTrainer, "step", dying_step)
     ck = tmp_path / "ck"
-    learn_concepts(tiny_pipeline(), sc.image, ["shape", "shape"],
-                   config=CFG.replace(checkpoint_every=2), em_every=3, mask_config=MCFG,
-                   progress=False, checkpoint_dir=ck, steps=6)
-    # a fresh process-state resumes from the finished checkpoint and changes nothing
-    again = learn_concepts(tiny_pipeline(), sc.image, ["shape", "shape"],
-                           config=CFG.replace(checkpoint_every=2), em_every=3, mask_config=MCFG,
-                           progress=False, checkpoint_dir=ck, steps=6)
-    assert torch.allclose(full.embeddings, again.embeddings, atol=1e-6)
-    assert again.e_steps == full.e_steps
-    assert all((a == b).all() for a, b in zip(full.masks, again.masks))
+    if how is Killed:
+        with pytest.raises(Killed):
+            _run(ck)
+    else:
+        with pytest.warns(UserWarning, match="INCOMPLETE"):
+            part = _run(ck)
+        assert not part.complete
+    monkeypatch.undo()
+    resumed = _run(ck)
+    assert resumed.complete
+    _same(resumed, full_run)
+    # the finished folder is not silently reused: another call is refused ...
+    with pytest.raises(ValueError, match="finished"):
+        _run(ck)
+    # ... and so is a different run into it, unless overwrite=True
+    with pytest.raises(ValueError, match="another run"):
+        _run(ck, seed=1)
+    _same(_run(ck, overwrite=True), full_run)
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -115,7 +169,7 @@ def test_save_load_roundtrip(tmp_path):
                        mask_config=MCFG, progress=False)
     c.save(tmp_path / "c")
     pipe2 = tiny_pipeline()
-    d = Concepts.load(tmp_path / "c", pipe2)
+    d = LearnedConcepts.load(tmp_path / "c", pipe2)
     assert d.names == c.names and d.e_steps == c.e_steps
     assert (d.masks[0] == c.masks[0]).all()
     assert torch.allclose(d.embeddings, c.embeddings)

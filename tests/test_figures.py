@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 
 import numpy as np
 
-from conceptlab.figures import image_row, sample_strips
+from conceptlab.viz.figures import image_row, sample_strips
 
 
 def test_sample_strips_one_axis_per_row_with_titles():

@@ -9,19 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptlab import world
+from conceptlab.shapes import world
 from conceptlab.attention import cross_attention_layers, layer_resolutions
 from conceptlab.maps import (
     AttentionMaps,
     attention_maps,
     default_attention_config,
-    native_image_size,
     resolve_layers,
     sequential_attention_maps,
     word_occurrences,
     word_token_indices,
 )
-from conceptlab.model import tiny_pipeline
+from conceptlab.models import latent_size, native_size
+from conceptlab.shapes.model import tiny_pipeline
 
 N_T = 6
 
@@ -55,7 +55,7 @@ def _swap_unet(pipe, unet):
 
 # ----------------------------------------------------------------------------- basics
 def test_native_size_and_defaults(pipe):
-    assert native_image_size(pipe) == (32, 32)
+    assert native_size(pipe) == 32 and latent_size(pipe) == (8, 8)
     cfg = default_attention_config(pipe)
     assert set(cfg) == {"layers", "t_range"}
     res = layer_resolutions(pipe.unet)

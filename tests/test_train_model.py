@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conceptlab.train_model import TrainConfig, train_model
+from conceptlab.shapes.train import TrainConfig, train_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from conceptlab import widgets, world
+from conceptlab.shapes import world
+from conceptlab.viz import widgets
 
 
 def _scene():

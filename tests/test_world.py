@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conceptlab import world
+from conceptlab.shapes import world
 
 
 def test_deterministic_from_seed():

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 02 · From attention maps to masks: thresholds, argmax with background, DenseCRF
 #
@@ -23,9 +38,10 @@ import os, sys, time
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
-from conceptlab import world, load_pipeline
+from conceptlab import load_pipeline
+from conceptlab.shapes import world
 from conceptlab import masks as M
-from conceptlab.figures import image_row
+from conceptlab.viz.figures import image_row
 from conceptlab.maps import attention_maps
 
 torch.set_num_threads(2)
@@ -55,7 +71,7 @@ print("concept maps:", tuple(concept.shape), "-> upsampled:", tuple(up.shape))
 # image, with the ground-truth outlines in white:
 
 # %%
-from conceptlab.figures import MASK_COLOURS
+from conceptlab.viz.figures import MASK_COLOURS
 
 def label_image(image, masks):
     """Masks (K, H, W) as flat colours over a dimmed grey copy of the image."""
@@ -131,7 +147,7 @@ fig.tight_layout(); plt.show()
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from conceptlab.widgets import threshold_explorer, threshold_view
+from conceptlab.viz.widgets import threshold_explorer, threshold_view
 
 threshold_explorer(sc.image, concept[k].numpy(), gt[k])
 
@@ -170,6 +186,7 @@ b_values = [0.1, 0.3, 0.5, 0.7]
 argmax_masks = {b: M.assign_masks(up, background_threshold=b) for b in b_values}
 print(f"per-word thresholds: {overlap} pixels claimed by two objects; argmax: "
       f"{int((argmax_masks[0.3].sum(0) > 1).sum())}")
+
 
 # %%
 def miou(pred, target=gt):
@@ -257,6 +274,7 @@ def mean_field(probs, kernels, n_iters=P0["n_iters"], w_g=P0["compat_gaussian"],
         Q = torch.softmax(-U - pairwise, 0)                     # 3. + 4. unary, normalise
     return Q.reshape(probs.shape)
 
+
 # %% [markdown]
 # The unary probabilities of our scene (channel 0 = background), then 5 iterations:
 
@@ -315,7 +333,7 @@ plt.show()
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from conceptlab.widgets import crf_explorer, crf_view
+from conceptlab.viz.widgets import crf_explorer, crf_view
 
 crf_explorer(sc.image, concept.numpy(), gt)
 
@@ -332,16 +350,13 @@ plt.show()
 # ## 5. Measured: mean IoU on 30 held-out scenes
 # One scene proves nothing. `benchmarks/mask_quality.py` runs every method on held-out
 # multi-object scenes (seeds $\ge 10^6$, alternately 2 and 3 objects) and scores each
-# object's mask against the ground truth; run it from the command line for 100 scenes and
-# 50 timesteps per scene (`python benchmarks/mask_quality.py`). Here, 30 scenes and 20
-# timesteps, to stay quick (with this model's default $t < 250$ a few timesteps already
-# give nearly the same maps; exercise 3 of notebook 01):
+# object's mask against the ground truth; run it from the command line for 100 scenes
+# (`python benchmarks/mask_quality.py`). Here, 30:
 
 # %%
-sys.path.insert(0, os.path.join("..", "benchmarks"))
-from mask_quality import mask_quality_table, format_table, METHODS
+from conceptlab.shapes.suites import mask_quality_table, format_table, METHODS
 
-result = mask_quality_table(pipe, n_scenes=30, seed=1_000_000, n_timesteps=20, return_maps=True)
+result = mask_quality_table(pipe, n_scenes=30, seed=1_000_000, return_maps=True)
 print(format_table(result))
 
 # %%
@@ -386,9 +401,9 @@ print("the CRF improves on argmax:", t["argmax + CRF"] > t["argmax + background"
 #    background. Split the table into plain (`world.PLAIN_BACKGROUNDS`) and textured
 #    backgrounds. Where does the CRF help most?
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution 1: the maps do not depend on b, so the benchmark's maps can be reused
-from mask_quality import held_out_multi_object_scenes, masks_by_method
+from conceptlab.shapes.suites import held_out_multi_object_scenes, masks_by_method
 scenes = held_out_multi_object_scenes(10)          # the benchmark's first 10 scenes
 cmaps = result["concept_maps"][:10]                # and their concept maps, already computed
 for b in (0.1, 0.2, 0.3, 0.4, 0.5):
@@ -399,7 +414,7 @@ for b in (0.1, 0.2, 0.3, 0.4, 0.5):
             r[m] += [M.iou(p, t) for p, t in zip(pred[m], s.masks[1:])]
     print(f"b = {b}: " + ", ".join(f"{m} {np.mean(v):.2f}" for m, v in r.items()))
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution 2: the appearance (bilateral) kernel aligns masks with colour edges; the
 # smoothness kernel alone only rounds the blobs.
 from conceptlab.crf import refine_masks
@@ -408,7 +423,7 @@ outs = {n: refine_masks(sc.image, concept.numpy(), **p) for n, p in variants.ite
 fig = show_masks([(m, f"{n}\nmean IoU {miou(m):.2f}") for n, m in outs.items()])
 plt.show()
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution 3: Q settles within a few iterations
 Qs = [mean_field(probs, kernels, n_iters=n) for n in range(11)]
 change = [(Qs[n] - Qs[n - 1]).abs().mean().item() for n in range(1, 11)]
@@ -416,7 +431,7 @@ fig, ax = plt.subplots(figsize=(4, 2.5))
 _ = ax.semilogy(range(1, 11), change, "o-"); ax.set_xlabel("iteration"); ax.set_ylabel("mean |change of Q|")
 fig.tight_layout(); plt.show()
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution 4
 plain = set(world.PLAIN_BACKGROUNDS)
 for name, sel in [("plain", lambda r: r["background"] in plain), ("textured", lambda r: r["background"] not in plain)]:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from conceptlab import world
-from conceptlab.concepts import add_concept_tokens, embedding_weight, load_concepts
-from conceptlab.model import tiny_pipeline
-from conceptlab.training import (
+from conceptlab.shapes import world
+from conceptlab.tokens import add_concept_tokens, embedding_weight, load_concepts
+from conceptlab.shapes.model import tiny_pipeline
+from conceptlab.train import (
     ConceptImage,
     ConceptTrainer,
     TrainConfig,
@@ -262,7 +262,7 @@ def test_history_json_and_plots(uninterrupted, tmp_path):
 
 
 def test_for_model_picks_the_preset_by_model_size():
-    from conceptlab.model import tiny_pipeline
+    from conceptlab.shapes.model import tiny_pipeline
 
     pipe = tiny_pipeline()   # small latents: a "bundled"-kind model
     assert TrainConfig.for_model(pipe) == TrainConfig.for_bundled()

@@ -31,16 +31,18 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .attention import record_attention
-from .model import BUNDLED, TINY, build_components, make_pipeline
+from ..attention import record_attention
+from ..fileio import load_tensors, torch_save
+from .model import BUNDLED, BUNDLED_V1, TINY, build_components, make_pipeline
 
 
 @dataclass
 class TrainConfig:
     out: str = "runs/bundled"
-    model: str = "bundled"  # or "tiny" (tests)
+    model: str = "bundled"  # "bundled" (v2), "bundled-v1" or "tiny" (tests)
     n_images: int = 20000
     seed: int = 0
+    pattern_p: float = 0.25  # fraction of training objects that are striped/two-tone/dotted
     vae_steps: int = 1000
     vae_batch: int = 16
     vae_crop: int = 32  # the VAE is fully convolutional: train on random crops (4x cheaper)
@@ -52,6 +54,7 @@ class TrainConfig:
     lr: float = 8e-4
     grounding_weight: float = 0.1
     grounding_tmax: int = 750
+    grounding_every: int = 1  # the grounding loss on every N-th step only (it costs ~30%)
     min_snr_gamma: float = 5.0
     p_uncond: float = 0.1
     ema_decay: float = 0.999
@@ -62,7 +65,10 @@ class TrainConfig:
 
     @property
     def model_config(self):
-        return {"bundled": BUNDLED, "tiny": TINY}[self.model]
+        models = {"bundled": BUNDLED, "bundled-v1": BUNDLED_V1, "tiny": TINY}
+        if self.model not in models:
+            raise ValueError(f"unknown model size {self.model!r}: choose one of {sorted(models)}")
+        return models[self.model]
 
 
 def _log(path, **rec):
@@ -71,15 +77,15 @@ def _log(path, **rec):
 
 
 def _atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch_save(obj, path)
 
 
 # ----------------------------------------------------------------------------- data
 def build_dataset(cfg: TrainConfig, tokenizer, size: int) -> dict:
     """Render the training scenes; masks are kept at the latent and half-latent sizes."""
-    data = world.make_dataset(cfg.n_images, seed=cfg.seed, size=size)
+    kw = {} if not cfg.pattern_p else dict(patterns=world.PATTERNS, pattern_p=cfg.pattern_p,
+                                           with_pattern=True)
+    data = world.make_dataset(cfg.n_images, seed=cfg.seed, size=size, **kw)
     n = cfg.n_images
     lat = size // 4
     soft = {}
@@ -100,7 +106,10 @@ def build_dataset(cfg: TrainConfig, tokenizer, size: int) -> dict:
     for i, spec in enumerate(data["specs"]):
         row = ids[i].tolist()
         for j, o in enumerate(spec.objects, start=1):
-            for w, shape_word in ((o.colour, False), (o.shape, True)):
+            words = [(o.colour, False), (o.shape, True)]
+            if o.pattern in tid and sum(x.pattern == o.pattern for x in spec.objects) == 1:
+                words.append((o.pattern, False))  # 'striped' names this object only
+            for w, shape_word in words:
                 if tid[w] in row:
                     p = row.index(tid[w])
                     region[i, p] = j
@@ -108,7 +117,7 @@ def build_dataset(cfg: TrainConfig, tokenizer, size: int) -> dict:
         for w in (spec.background, "background"):
             if tid[w] in row:
                 region[i, row.index(tid[w])] = 0
-    return {"images": data["images"], "soft": soft, "ids": ids, "region": region,
+    return {"images": torch.from_numpy(data["images"]), "soft": soft, "ids": ids, "region": region,
             "is_shape": is_shape, "captions": data["captions"]}
 
 
@@ -159,7 +168,7 @@ def train_vae(vae, images, cfg: TrainConfig, log_path, start_step=0, opt_state=N
                  time=round(time.time() - t0, 1))
         if ckpt_path and (step + 1) % cfg.checkpoint_every == 0:
             _atomic_save({"stage": "vae", "step": step + 1, "vae": vae.state_dict(),
-                          "opt": opt.state_dict()}, ckpt_path)
+                          "opt": opt.state_dict(), "run": run_fingerprint(cfg, "vae")}, ckpt_path)
     vae.eval().to(memory_format=torch.contiguous_format)
     return vae
 
@@ -297,15 +306,18 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
     comps = build_components(mcfg, seed=cfg.seed)
     vae, unet, te, tok, sched = (comps[k] for k in
                                  ("vae", "unet", "text_encoder", "tokenizer", "scheduler"))
-    ckpt = torch.load(ckpt_path, weights_only=False) if os.path.exists(ckpt_path) else None
+    ckpt = load_tensors(ckpt_path) if os.path.exists(ckpt_path) else None
+    if ckpt is not None:
+        _check_same_run(ckpt, cfg, ckpt_path)
 
     t0 = time.time()
     cache = os.path.join(cfg.out, "dataset.pt")
     if os.path.exists(cache):
-        data = torch.load(cache, weights_only=False)
+        data = load_tensors(cache)  # tensors, lists and str only: no pickle
     else:
         data = build_dataset(cfg, tok, mcfg.image_size)
         _atomic_save(data, cache)
+    data["images"] = np.asarray(data["images"])
     _log(log_path, stage="data", n=cfg.n_images, time=round(time.time() - t0, 1))
 
     # ---- stage 1: VAE
@@ -322,8 +334,9 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
 
     # ---- latents and their scale
     lat_cache = os.path.join(cfg.out, "latents.pt")
-    if os.path.exists(lat_cache) and ckpt is not None and ckpt["stage"] == "unet":
-        z = torch.load(lat_cache)
+    vae_done = ckpt is not None and (ckpt["stage"] == "unet" or ckpt["step"] >= cfg.vae_steps)
+    if os.path.exists(lat_cache) and vae_done:  # written once the VAE stage had finished
+        z = load_tensors(lat_cache)
     else:
         z = encode_latents(vae, data["images"])
         _atomic_save(z, lat_cache)
@@ -369,7 +382,7 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
         t = torch.randint(0, 1000, (cfg.batch,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         zt = sched.add_noise(z0, noise, t)
-        use_ground = cfg.grounding_weight > 0
+        use_ground = cfg.grounding_weight > 0 and step % cfg.grounding_every == 0
         with record_attention(unet, keep_graph=True) if use_ground else _null() as store:
             emb = te(ids)[0]
             pred = unet(zt, t, emb).sample
@@ -394,7 +407,8 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.unet_steps - 1:
             _atomic_save({"stage": "unet", "step": step + 1, "vae": vae.state_dict(),
                           "unet": unet.state_dict(), "text_encoder": te.state_dict(),
-                          "opt": opt.state_dict(), "ema": ema.shadow}, ckpt_path)
+                          "opt": opt.state_dict(), "ema": ema.shadow,
+                          "run": run_fingerprint(cfg)}, ckpt_path)
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
             save_pipeline(comps, ema, os.path.join(cfg.out, f"snapshot-{step + 1:05d}"))
     unet.eval()
@@ -402,11 +416,47 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
     # ---- stage 3: the decoder alone (encoder frozen: the U-Net's latents are unchanged)
     dec_path = os.path.join(cfg.out, "decoder.pt")
     if os.path.exists(dec_path):
-        vae.load_state_dict(torch.load(dec_path))
+        vae.load_state_dict(load_tensors(dec_path))
     elif cfg.decoder_steps:
         finetune_decoder(vae, data["images"], cfg, log_path)
         _atomic_save(vae.state_dict(), dec_path)
     return save_pipeline(comps, ema, os.path.join(cfg.out, "model"))
+
+
+# fields that do not change what a run computes (so a resume may change them)
+_RESUMABLE = ("out", "unet_steps", "checkpoint_every", "snapshot_every", "log_every", "threads")
+
+
+# what the data and the VAE stage depend on (a VAE-stage checkpoint is checked on these only,
+# so the U-Net's settings may still be chosen after the VAE has trained)
+_VAE_FIELDS = ("model", "n_images", "seed", "pattern_p", "vae_steps", "vae_batch", "vae_crop",
+               "vae_lr")
+
+
+def run_fingerprint(cfg: TrainConfig, stage: str = "unet") -> str:
+    """The settings that define a run, as JSON: a checkpoint resumes only the same run.
+
+    ``unet_steps`` may grow on resume (the cosine schedule then stretches from there on);
+    everything else must match (for a checkpoint of the VAE stage: the data and VAE
+    settings).
+    """
+    d = {k: v for k, v in asdict(cfg).items() if k not in _RESUMABLE}
+    if stage == "vae":
+        d = {k: v for k, v in d.items() if k in _VAE_FIELDS}
+    return json.dumps(d, sort_keys=True)
+
+
+def _check_same_run(ckpt, cfg, path):
+    old = ckpt.get("run")
+    if old is None:
+        raise RuntimeError(f"{path} has no run fingerprint (an older format): delete it or "
+                           "train into a new --out folder")
+    new = run_fingerprint(cfg, ckpt.get("stage", "unet"))
+    if old != new:
+        a, b = json.loads(old), json.loads(new)
+        diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        raise RuntimeError(f"{path} belongs to a different run (settings differ: {diff}); "
+                           "train into a new --out folder or delete the old checkpoint")
 
 
 def _adjust_threads(out):

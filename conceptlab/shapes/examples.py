@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from . import world
-from .pipeline import data_dir
+from ..models import data_dir
 
 # name -> (spec, concept descriptions); objects are placed by hand so each concept is clear.
 O = world.ShapeObject

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 00 · The shapes world and the course's own text-to-image model
 #
@@ -32,8 +47,8 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 import conceptlab
-from conceptlab import world
-from conceptlab.figures import image_grid_figure, overlay_masks
+from conceptlab.shapes import world
+from conceptlab.viz.figures import image_grid_figure, overlay_masks
 
 torch.set_num_threads(2)
 print("conceptlab", conceptlab.__version__)
@@ -79,7 +94,7 @@ print(world.render_scene(world.sample_scene(seed=4)).caption)
 # ship in `data/examples` (their ground-truth masks are used for evaluation only).
 
 # %%
-from conceptlab.examples import list_examples, load_example
+from conceptlab.shapes.examples import list_examples, load_example
 
 examples = [load_example(n) for n in list_examples()]
 fig = image_grid_figure([[e.image for e in examples],
@@ -103,7 +118,7 @@ plt.show()
 
 # %%
 from conceptlab import load_pipeline
-from conceptlab.model import describe_model
+from conceptlab.shapes.model import describe_model
 
 pipe = load_pipeline()  # "shapes-ldm", from data/models/shapes-ldm
 info = describe_model(pipe)
@@ -142,7 +157,7 @@ fig.tight_layout(); plt.show()
 # Each row is one prompt; image *j* uses the seed `j`, so the grid is reproducible.
 
 # %%
-from conceptlab.pipeline import sample_grid
+from conceptlab.generation import sample_grid
 
 prompts = ["a red star on a gray background",
            "a blue circle and a yellow heart on a black background",
@@ -204,7 +219,7 @@ if "control" in q:
 # 3. Read the model card. Which part of the model has the most parameters, and why is the
 #    text encoder so small compared with Stable Diffusion's?
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 2
 rows2, _ = sample_grid(pipe, ["a star on a gray background"], n_per_prompt=6, seed=1)
 fig = image_grid_figure(rows2, scale=1.2)

@@ -62,10 +62,16 @@ class ShapeObject:
     pattern: str = "solid"
     colour2: str | None = None  # second colour of a patterned object
 
-    def phrase(self, with_colour: bool = True) -> str:
+    def phrase(self, with_colour: bool = True, with_pattern: bool = False) -> str:
+        """'a red star'; with ``with_pattern`` a patterned object is 'a blue striped star'
+        (its first colour and its pattern word: a coarse caption, as a web caption would
+        say "a striped cat")."""
+        noun = self.shape
+        if with_pattern and self.pattern != "solid":
+            noun = f"{self.pattern} {noun}"
         if not with_colour:
-            return f"a {self.shape}"
-        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.colour} {self.shape}"
+            return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.colour} {noun}"
 
 
 @dataclass
@@ -216,10 +222,10 @@ def render_scene(spec: SceneSpec, size: int = 64, caption: str | None = None) ->
 
 # ----------------------------------------------------------------------------- sampling
 def describe(spec: SceneSpec, order=None, prefix: str = "", with_colour=True,
-             with_background=True) -> str:
+             with_background=True, with_pattern=False) -> str:
     """Caption such as 'a red star and a blue circle on a striped background'."""
     objs = [spec.objects[i] for i in (order if order is not None else range(len(spec.objects)))]
-    phrases = [o.phrase(with_colour) for o in objs]
+    phrases = [o.phrase(with_colour, with_pattern) for o in objs]
     text = " and ".join(phrases)
     if with_background:
         text += f" on {'an' if spec.background[0] in 'aeiou' else 'a'} {spec.background} background"
@@ -229,11 +235,13 @@ def describe(spec: SceneSpec, order=None, prefix: str = "", with_colour=True,
 def sample_scene(seed: int | None = None, rng: np.random.Generator | None = None,
                  n_objects: int | None = None, shapes=SHAPES, colours=tuple(COLOURS),
                  backgrounds=BACKGROUNDS, patterns=("solid",), max_rotation: float = 25.0,
-                 max_overlap: float = 0.15) -> SceneSpec:
+                 max_overlap: float = 0.15, pattern_p: float | None = None) -> SceneSpec:
     """Random scene layout. Shapes and colours are distinct within a scene.
 
-    ``patterns`` defaults to solid only (the base model's training distribution); pass
-    e.g. ``PATTERNS`` to include held-out patterned objects.
+    ``patterns`` defaults to solid only; pass e.g. ``PATTERNS`` to include patterned
+    objects (each pattern equally likely). With ``pattern_p`` an object is patterned with
+    that probability (then one of the non-solid ``patterns``, equally likely): the
+    model-v2 training distribution uses ``PATTERNS`` with ``pattern_p=0.25``.
     """
     if rng is None:
         rng = np.random.default_rng(seed)
@@ -255,7 +263,12 @@ def sample_scene(seed: int | None = None, rng: np.random.Generator | None = None
             )
             if ok:
                 break
-        pattern = str(patterns[rng.integers(len(patterns))])
+        if pattern_p is None:
+            pattern = str(patterns[rng.integers(len(patterns))])
+        else:
+            fancy = [p for p in patterns if p != "solid"]
+            pattern = str(fancy[rng.integers(len(fancy))]) if fancy and rng.random() < pattern_p \
+                else "solid"
         colour2 = None
         if pattern != "solid":
             others = [c for c in COLOURS if c != colours[col[i]]]
@@ -278,13 +291,14 @@ def sample_scene(seed: int | None = None, rng: np.random.Generator | None = None
                      float(rng.uniform(0, 180)), float(rng.uniform(0.16, 0.25)))
 
 
-def sample_caption(spec: SceneSpec, rng: np.random.Generator) -> tuple[str, list[int]]:
+def sample_caption(spec: SceneSpec, rng: np.random.Generator,
+                   with_pattern: bool = False) -> tuple[str, list[int]]:
     """A varied training caption; returns (caption, object order in the caption)."""
     order = list(rng.permutation(len(spec.objects)))
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     with_colour = rng.random() > 0.07
     with_background = rng.random() > 0.10
-    return describe(spec, order, prefix, with_colour, with_background), order
+    return describe(spec, order, prefix, with_colour, with_background, with_pattern), order
 
 
 def vocabulary() -> list[str]:
@@ -298,8 +312,9 @@ def vocabulary() -> list[str]:
     return out
 
 
-def make_dataset(n: int, seed: int = 0, size: int = 64, **scene_kwargs):
-    """n training scenes with varied captions.
+def make_dataset(n: int, seed: int = 0, size: int = 64, with_pattern: bool = False,
+                 **scene_kwargs):
+    """n training scenes with varied captions (``with_pattern``: captions name patterns).
 
     Returns dict: images (n, H, W, 3) uint8, masks list of (K+1, H, W) bool, captions list,
     orders list (object index order in caption), specs list.
@@ -309,7 +324,7 @@ def make_dataset(n: int, seed: int = 0, size: int = 64, **scene_kwargs):
     masks, captions, orders, specs = [], [], [], []
     for i in range(n):
         spec = sample_scene(rng=rng, **scene_kwargs)
-        caption, order = sample_caption(spec, rng)
+        caption, order = sample_caption(spec, rng, with_pattern)
         sc = render_scene(spec, size, caption)
         images[i] = sc.image
         masks.append(sc.masks)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conceptlab import classifier as C
-from conceptlab import world
+from benchmarks.train_judge import render_blobs
+from conceptlab.shapes import judge as C
+from conceptlab.shapes import world
 
 ROOT_WEIGHTS = C._resolve(C.DEFAULT_PATH) / C.WEIGHTS_FILE
 
@@ -82,7 +83,7 @@ def test_judge_structure_and_resizing(clf):
 
 def test_pair_head_catches_swapped_attributes(clf):
     """'a red star and a blue circle' rendered as a blue star and a red circle."""
-    from conceptlab import world
+    from conceptlab.shapes import world
 
     spec = world.sample_scene(seed=5, n_objects=2, backgrounds=("gray",))
     spec.objects[0].shape, spec.objects[0].colour = "star", "blue"
@@ -94,12 +95,12 @@ def test_pair_head_catches_swapped_attributes(clf):
 
 
 def test_blob_is_not_a_star(clf):
-    images, _ = C.render_blobs(40, seed=3, wobble=0.0)
+    images, _ = render_blobs(40, seed=3, wobble=0.0)
     p = C.predict(clf, images)
     star = p["shape"][:, C.SHAPES.index("star")] > 0.5
     assert star.mean() <= 0.05
     # and a real star is one
-    from conceptlab import world
+    from conceptlab.shapes import world
     spec = world.sample_scene(seed=1, n_objects=1, shapes=("star",), colours=("red",))
     r = C.judge(world.render_scene(spec).image[None], [[("red", "star")]], clf)[0]
     assert r["shape_ok"] and r["both_ok"]
@@ -117,7 +118,7 @@ def test_fidelity_prompts():
 
 
 def test_fidelity_on_tiny_pipeline(clf):
-    from conceptlab.model import tiny_pipeline
+    from conceptlab.shapes.model import tiny_pipeline
 
     torch.manual_seed(0)
     pipe = tiny_pipeline()
@@ -134,7 +135,7 @@ def test_fidelity_on_tiny_pipeline(clf):
 
 
 def test_judge_background_on_rendered_scenes():
-    from conceptlab.classifier import judge_background
+    from conceptlab.shapes.judge import judge_background
 
     ok, wrong, n = 0, 0, 0
     for i in range(40):

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 03 · Concept tokens: textual inversion from first principles
 #
@@ -31,9 +46,10 @@ import matplotlib.pyplot as plt
 from diffusers import DDPMScheduler
 
 from conceptlab import load_pipeline
-from conceptlab.concepts import add_concept_tokens, trainable_embedding, vocabulary_mean_norm
-from conceptlab.examples import load_example
-from conceptlab.figures import image_row, overlay_masks, overlay_map, sample_strips
+from conceptlab.tokens import add_concept_tokens, vocabulary_mean_norm
+from conceptlab.train.embedding import trainable_embedding
+from conceptlab.shapes.examples import load_example
+from conceptlab.viz.figures import image_row, overlay_masks, overlay_map, sample_strips
 from conceptlab.losses import masked_diffusion_loss
 
 torch.set_num_threads(2)
@@ -181,7 +197,7 @@ del pipe, emb, opt   # the experiments below start from fresh pipelines
 # norm penalty (`norm_penalty=0`; section 6 shows why it is there).
 
 # %%
-from conceptlab.training import TrainConfig, ConceptImage, train_concepts
+from conceptlab.train import TrainConfig, ConceptImage, train_concepts
 
 config = TrainConfig.for_bundled(lambda_attn=0.0, norm_penalty=0.0)
 print(config.steps, "steps, lr", config.lr, ", batch", config.batch_size, ", t in", config.t_range)
@@ -203,7 +219,7 @@ runs = {"no mask": learn(np.ones_like(mask)), "mask": learn(mask)}
 # Eight samples (image *j* uses seed *j*) of each of two prompts, "a photo of [v1]" and "a
 # photo of [v1] on a gray background", per run. We do not judge them by eye:
 #
-# - a classifier trained on rendered shapes (`conceptlab.classifier`) says which colours and
+# - a classifier trained on rendered shapes (`conceptlab.shapes.judge`) says which colours and
 #   shapes each sample shows: **yellow**, **purple**, a **square** (the concept), and
 #   **orange**, the colour of the circle beside it (which `[v1]` should *not* have learned);
 # - **striped background**: the border of the sample varies like a texture (the user image's
@@ -211,7 +227,7 @@ runs = {"no mask": learn(np.ones_like(mask)), "mask": learn(mask)}
 
 # %%
 from conceptlab.generation import generate
-from conceptlab.classifier import COLOURS, SHAPES, load_classifier, predict
+from conceptlab.shapes.judge import COLOURS, SHAPES, load_classifier, predict
 
 prompts = ["a photo of [v1]", "a photo of [v1] on a gray background"]
 
@@ -392,14 +408,14 @@ print("with it, it stays below 1.2x:", ratio["mask + norm penalty"] < 1.2)
 # 1. Initialise `[v1]` from "circle" instead of "square" (or randomly, `init_words=None`).
 #    How do the norm curve and the square rate change?
 # 2. Train the masked run with `t_range=(0, 500)` (low noise only). Which numbers move?
-# 3. Save the learned token with `conceptlab.concepts.save_concepts(c, "my_square", p)`, load
+# 3. Save the learned token with `conceptlab.tokens.save_concepts(c, "my_square", p)`, load
 #    it into a fresh pipeline with `load_concepts`, and check that the generations are
 #    identical.
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 3
 import tempfile
-from conceptlab.concepts import save_concepts, load_concepts
+from conceptlab.tokens import save_concepts, load_concepts
 
 p, c, h = runs["mask + norm penalty"]
 with tempfile.TemporaryDirectory() as d:

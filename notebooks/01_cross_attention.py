@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 01 · Cross-attention: where does the model look for each word?
 #
@@ -12,7 +27,7 @@
 #   against ground-truth masks, beside two trivial baselines.
 #
 # **Prerequisites**: notebook 00 (the shapes world and the bundled model); matrix products
-# and the softmax. **Runtime**: about 2 minutes on a 2-core CPU.
+# and the softmax. **Runtime**: about 1 minute on a 2-core CPU.
 #
 # Everything here is what the method of this course (Break-a-Scene and *Visual
 # Concept-driven Image Generation*) builds on: masks for new concepts are estimated from
@@ -24,8 +39,9 @@ import os
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
-from conceptlab import world, load_pipeline, record_attention
-from conceptlab.figures import image_row, overlay_map
+from conceptlab import load_pipeline, record_attention
+from conceptlab.shapes import world
+from conceptlab.viz.figures import image_row, overlay_map
 
 torch.set_num_threads(2)
 _ = torch.manual_seed(0)
@@ -122,7 +138,7 @@ for name in cross_attention_layers(pipe.unet):
 # (`record_attention`, section 4).
 
 # %%
-from conceptlab.pipeline import encode_image, encode_prompt
+from conceptlab.models import encode_image, encode_prompt
 
 name = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
 attn = pipe.unet.get_submodule(name.removesuffix(".processor"))
@@ -306,7 +322,7 @@ fig.tight_layout(); plt.show()
 # $\ge 10^6$, never used in training; 1-3 objects each): for every object, take the map of
 # its **shape word**, upsample to 64x64, min-max normalise, threshold at 0.5, and compute
 # the IoU with the object's ground-truth mask. We do this per layer resolution (16x16,
-# 8x8, all layers) and per timestep range, from one set of 32 random timesteps per scene.
+# 8x8, all layers) and per timestep range, from one set of 40 timesteps per scene.
 #
 # Two baselines that know nothing about the words tell us what a number means:
 # - **disc**: a centred disc of radius 0.2 x the image (objects are often near the centre);
@@ -316,7 +332,7 @@ fig.tight_layout(); plt.show()
 # %%
 from conceptlab.masks import iou
 
-def shape_word_ious(pipe, n_scenes=30, first_seed=1_000_000, n_timesteps=32):
+def shape_word_ious(pipe, n_scenes=30, first_seed=1_000_000, n_timesteps=40):
     S = 64
     yy, xx = np.mgrid[0:S, 0:S]
     disc = (xx - (S - 1) / 2) ** 2 + (yy - (S - 1) / 2) ** 2 < (0.2 * S) ** 2
@@ -331,8 +347,6 @@ def shape_word_ious(pipe, n_scenes=30, first_seed=1_000_000, n_timesteps=32):
             out["disc"].append(iou(disc, gt))
             out["union"].append(iou(s.masks[1:].any(0), gt))
             for res, (lo, hi) in settings:
-                if not ((m.timesteps >= lo) & (m.timesteps < hi)).any():
-                    continue                      # no random timestep fell in this range
                 a = m.for_word(obj.shape, size=S, layers=res, t_range=(lo, hi))
                 out[(res, (lo, hi))].append(iou((a >= 0.5).numpy(), gt))
     return {k: float(np.mean(v)) for k, v in out.items()}, len(out["disc"])
@@ -359,8 +373,9 @@ ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1)); fig.tight_layout
 # What the numbers say:
 # - the **16x16 layers** localise better than the 8x8 ones: one cell of an 8x8 map covers
 #   8x8 image pixels, about the size of a small object, so upsampled 8x8 maps are blobs.
-#   Adding the 8x8 layers to the 16x16 ones ("all") changes little. Break-a-Scene likewise
-#   reads Stable Diffusion's maps at its 16x16 layers;
+#   Adding the 8x8 layers to the 16x16 ones ("all") changes little. This is why
+#   Break-a-Scene uses Stable Diffusion's 16x16 layers (its 64x64 layers are noisy, its
+#   8x8 ones too coarse);
 # - **low timesteps** localise best and the noisiest ones worst: at $t \ge 750$ there is
 #   little image left to look at (and, see the note below, this model was taught to ground
 #   words only at $t < 750$). Yet the average over *all* timesteps is close to the best
@@ -371,8 +386,7 @@ ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1)); fig.tight_layout
 #
 # The library's default for a pipeline (`default_attention_config`) is what the mask
 # estimation of notebooks 02-05 uses; for the bundled model it is stored with the model
-# (`conceptlab.json`, chosen by `benchmarks/model_quality.py` on 100 held-out scenes, of
-# which the 30 above are the first):
+# (`conceptlab.json`, chosen by the benchmark on other held-out scenes):
 
 # %%
 cfg = default_attention_config(pipe)
@@ -424,7 +438,7 @@ else:
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from conceptlab.widgets import attention_explorer, attention_view
+from conceptlab.viz.widgets import attention_explorer, attention_view
 
 explorer = attention_explorer(sc.image, maps, words=shape_words + [w for w in words if w not in shape_words])
 explorer
@@ -453,7 +467,7 @@ plt.show()
 #    you take the softmax over *pixels* (`dim=0`) instead of tokens? What does a column
 #    then mean?
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution 1: one map per head, each scaled to its own maximum. Here the four heads of this
 # layer largely agree on the object; the library averages them, keeping what they share.
 tok = maps.word_indices(shape_words[0])[0]
@@ -462,7 +476,7 @@ fig = image_row([sc.image] + [m for m in per_head],
                 ["image"] + [f"head {i}" for i in range(len(per_head))], cmap="magma")
 plt.show()
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution 2: colour words vs shape words (one set of maps per scene serves both)
 vals = {"colour": [], "shape": []}
 for i in range(10):
@@ -476,25 +490,21 @@ print(", ".join(f"{kind} words: mean IoU {np.mean(v):.2f}" for kind, v in vals.i
 # the right place but sharply peaked on a small part of its object, so "above half the
 # peak" covers only a fraction of the object (plot a few with m.for_word(o.colour) to see).
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution 3: over the full range, one random timestep is often a noisy one; a handful
 # averaged already recovers most of the IoU. (With t_range=(0, 250), the model's default,
 # even a single timestep gives a good map: every draw is a low-noise one.)
-# One call per scene with 16 random timesteps; a random subset of n of them is a draw of
-# n random timesteps.
-pick = np.random.default_rng(0)
-vals = {1: [], 4: [], 16: []}
-for i in range(8):
-    s = world.render_scene(world.sample_scene(seed=1_000_000 + i))
-    m = attention_maps(pipe, s.image, s.caption, n_timesteps=16, seed=i, layers=16, t_range=(0, 1000))
-    for n_t in vals:
-        sel = pick.choice(16, n_t, replace=False)
-        vals[n_t] += [iou((m.for_word(o.shape, size=64, timesteps=sel) >= 0.5).numpy(), s.masks[k + 1])
-                      for k, o in enumerate(s.spec.objects)]
-for n_t, v in vals.items():
-    print(f"n_timesteps={n_t:>2}: mean IoU {np.mean(v):.2f}")
+for n_t in (1, 4, 16):
+    vals = []
+    for i in range(8):
+        s = world.render_scene(world.sample_scene(seed=1_000_000 + i))
+        m = attention_maps(pipe, s.image, s.caption, n_timesteps=n_t, seed=i, layers=16,
+                           t_range=(0, 1000))
+        vals += [iou((m.for_word(o.shape, size=64) >= 0.5).numpy(), s.masks[k + 1])
+                 for k, o in enumerate(s.spec.objects)]
+    print(f"n_timesteps={n_t:>2}: mean IoU {np.mean(vals):.2f}")
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution 4: softmax over pixels makes each *column* a distribution over the image:
 # "where does this word send its value", not "what does this pixel read". Every word,
 # even "<start>", then has a map summing to 1, and the competition between words is gone.

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 04 · Many concepts from one image, with masks (Break-a-Scene)
 #
@@ -24,15 +39,14 @@ import torch
 import matplotlib.pyplot as plt
 
 from conceptlab import load_pipeline
-from conceptlab.concepts import add_concept_tokens
-from conceptlab.examples import load_example
+from conceptlab.tokens import add_concept_tokens
+from conceptlab.shapes.examples import load_example
 from IPython.display import display
 
-from conceptlab.figures import image_row, overlay_map, overlay_masks, sample_strips
-from conceptlab.training import ConceptImage, TrainConfig, train_concepts
+from conceptlab.viz.figures import image_row, overlay_map, overlay_masks, sample_strips
+from conceptlab.train import ConceptImage, TrainConfig, train_concepts
 
 torch.set_num_threads(2)
-
 
 # %% [markdown]
 # ## 0. One image, two concepts
@@ -52,6 +66,7 @@ for n, d in zip(names, ex.concepts):
 fig = image_row([ex.image] + [overlay_masks(ex.image, m[None]) for m in masks],
                 titles=["user image"] + names, scale=2.2)
 plt.show()
+
 
 # %% [markdown]
 # ## 1. Union sampling
@@ -185,7 +200,7 @@ for lam, (p, c, h) in runs.items():
 # shape, both (the pair head: *this* colour on *this* shape)?
 
 # %%
-from conceptlab.classifier import judge
+from conceptlab.shapes.judge import judge
 from conceptlab.generation import generate
 
 
@@ -279,7 +294,7 @@ print(len(combo), "prompts x", combo[next(iter(combo))][0].shape, "images")
 # 4. Generation has its own knob: the guidance scale (`generate(..., guidance_scale=...)`,
 #    default 4 for this model). Judge "a photo of [v2] and [v1]" at 2 and 8.
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 4
 for gs in (2.0, 8.0):
     imgs = generate(p, c, "a photo of [v2] and [v1]", n=8, seed=0, guidance_scale=gs,

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 05 · EM: learning concepts *and* their masks, without user masks
 #
@@ -39,10 +54,10 @@ import numpy as np
 import torch
 import matplotlib.pyplot as plt
 from conceptlab import load_pipeline, learn_concepts, generate
-from conceptlab.em import MaskConfig, estimate_masks
-from conceptlab.examples import load_example
-from conceptlab.figures import image_grid_figure, overlay_masks, overlay_map
-from conceptlab.training import TrainConfig
+from conceptlab.estep import MaskConfig, estimate_masks
+from conceptlab.shapes.examples import load_example
+from conceptlab.viz.figures import image_grid_figure, overlay_masks, overlay_map
+from conceptlab.train import TrainConfig
 
 import warnings
 # the library warns when an E-step gives an empty mask; show those warnings in one line
@@ -69,7 +84,7 @@ print(ex.concepts, "| class words:", ex.init_words)
 # IoU from about 0.1 to about 0.9.)
 
 # %%
-from conceptlab.concepts import add_concept_tokens
+from conceptlab.tokens import add_concept_tokens
 
 tokens = add_concept_tokens(pipe, ["[a1]", "[a2]", "[a3]"], ex.init_words)
 est = estimate_masks(pipe, ex.image, tokens.names, seed=0, background=2)
@@ -94,7 +109,7 @@ plt.show()
 # object tokens' maps; the static figure above is what the defaults give.
 
 # %%
-from conceptlab.widgets import crf_explorer
+from conceptlab.viz.widgets import crf_explorer
 
 crf_explorer(ex.image, est.maps[:2], ex.masks[:2])
 
@@ -114,7 +129,7 @@ print("step-0 IoU per concept:", [round(float(v), 2) for v in ious0])
 # `learn_concepts` runs E-step, M-step, E-step, ... (here an E-step every quarter of the
 # run and a last one at the end). The ground-truth masks are passed **for evaluation only**:
 # they are scored at every E-step and never used for training.
-
+#
 #
 # The training settings are the course preset for EM on this model,
 # `TrainConfig.for_model(pipe, "em")`: notebook 04's preset with a **10x weaker
@@ -159,8 +174,7 @@ plt.show()
 # %%
 import sys
 import os
-sys.path.insert(0, os.path.join("..", "benchmarks"))
-from em_suite import suite_scenes
+from conceptlab.shapes.suites import suite_scenes
 
 scene = suite_scenes(1)[0]
 scene_gt = np.concatenate([scene.masks[1:], scene.masks[:1]])     # objects, then background
@@ -209,7 +223,7 @@ plt.show()
 # knows solid colours only, and "blue" is the star's main colour).
 
 # %%
-from conceptlab.classifier import judge
+from conceptlab.shapes.judge import judge
 
 star = ex.concepts[0].split()  # "blue star with white stripes"
 verdict = judge(rows[0], [[(star[0], star[1])]] * len(rows[0]))
@@ -352,7 +366,7 @@ for i in np.flatnonzero(d1 < -0.05):
 # 3. Learn the concepts of `three-objects` (four concepts). Which concept is hardest, and
 #    does the IoU history tell you why?
 
-# %% hide
+# %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 2
 no_crf = learn_concepts(pipe, ex.image, ex.init_words, config=cfg.replace(steps=80), seed=0, progress=False,
                         gt_masks=ex.masks, mask_config=MaskConfig(crf=False),

@@ -45,7 +45,8 @@ class ModelConfig:
         return asdict(self)
 
 
-BUNDLED = ModelConfig()
+BUNDLED_V1 = ModelConfig()  # the first shipped model (16x16x4 latents, U-Net 48/96)
+BUNDLED = ModelConfig(latent_channels=8, unet_channels=(64, 128))  # model v2
 TINY = ModelConfig(text_hidden=32, text_layers=1, text_heads=2, vae_channels=(8, 16, 16),
                    unet_channels=(16, 32), unet_heads=2, image_size=32)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import crf as _crf
-from . import masks as _masks
+from .. import crf as _crf
+from .. import masks as _masks
 
 
 # ----------------------------------------------------------------------------- pure logic

@@ -17,10 +17,7 @@ Where the values live
     and written by :func:`save_concepts`.
 
 Training only those rows
-    :func:`trainable_embedding` freezes the text encoder, makes the embedding weight
-    trainable, zeroes the gradient of every other row (a hook), and
-    :meth:`TrainableEmbedding.restore_frozen_rows` copies the other rows back from a saved
-    copy after each optimizer step (AdamW's weight decay would shrink them otherwise).
+    :func:`conceptlab.train.embedding.trainable_embedding` (the trainer's job).
 
 Files (:func:`save_concepts`)
     ``concepts.safetensors``: tensor ``embeddings`` (K, D), metadata (all strings) ``names``
@@ -38,7 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__
+from ._version import __version__
+from .unet_delta import apply_unet_delta, read_unet_delta
 
 CONCEPTS_FILE = "concepts.safetensors"
 UNET_DELTA_FILE = "unet_delta.safetensors"
@@ -59,8 +57,9 @@ def model_name(pipe) -> str:
         if name:
             return str(name)
     te = pipe.text_encoder.config
+    base_vocab = len(pipe.tokenizer) - len(added_token_ids(pipe.tokenizer))  # without concepts
     return (f"unnamed pipeline ({type(pipe.text_encoder).__name__}, "
-            f"hidden size {te.hidden_size}, vocabulary {len(pipe.tokenizer)})")
+            f"hidden size {te.hidden_size}, vocabulary {base_vocab})")
 
 
 def added_token_ids(tokenizer) -> list[int]:
@@ -209,18 +208,7 @@ def add_concept_tokens(pipe, concepts=1, init_words=None, *, init: str = "mean",
         names = [f"[{prefix}{i}]" for i in range(1, concepts + 1)]
     else:
         names = [str(n) for n in concepts]
-    if not names:
-        raise ValueError("no concept names given")
-    if len(set(names)) != len(names):
-        raise ValueError(f"concept names must be distinct, got {names}")
-    for n in names:
-        if not n or any(c.isspace() for c in n):
-            raise ValueError(f"a concept token name must be one word without spaces, got {n!r}")
-        if _is_existing_token(tok, n):
-            raise ValueError(
-                f"{n!r} is already in the tokenizer's vocabulary (this pipeline already has "
-                "it, or it is an ordinary token): build a fresh pipeline, load saved concepts "
-                "with load_concepts, or pick other names (e.g. prefix='w')")
+    names = check_concept_names(tok, names)
     K = len(names)
     if init_words is None or isinstance(init_words, str):
         init_words = [init_words] * K
@@ -261,64 +249,6 @@ def add_concept_tokens(pipe, concepts=1, init_words=None, *, init: str = "mean",
                          hidden_size=int(old.shape[1]))
 
 
-# ----------------------------------------------------------------------------- training rows only
-class TrainableEmbedding:
-    """Makes only the concept rows of the embedding table trainable (see the module doc).
-
-    ``parameter`` is the whole (V, D) table: give it to the optimizer, and call
-    :meth:`restore_frozen_rows` after every ``optimizer.step()``. :meth:`remove` undoes
-    the hook and freezes the table again.
-    """
-
-    def __init__(self, pipe, concepts: ConceptTokens):
-        self.pipe = pipe
-        self.token_ids = list(concepts.token_ids)
-        pipe.text_encoder.requires_grad_(False)
-        self.parameter = embedding_weight(pipe)
-        V = self.parameter.shape[0]
-        if max(self.token_ids) >= V:
-            raise ValueError(f"token ids {self.token_ids} outside the embedding table ({V} rows)")
-        self.row_mask = torch.zeros(V, 1, dtype=torch.bool, device=self.parameter.device)
-        self.row_mask[self.token_ids] = True
-        self.saved = self.parameter.detach().clone()
-        self.parameter.requires_grad_(True)
-        mask = self.row_mask
-
-        def hook(grad):
-            return grad * mask.to(grad.dtype)
-
-        self._handle = self.parameter.register_hook(hook)
-
-    @torch.no_grad()
-    def restore_frozen_rows(self):
-        """Copy every non-concept row back from the saved copy (bit-identical)."""
-        p = self.parameter
-        rows = p[self.token_ids].clone()
-        p.copy_(self.saved)
-        p[self.token_ids] = rows
-
-    def rows(self) -> torch.Tensor:
-        """The live concept rows (K, D), in the graph."""
-        return self.parameter[self.token_ids]
-
-    def remove(self):
-        self._handle.remove()
-        self.parameter.requires_grad_(False)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.restore_frozen_rows()
-        self.remove()
-        return False
-
-
-def trainable_embedding(pipe, concepts: ConceptTokens) -> TrainableEmbedding:
-    """Freeze the text encoder except the rows of ``concepts`` (see :class:`TrainableEmbedding`)."""
-    return TrainableEmbedding(pipe, concepts)
-
-
 # ----------------------------------------------------------------------------- save / load
 def save_concepts(concepts: ConceptTokens, directory, pipe=None) -> str:
     """Write ``concepts.safetensors`` (and ``unet_delta.safetensors`` if the concepts carry
@@ -354,31 +284,95 @@ def save_concepts(concepts: ConceptTokens, directory, pipe=None) -> str:
     return str(directory)
 
 
+class ConceptsFileError(ValueError):
+    """A concepts folder or file that is missing pieces, truncated or not conceptlab's."""
+
+
 def read_concepts_file(directory) -> tuple[torch.Tensor, dict]:
-    """(embeddings, metadata) of a saved concepts folder (or a .safetensors file)."""
-    from safetensors import safe_open
+    """(embeddings, metadata) of a saved concepts folder (or a .safetensors file).
+
+    Raises FileNotFoundError when there is nothing saved there and
+    :class:`ConceptsFileError` (a ValueError) when the file is truncated, corrupt, partial
+    (names and rows disagree) or holds non-finite values. Never unpickles anything.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = str(directory)
     if os.path.isdir(path):
         path = os.path.join(path, CONCEPTS_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no saved concepts at {path}: save them with save_concepts")
-    with safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        emb = f.get_tensor("embeddings")
-    meta["names"] = json.loads(meta.get("names", "[]"))
-    meta["init_words"] = json.loads(meta.get("init_words", "[]"))
-    meta["hidden_size"] = int(meta.get("hidden_size", emb.shape[1]))
+        raise FileNotFoundError(f"no saved concepts at {path}: save them with save_concepts "
+                                "(or `conceptlab learn --out FOLDER`)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if "embeddings" not in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                raise ConceptsFileError(f"{path} has no 'embeddings' tensor: not a concepts file")
+            emb = f.get_tensor("embeddings")
+    except (SafetensorError, OSError) as e:
+        raise ConceptsFileError(f"{path} is truncated or corrupt ({e}): save the concepts "
+                                "again") from None
+    if meta.get("format") != FORMAT:
+        raise ConceptsFileError(f"{path} is not a conceptlab concepts file (format "
+                                f"{meta.get('format')!r}, expected {FORMAT!r})")
+    try:
+        meta["names"] = json.loads(meta.get("names", "[]"))
+        meta["init_words"] = json.loads(meta.get("init_words", "[]"))
+        meta["hidden_size"] = int(meta.get("hidden_size", emb.shape[-1]))
+    except (ValueError, TypeError) as e:
+        raise ConceptsFileError(f"{path} has unreadable metadata ({e})") from None
+    names = meta["names"]
+    if (not isinstance(names, list) or not names
+            or not all(isinstance(n, str) for n in names)):
+        raise ConceptsFileError(f"{path}: 'names' must be a non-empty list of token strings, "
+                                f"got {names!r}")
+    if emb.ndim != 2 or emb.shape[0] != len(names):
+        raise ConceptsFileError(f"{path} is partial: {len(names)} names but embeddings of "
+                                f"shape {tuple(emb.shape)}")
+    if not torch.isfinite(emb).all():
+        bad = [names[i] for i in range(len(names)) if not torch.isfinite(emb[i]).all()]
+        raise ConceptsFileError(f"{path}: the rows of {bad} contain NaN or infinite values")
     return emb, meta
 
 
-def load_concepts(pipe, directory, *, load_unet: bool = False) -> ConceptTokens:
-    """Load saved concepts into ``pipe``: tokens that are missing are added, present ones get
-    their rows overwritten. ``load_unet=True`` also applies saved phase-2 U-Net weights.
+def check_concept_names(tokenizer, names, *, reloading: bool = False) -> list[str]:
+    """The rules every concept token name follows (when added and when loaded): distinct,
+    one word, not an ordinary token of the model's vocabulary (so learning or loading a
+    concept can never redefine a word like 'star'). With ``reloading=True`` a name that is
+    already an *added* token (an earlier load of the same concepts) is allowed."""
+    names = [str(n) for n in names]
+    if not names:
+        raise ValueError("no concept names given")
+    if len(set(names)) != len(names):
+        raise ValueError(f"concept names must be distinct, got {names}")
+    added = set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)
+    for n in names:
+        if not n or any(c.isspace() for c in n):
+            raise ValueError(f"a concept token name must be one word without spaces, got {n!r}")
+        if reloading and n in added:
+            continue
+        if _is_existing_token(tokenizer, n):
+            raise ValueError(
+                f"{n!r} is already in the tokenizer's vocabulary (this pipeline already has "
+                "it, or it is an ordinary token): build a fresh pipeline, load saved concepts "
+                "with load_concepts, or pick other names (e.g. prefix='w')")
+    return names
 
-    Raises ValueError when the pipeline's text encoder has another hidden size than the
-    model the concepts were trained on.
+
+def load_concepts(pipe, directory, *, load_unet: bool = False,
+                  allow_other_model: bool = False) -> ConceptTokens:
+    """Load saved concepts into ``pipe``: tokens that are missing are added, tokens added
+    by an earlier load get their rows overwritten. ``load_unet=True`` also applies saved
+    phase-2 U-Net weights.
+
+    The same name rules as :func:`add_concept_tokens` apply: a file whose names include an
+    ordinary word of the vocabulary is refused. Raises ValueError when the text encoder's
+    hidden size differs from the model the concepts were trained on, and when the recorded
+    base model differs from this pipeline's (pass ``allow_other_model=True`` to load
+    anyway, with a warning: e.g. the same model copied to another folder).
     """
+    import warnings
+
     emb, meta = read_concepts_file(directory)
     names = meta["names"]
     D = embedding_weight(pipe).shape[1]
@@ -387,7 +381,16 @@ def load_concepts(pipe, directory, *, load_unet: bool = False) -> ConceptTokens:
             f"these concepts were trained on {meta.get('base_model', '?')!r} (text hidden size "
             f"{meta['hidden_size']}), but this pipeline's text encoder has hidden size {D}: "
             "load them into that model")
+    base, here = meta.get("base_model", ""), model_name(pipe)
+    if base and not same_model(base, here):
+        msg = (f"these concepts were trained on {base!r} but this pipeline is {here!r}: "
+               "tokens learned on one model mean nothing to another")
+        if not allow_other_model:
+            raise ValueError(msg + "; pass allow_other_model=True if it is the same model "
+                             "in another place")
+        warnings.warn(msg, stacklevel=2)
     tok = pipe.tokenizer
+    check_concept_names(tok, names, reloading=True)
     missing = [n for n in names if not _in_vocab(tok, n)]
     if missing:
         _add_tokens(pipe, missing)
@@ -407,7 +410,7 @@ def load_concepts(pipe, directory, *, load_unet: bool = False) -> ConceptTokens:
         if delta_path is None or not os.path.exists(delta_path):
             raise FileNotFoundError(f"load_unet=True but there is no {UNET_DELTA_FILE} in "
                                     f"{directory} (the concepts were trained without phase 2)")
-        delta, dmeta = _read_delta(delta_path)
+        delta, dmeta = read_unet_delta(delta_path)
         concepts.unet_mode = dmeta.get("mode", "full")
         concepts.lora_config = json.loads(dmeta.get("lora_config", "{}")) or None
         concepts.unet_delta = delta
@@ -415,63 +418,27 @@ def load_concepts(pipe, directory, *, load_unet: bool = False) -> ConceptTokens:
     return concepts
 
 
-def _read_delta(path):
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        delta = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    return delta, meta
-
-
-# ----------------------------------------------------------------------------- U-Net deltas
-def unet_state(unet) -> dict:
-    """A detached copy of the U-Net's parameters (the base for :func:`full_unet_delta`)."""
-    return {k: v.detach().clone() for k, v in unet.named_parameters()}
-
-
-def full_unet_delta(unet, base: dict) -> dict:
-    """``trained - base`` for every parameter (float32)."""
-    return {k: (v.detach().float() - base[k].float()).cpu()
-            for k, v in unet.named_parameters() if k in base}
-
-
-@torch.no_grad()
-def apply_unet_delta(unet, delta: dict, mode: str = "full", lora_config: dict | None = None):
-    """Add full deltas to ``unet``'s parameters, or install LoRA adapter weights."""
-    if mode == "lora":
-        from .training import add_lora_adapter, load_lora_weights
-
-        add_lora_adapter(unet, **(lora_config or {}))
-        load_lora_weights(unet, delta)
-        return unet
-    params = dict(unet.named_parameters())
-    bad = [k for k in delta if k not in params or params[k].shape != delta[k].shape]
-    if bad:
-        raise ValueError(f"the saved U-Net delta does not fit this U-Net ({len(bad)} of "
-                         f"{len(delta)} tensors, e.g. {bad[0]!r}): load it into the base model "
-                         "it was trained on")
-    for k, d in delta.items():
-        params[k].add_(d.to(params[k].dtype).to(params[k].device))
-    return unet
+def same_model(a: str, b: str) -> bool:
+    """Whether two :func:`model_name` strings name the same model: equal, or the same
+    folder name (a bundled model found through another path, a hub id and its download)."""
+    a, b = str(a).rstrip("/"), str(b).rstrip("/")
+    return a == b or os.path.basename(a) == os.path.basename(b)
 
 
 __all__ = [
     "CONCEPTS_FILE",
     "UNET_DELTA_FILE",
     "ConceptTokens",
-    "TrainableEmbedding",
     "add_concept_tokens",
-    "apply_unet_delta",
     "embedding_weight",
-    "full_unet_delta",
     "load_concepts",
     "model_name",
     "read_concepts_file",
     "save_concepts",
     "single_token_id",
-    "trainable_embedding",
-    "unet_state",
     "vocabulary_mean_norm",
+    "ConceptsFileError",
     "added_token_ids",
+    "check_concept_names",
+    "same_model",
 ]

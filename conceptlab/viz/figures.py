@@ -113,3 +113,51 @@ def loss_curve(steps, values, labels=None, title=None, logy=False):
     ax.set_xlabel("step")
     fig.tight_layout()
     return fig
+
+
+def image_grid(images, rows: int | None = None, cols: int | None = None, captions=None, *,
+               scale: int = 1, pad: int = 2, background=(255, 255, 255)):
+    """Paste images (PIL, or uint8 / [0, 1] float arrays) into one PIL image, row by row.
+
+    rows, cols  default: one row (or enough rows for ``cols``); captions (one per image,
+    or None) are written under each image with PIL's default font. ``scale`` enlarges
+    each image by an integer factor (nearest neighbour; for 64-px images).
+    """
+    from PIL import Image, ImageDraw
+
+    ims = []
+    for im in images:
+        if not isinstance(im, Image.Image):
+            a = np.asarray(im)
+            if a.dtype != np.uint8:
+                a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+            im = Image.fromarray(a)
+        im = im.convert("RGB")
+        if scale > 1:
+            im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        ims.append(im)
+    if not ims:
+        raise ValueError("no images to put in a grid")
+    N = len(ims)
+    if rows is None and cols is None:
+        rows, cols = 1, N
+    elif rows is None:
+        rows = -(-N // cols)
+    elif cols is None:
+        cols = -(-N // rows)
+    if rows * cols < N:
+        raise ValueError(f"a {rows}x{cols} grid cannot hold {N} images")
+    if captions is not None and len(captions) != N:
+        raise ValueError(f"{len(captions)} captions for {N} images")
+    w = max(i.width for i in ims)
+    h = max(i.height for i in ims)
+    cap_h = 12 if captions is not None else 0
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + cap_h + pad) + pad), background)
+    draw = ImageDraw.Draw(grid)
+    for j, im in enumerate(ims):
+        r, c = divmod(j, cols)
+        x, y = pad + c * (w + pad), pad + r * (h + cap_h + pad)
+        grid.paste(im, (x, y))
+        if captions is not None and captions[j]:
+            draw.text((x + 1, y + h), str(captions[j]), fill=(0, 0, 0))
+    return grid

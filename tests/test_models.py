@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conceptlab.pipeline import (BUNDLED_MODEL, check_prompt, load_pipeline, native_size,
-                                 resolve_model, to_uint8_image)
-from conceptlab.model import build_tokenizer
+from conceptlab.models import (BUNDLED_MODEL, check_prompt, load_pipeline, native_size,
+                                 resolve_model, to_uint8)
+from conceptlab.shapes.model import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +51,21 @@ def test_long_prompt_warns_and_is_truncated(pipe):
 def test_image_checks():
     img = np.zeros((32, 32, 3), np.uint8)
     with pytest.raises(ValueError, match="resize"):
-        to_uint8_image(img, 64)
+        to_uint8(img, 64)
     with pytest.warns(UserWarning, match="resizing"):
-        assert to_uint8_image(img, 64, resize=True).shape == (64, 64, 3)
-    with pytest.raises(ValueError, match="uint8"):
-        to_uint8_image(np.zeros((8, 8, 3), np.float32))
+        assert to_uint8(img, 64, resize=True).shape == (64, 64, 3)
+    # documented conversions: float in [0, 1] -> x 255, grayscale -> RGB
+    f = np.full((8, 8, 3), 0.5, np.float32)
+    assert (to_uint8(f) == 128).all()
+    assert to_uint8(np.zeros((8, 8), np.uint8)).shape == (8, 8, 3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_uint8(np.full((8, 8, 3), 2.0, np.float32))
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
-        to_uint8_image(np.zeros((8, 8), np.uint8))
+        to_uint8(np.zeros((8, 8, 5), np.uint8))
 
 
 def test_tokenizer_one_token_per_world_word():
-    from conceptlab import world
+    from conceptlab.shapes import world
     tok = build_tokenizer()
     for w in world.vocabulary():
         if "-" not in w:

@@ -1,0 +1,78 @@
+"""Safe files: atomic writes, and loads that never run code from a file.
+
+Every file conceptlab writes goes to a temporary name in the same folder and is then
+renamed over the target (``os.replace`` is atomic), so an interrupted save leaves the old
+file or the new one, never half of one. Every ``torch.load`` goes through
+:func:`load_tensors` (``weights_only=True``: tensors, numbers, strings, lists and dicts
+only; a pickled object in a planted file raises instead of running).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def _tmp_path(path: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    return tmp
+
+
+def atomic_write_text(path, text: str) -> str:
+    path = os.fspath(path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_json(path, obj, **kw) -> str:
+    return atomic_write_text(path, json.dumps(obj, **kw))
+
+
+def atomic_save(save_fn, path) -> str:
+    """``save_fn(tmp_path)`` writes the file; it is then renamed to ``path``."""
+    path = os.fspath(path)
+    tmp = _tmp_path(path)
+    try:
+        save_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def torch_save(obj, path) -> str:
+    import torch
+
+    return atomic_save(lambda tmp: torch.save(obj, tmp), path)
+
+
+def load_tensors(path, map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with one clear error for a bad file."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and plain data, so it is not loaded "
+                         f"(nothing in it was run): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}): delete it") from None
+
+
+__all__ = ["atomic_save", "atomic_write_json", "atomic_write_text", "load_tensors",
+           "torch_save"]

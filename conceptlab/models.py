@@ -1,0 +1,359 @@
+"""Models: loading a pipeline, what kind of model it is, and its inputs in one convention.
+
+    pipe = load_pipeline()                       # the bundled shapes-world model
+    pipe = load_pipeline("path/to/sd15")         # a local diffusers folder
+    pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # hub / cache
+
+Everything else in conceptlab asks this module, and only this module, about the model:
+
+- :func:`model_kind` ("bundled" or "stable-diffusion"), :func:`native_size` (64 or 512),
+  :func:`latent_size`, :func:`num_train_timesteps`, :func:`model_folder_config` (the
+  pipeline folder's ``conceptlab.json`` defaults);
+- :func:`to_uint8` turns any supported image (path, PIL, array, tensor) into one
+  (H, W, 3) uint8 array, or says what is wrong;
+- :func:`encode_image`: ``z0 = (VAE.encode(x).mean - shift_factor) * scaling_factor``
+  (diffusers' convention; ``shift_factor`` is absent, i.e. 0, for SD 1.x/2.x);
+- :func:`prompt_ids` (padded tokenisation, the only place it is done) and
+  :func:`encode_prompt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+BUNDLED_MODEL = "shapes-ldm"
+CONFIG_FILE = "conceptlab.json"  # per-model defaults in a pipeline folder
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DATA = Path(__file__).resolve().parent / "_data"  # where `pip install .` puts data/
+
+
+def data_dir() -> Path:
+    """The bundled data folder: ``CONCEPTLAB_DATA`` if set, else the repository's ``data/``
+    (a clone or an editable install), else the copy installed with the package
+    (``conceptlab/_data``, written by ``pip install .``)."""
+    env = os.environ.get("CONCEPTLAB_DATA")
+    candidates = [Path(env)] if env else [REPO_ROOT / "data", PACKAGE_DATA]
+    for d in candidates:
+        if (d / "models").is_dir():
+            return d
+    raise FileNotFoundError(
+        f"conceptlab's data folder is missing (looked in {', '.join(map(str, candidates))}). "
+        "Install conceptlab from a clone of the repository (`pip install .` or `-e .`), or "
+        "set CONCEPTLAB_DATA to the repository's data/ folder.")
+
+
+def bundled_models() -> list[str]:
+    root = data_dir() / "models"
+    return sorted(p.name for p in root.iterdir() if (p / "model_index.json").exists()) \
+        if root.is_dir() else []
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Bundled name -> folder; folder -> checked folder; anything else returned unchanged."""
+    if name_or_path in bundled_models():
+        return str(data_dir() / "models" / name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "model_index.json").exists():
+            raise ValueError(
+                f"{p} is not a diffusers pipeline folder (no model_index.json). Pass "
+                f"{BUNDLED_MODEL!r} for the bundled model, or a folder saved with "
+                "`pipe.save_pretrained(...)` such as a Stable Diffusion 1.5 / 2.1 download.")
+        return str(p)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        return name_or_path  # a hub id
+    raise ValueError(
+        f"unknown model {name_or_path!r}: pass one of the bundled models "
+        f"{bundled_models()}, a local diffusers folder, or a Hugging Face hub id "
+        "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def quiet() -> bool:
+    """True under CI / when TQDM_DISABLE is set: progress bars stay silent."""
+    return bool(os.environ.get("CI") or os.environ.get("TQDM_DISABLE"))
+
+
+def load_pipeline(name_or_path: str = BUNDLED_MODEL, device: str | None = None,
+                  dtype: torch.dtype | None = None, progress: bool | None = None):
+    """Load a ``StableDiffusionPipeline`` (no safety checker).
+
+    ``device`` defaults to CUDA when present; ``dtype`` to float16 on CUDA and float32 on
+    the CPU (the bundled weights are stored in fp16 and upcast). Hub ids work where the
+    machine has network or a local Hugging Face cache (``HF_HUB_OFFLINE=1`` is honoured).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    device = device or default_device()
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    source = resolve_model(name_or_path)
+    show = (not quiet()) if progress is None else progress
+    _progress_bars(show)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, low_cpu_mem_usage=False)
+    except Exception as e:  # noqa: BLE001 -- every loader failure gets one clear message
+        if os.path.isdir(source):
+            raise ValueError(
+                f"the model folder {source} is incomplete or corrupt ({type(e).__name__}: "
+                f"{e}). It needs model_index.json and the subfolders unet/, vae/, "
+                "text_encoder/, tokenizer/ and scheduler/ as written by "
+                "`pipe.save_pretrained(folder)`; copy it again or pass another model.") from None
+        if not isinstance(e, OSError):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise RuntimeError(
+            f"could not load {source!r} from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''} and it is not in the local "
+            "cache. On a machine with network run `huggingface-cli download "
+            f"{source} --local-dir SOME/FOLDER` and pass that folder, or use the bundled "
+            f"model {BUNDLED_MODEL!r}.\n(original error: {e})") from None
+    pipe = pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=not show)
+    return pipe
+
+
+def _progress_bars(show: bool):
+    """Loading bars of diffusers / transformers follow ``show`` (quiet under CI)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    for mod in (dlog, tlog):
+        (mod.enable_progress_bar if show else mod.disable_progress_bar)()
+
+
+def pipeline_folder(pipe) -> str | None:
+    """The local folder the pipeline was loaded from, or None (hub id, built in code)."""
+    for path in (getattr(pipe, "name_or_path", None),
+                 pipe.config.get("_name_or_path") if hasattr(pipe, "config") else None):
+        if path and os.path.isdir(str(path)):
+            return str(path)
+    return None
+
+
+def model_folder_config(pipe) -> dict:
+    """The pipeline folder's ``conceptlab.json`` (attention defaults), or {}."""
+    folder = pipeline_folder(pipe)
+    if folder is None or not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        return {}
+    path = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): fix or delete it") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- model kind
+def latent_size(pipe) -> tuple[int, int]:
+    """(h, w) of the U-Net's latent (16x16 bundled, 64x64 SD 1.5 at 512 px)."""
+    s = pipe.unet.config.sample_size
+    if isinstance(s, (list, tuple)):
+        return int(s[0]), int(s[1])
+    return int(s), int(s)
+
+
+def native_size(pipe) -> int:
+    """Image side length the pipeline's U-Net was trained at (64 bundled, 512 SD 1.5)."""
+    return max(latent_size(pipe)) * pipe.vae_scale_factor
+
+
+def model_kind(pipe) -> str:
+    """'bundled' for the small conceptlab models (latent side <= 32), else 'stable-diffusion'.
+    Presets (training, sampling) are chosen by this."""
+    return "bundled" if max(latent_size(pipe)) <= 32 else "stable-diffusion"
+
+
+def num_train_timesteps(pipe) -> int:
+    return int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+
+
+
+# ----------------------------------------------------------------------------- images
+MIN_IMAGE_SIDE = 8
+
+
+def _pil_to_array(img) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8, warning where information is dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        warnings.warn(f"a {img.mode} (16/32-bit) image is scaled to 8 bits per channel "
+                      f"and treated as grayscale", stacklevel=4)
+        a = np.round(a / hi * 255).clip(0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, -1)
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        return _array_to_uint8(np.repeat(a[..., None], 3, -1))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"))
+        if (rgba[..., 3] < 255).any():
+            warnings.warn("the image has transparent pixels: its alpha channel is dropped "
+                          "(the colour under it is kept); composite it onto a background "
+                          "first if that is not what you want", stacklevel=4)
+        return np.ascontiguousarray(rgba[..., :3])
+    return np.asarray(img.convert("RGB"))
+
+
+def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        raise ValueError("a boolean array is a mask, not an image: pass the image as uint8 "
+                         "(0-255) or float in [0, 1]")
+    if arr.size == 0:
+        raise ValueError(f"the image is empty (shape {arr.shape})")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("the image contains NaN or infinite values")
+        if arr.min() < 0 or arr.max() > 1:
+            raise ValueError(
+                f"a float image must lie in [0, 1] (got values in [{arr.min():.3g}, "
+                f"{arr.max():.3g}]): convert it with (img * 255).round().astype(np.uint8) if "
+                "it is 0-255, or (img + 1) / 2 if it is in [-1, 1]")
+        return (arr * 255).round().astype(np.uint8)  # documented: [0, 1] -> 0-255
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.min() < 0:
+            raise ValueError(f"a {arr.dtype} image has negative values: pass uint8 (0-255)")
+        if arr.max() <= 255:
+            return arr.astype(np.uint8)
+        if arr.max() <= 65535:
+            warnings.warn(f"a {arr.dtype} image with values above 255 is read as 16-bit and "
+                          "scaled to 8 bits (x / 257)", stacklevel=4)
+            return np.round(arr / 257.0).astype(np.uint8)
+        raise ValueError(f"a {arr.dtype} image has values up to {arr.max()}: pass uint8")
+    raise ValueError(f"unsupported image dtype {arr.dtype}: pass uint8 (0-255) or float in [0, 1]")
+
+
+def to_uint8(image, size: int | tuple | None = None, resize: bool = False, *,
+             min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
+    """Any supported image -> (H, W, 3) uint8 numpy array (C-contiguous, writeable).
+
+    Accepted: a path (any format PIL reads), a PIL image of any mode, an (H, W, 3),
+    (H, W, 1) or (H, W) array or tensor, or a (3, H, W) tensor. Conversions, each
+    documented and (where something is lost) warned: grayscale -> RGB; float in [0, 1]
+    -> x * 255 (floats outside [0, 1] are an error); 16-bit -> x / 257 (warned); alpha
+    channels dropped (warned when some pixel is transparent). Rejected with a ValueError
+    that says what to do: boolean arrays (masks), other shapes, NaN, negative values,
+    images smaller than 8 px.
+
+    With ``size`` (an int or (H, W)) the image must have that size; another size is an
+    error unless ``resize=True`` (then it is resized, bicubic, with a warning that also
+    says when the aspect ratio changes).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such image file: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = _pil_to_array(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read the image {path}: {e}") from None
+    elif isinstance(image, Image.Image):
+        arr = _pil_to_array(image)
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        if isinstance(image, torch.Tensor):
+            t = image.detach().cpu()
+            if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
+                t = t.permute(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+            arr = t.numpy()
+        else:
+            arr = image
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+            hint = (" It looks channel-first: use image.transpose(1, 2, 0)."
+                    if arr.ndim == 3 and arr.shape[0] in (1, 3) else "")
+            raise ValueError(f"expected an RGB image of shape (H, W, 3), got shape "
+                             f"{tuple(arr.shape)}.{hint}")
+        if arr.shape[-1] == 4:
+            warnings.warn("the array has 4 channels: the 4th (alpha) is dropped", stacklevel=2)
+            arr = arr[..., :3]
+        arr = _array_to_uint8(np.asarray(arr))
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, -1)
+    else:
+        raise TypeError(f"an image must be a path, a PIL image, a numpy array or a torch "
+                        f"tensor, got {type(image).__name__}")
+    h, w = arr.shape[:2]
+    if min(h, w) < min_side:
+        raise ValueError(f"the image is {w}x{h} pixels: at least {min_side} px a side")
+    if size is not None:
+        H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if (h, w) != (H, W):
+            if not resize:
+                raise ValueError(
+                    f"image is {w}x{h} but the model works at {W}x{H}: resize it first "
+                    f"(PIL: img.resize(({W}, {H}))) or pass resize=True")
+            note = "" if abs(w / h - W / H) < 0.01 else \
+                f" (the aspect ratio changes from {w / h:.2f} to {W / H:.2f}: crop first to avoid distortion)"
+            warnings.warn(f"resizing the image from {w}x{h} to {W}x{H}{note}", stacklevel=2)
+            arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((W, H),
+                                                                               Image.BICUBIC))
+    return np.require(arr, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
+
+
+def to_model_input(image, size, resize: bool = False) -> torch.Tensor:
+    """(1, 3, H, W) float in [-1, 1] (the VAE's input range) of :func:`to_uint8`."""
+    arr = to_uint8(image, size, resize)
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------- encoding
+@torch.no_grad()
+def encode_pixels(vae, x: torch.Tensor) -> torch.Tensor:
+    """Latents of pixels x (B, 3, H, W) in [-1, 1]: ``(posterior mean - shift) * scale``."""
+    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def encode_image(pipe, image, resize: bool = False) -> torch.Tensor:
+    """VAE latent (1, C, h, w) of one image at the model's native size (see the module doc)."""
+    return encode_pixels(pipe.vae, to_model_input(image, native_size(pipe), resize))
+
+
+def check_prompt(pipe, prompt: str) -> str:
+    """Warn (and say how much is cut) when a prompt is longer than the tokenizer allows."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    tok = pipe.tokenizer
+    n = len(tok(prompt).input_ids)
+    if n > tok.model_max_length:
+        kept = tok.decode(tok(prompt, truncation=True, max_length=tok.model_max_length,
+                              add_special_tokens=False).input_ids[: tok.model_max_length - 2])
+        warnings.warn(f"prompt has {n} tokens but the text encoder takes "
+                      f"{tok.model_max_length}: it is truncated to {kept!r}", stacklevel=2)
+    return prompt
+
+
+def prompt_ids(tokenizer, prompts) -> torch.Tensor:
+    """(B, T) input ids padded (and truncated) to ``tokenizer.model_max_length``."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompts) -> torch.Tensor:
+    """Text-encoder hidden states (B, T, D) for a prompt or a list of prompts."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    for p in prompts:
+        check_prompt(pipe, p)
+    return pipe.text_encoder(prompt_ids(pipe.tokenizer, prompts).to(pipe.device))[0]

@@ -1,0 +1,73 @@
+"""Training only the concept rows of the text encoder's embedding table.
+
+:func:`trainable_embedding` freezes the text encoder, makes the embedding weight trainable,
+zeroes the gradient of every other row (a hook), and
+:meth:`TrainableEmbedding.restore_frozen_rows` copies the other rows back from a saved copy
+after each optimizer step (AdamW's weight decay would shrink them otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tokens import ConceptTokens, embedding_weight
+
+
+class TrainableEmbedding:
+    """Makes only the concept rows of the embedding table trainable (see the module doc).
+
+    ``parameter`` is the whole (V, D) table: give it to the optimizer, and call
+    :meth:`restore_frozen_rows` after every ``optimizer.step()``. :meth:`remove` undoes
+    the hook and freezes the table again.
+    """
+
+    def __init__(self, pipe, concepts: ConceptTokens):
+        self.pipe = pipe
+        self.token_ids = list(concepts.token_ids)
+        pipe.text_encoder.requires_grad_(False)
+        self.parameter = embedding_weight(pipe)
+        V = self.parameter.shape[0]
+        if max(self.token_ids) >= V:
+            raise ValueError(f"token ids {self.token_ids} outside the embedding table ({V} rows)")
+        self.row_mask = torch.zeros(V, 1, dtype=torch.bool, device=self.parameter.device)
+        self.row_mask[self.token_ids] = True
+        self.saved = self.parameter.detach().clone()
+        self.parameter.requires_grad_(True)
+        mask = self.row_mask
+
+        def hook(grad):
+            return grad * mask.to(grad.dtype)
+
+        self._handle = self.parameter.register_hook(hook)
+
+    @torch.no_grad()
+    def restore_frozen_rows(self):
+        """Copy every non-concept row back from the saved copy (bit-identical)."""
+        p = self.parameter
+        rows = p[self.token_ids].clone()
+        p.copy_(self.saved)
+        p[self.token_ids] = rows
+
+    def rows(self) -> torch.Tensor:
+        """The live concept rows (K, D), in the graph."""
+        return self.parameter[self.token_ids]
+
+    def remove(self):
+        self._handle.remove()
+        self.parameter.requires_grad_(False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore_frozen_rows()
+        self.remove()
+        return False
+
+
+def trainable_embedding(pipe, concepts: ConceptTokens) -> TrainableEmbedding:
+    """Freeze the text encoder except the rows of ``concepts`` (see :class:`TrainableEmbedding`)."""
+    return TrainableEmbedding(pipe, concepts)
+
+
+__all__ = ["TrainableEmbedding", "trainable_embedding"]

@@ -1,0 +1,457 @@
+"""The M-step: learn one token per concept from images and (fixed) masks.
+
+One step (Break-a-Scene's recipe; ``docs/cheatsheet.md`` has the equations and scales):
+
+1. draw a batch (:mod:`conceptlab.train.data`): images, concept subsets, flips, timesteps,
+   noise, all from ONE ``torch.Generator`` seeded with ``config.seed``;
+2. prompts ``template.format(joiner.join(tokens of the subset))``, e.g. "a photo of [v2]
+   and [v1]"; ``z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps``;
+3. the U-Net's prediction under :func:`~conceptlab.attention.record_attention`;
+4. ``loss = masked_diffusion_loss + lambda_attn * cross_attention_loss
+   (+ norm_penalty * embedding_norm_penalty)`` (:mod:`conceptlab.losses`);
+5. AdamW on the concept rows of the embedding table only (phase 1), then
+   :meth:`~conceptlab.tokens.TrainableEmbedding.restore_frozen_rows`. An optional phase 2
+   (``phase2="full"`` or ``"lora"``) then trains the U-Net too, at ``phase2_lr``.
+
+    with ConceptTrainer(pipe, data, tokens, config) as trainer:   # unhooks on exit
+        trainer.train(100)              # 100 more steps
+        trainer.set_data(new_data)      # EM: new masks; optimizer and history carry on
+        trainer.train()                 # to config.total_steps
+
+``train_concepts(pipe, data, tokens, config)`` does all of it in one call. The models run
+in eval mode (no dropout); checkpoints (:mod:`conceptlab.train.checkpoint`) resume a run
+exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..attention import layer_resolutions, record_attention
+from ..losses import (
+    concept_attention_maps,
+    cross_attention_loss,
+    embedding_norm_penalty,
+    masked_diffusion_loss,
+)
+from ..maps import default_attention_config
+from ..models import encode_pixels, prompt_ids
+from ..tokens import ConceptTokens, vocabulary_mean_norm
+from ..unet_delta import add_lora_adapter, full_unet_delta, lora_weights, unet_state
+from . import checkpoint as _ckpt
+from .config import TrainConfig
+from .embedding import trainable_embedding
+from .data import Sample, as_data, assemble, draw_samples, full_size_masks, token_positions
+from .history import TrainingHistory
+
+SCALARS = ("loss", "diffusion", "attention", "norm_penalty")
+
+
+def default_attention_layers(pipe) -> list[str]:
+    """Layers whose attention the loss uses: :func:`conceptlab.maps.default_attention_config`."""
+    return list(default_attention_config(pipe)["layers"])
+
+
+def diffusion_target(scheduler, z0, noise, t):
+    """What the U-Net predicts: eps, v (SD 2.x) or x0, by the scheduler's prediction type."""
+    pt = scheduler.config.prediction_type
+    if pt == "epsilon":
+        return noise
+    if pt == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    if pt == "sample":
+        return z0
+    raise ValueError(f"unsupported prediction_type {pt!r}")
+
+
+class ConceptTrainer:
+    """Learns the rows of ``concepts`` in ``pipe`` from ``data`` (see the module doc).
+
+    ``train(n)`` runs n more steps (default: to ``config.total_steps``) and returns the
+    :class:`TrainingHistory`; ``step()`` runs one; ``set_data`` swaps in new masks (EM);
+    ``evaluate`` gives the losses on a fixed set of (t, noise); ``close`` (or leaving the
+    ``with`` block) unhooks the pipeline. ``callback(trainer, logs)`` runs after every
+    step; returning True stops.
+    """
+
+    def __init__(self, pipe, data, concepts: ConceptTokens, config: TrainConfig | None = None,
+                 *, progress: bool = True, history_every: int = 1,
+                 attention_every: int | None = None, checkpoint_dir=None, resume: bool = True,
+                 callback=None):
+        self.pipe, self.concepts, self.callback = pipe, concepts, callback
+        self.config = config or TrainConfig.for_model(pipe)
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
+        self.progress = progress
+        self.history_every = max(1, int(history_every))
+        total = self.config.total_steps
+        self.attention_every = (max(1, total // 8) if attention_every is None
+                                else int(attention_every))
+        self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
+        self.device = pipe.device
+        if not concepts.present_in(pipe):
+            raise ValueError(f"the tokens {concepts.names} are not in this pipeline: add them "
+                             "with add_concept_tokens or load_concepts first")
+        n_train = pipe.scheduler.config.num_train_timesteps
+        if self.config.t_range[1] > n_train:
+            raise ValueError(f"t_range {self.config.t_range} exceeds the scheduler's "
+                             f"{n_train} training timesteps")
+        self.layers = list(self.config.attn_layers or default_attention_layers(pipe))
+        res = layer_resolutions(pipe.unet)
+        unknown = [n for n in self.layers if n not in res]
+        if unknown:
+            raise ValueError(f"unknown attention layers {unknown}; this U-Net has {list(res)}")
+        self.max_res = max(res[n] for n in self.layers)
+        self.vocab_norm = vocabulary_mean_norm(pipe, concepts.token_ids)
+
+        from diffusers import DDPMScheduler
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self._requires_grad = {m: {n: p.requires_grad for n, p in m.named_parameters()}
+                               for m in (pipe.unet, pipe.text_encoder, pipe.vae)}
+        pipe.unet.requires_grad_(False)
+        pipe.vae.requires_grad_(False)
+        pipe.unet.eval()
+        pipe.text_encoder.eval()
+        self.embedding = trainable_embedding(pipe, concepts)
+        self._latent_cache: dict = {}
+        self.set_data(data)
+
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.step_count, self.phase, self.unet_base = 0, 1, None
+        self.optimizer = self._make_optimizer()
+        self.history = TrainingHistory(names=list(concepts.names), vocab_norm=self.vocab_norm,
+                                       config=self.config.to_dict())
+        self._acc: dict = {}
+        self._closed = False
+        if self.checkpoint_dir and resume and os.path.exists(self.checkpoint_path):
+            self.load_checkpoint(self.checkpoint_path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # ------------------------------------------------------------------ data
+    def set_data(self, data):
+        """Use new images / masks (e.g. masks re-estimated by the E-step). Latents of images
+        seen before are reused."""
+        data = as_data(data)
+        K = len(self.concepts)
+        sizes = {d.size for d in data}
+        if len(sizes) != 1:
+            raise ValueError(f"all images must have the same size, got {sorted(sizes)}")
+        H, W = sizes.pop()
+        f = getattr(self.pipe, "vae_scale_factor", 8)
+        if H % f or W % f:
+            raise ValueError(f"image size {H}x{W} must be a multiple of the VAE factor {f}")
+        for i, d in enumerate(data):
+            bad = [c for c in d.concept_ids if not 0 <= c < K]
+            if bad:
+                raise ValueError(f"image {i}: concept ids {bad} outside 0..{K - 1} "
+                                 f"({K} concept tokens {self.concepts.names})")
+        self.data = data
+        self.image_size = (H, W)
+        self.latents = [self._encode(d.image) for d in data]  # each (2, C, h, w)
+        self.masks = full_size_masks(data, (H, W))
+        self.row_of = [{c: j for j, c in enumerate(d.concept_ids)} for d in data]
+
+    @torch.no_grad()
+    def _encode(self, image: np.ndarray) -> torch.Tensor:
+        """(2, C, h, w): the latents of the image and of its mirror image."""
+        key = (image.shape, hash(image.tobytes()))
+        if key not in self._latent_cache:
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+            self._latent_cache[key] = encode_pixels(self.pipe.vae,
+                                                    torch.cat([x, x.flip(-1)])).float()
+        return self._latent_cache[key]
+
+    def _sample(self) -> tuple[list[Sample], torch.Tensor]:
+        c = self.config
+        samples = draw_samples(self.generator, self.data, c.batch_size, c.t_range, c.flip)
+        noise = torch.randn((c.batch_size, *self.latents[0].shape[1:]), generator=self.generator)
+        return samples, noise
+
+    def prompts(self, samples) -> list[str]:
+        c = self.config
+        return [self.concepts.prompt(s.subset, c.template, c.joiner) for s in samples]
+
+    # ------------------------------------------------------------------ optimisation
+    def _trainable(self) -> list:
+        params = [self.embedding.parameter]
+        if self.phase == 2:
+            params += [p for p in self.pipe.unet.parameters() if p.requires_grad]
+        return params
+
+    def _make_optimizer(self):
+        c = self.config
+        if self.phase == 1:
+            groups = [{"params": [self.embedding.parameter], "lr": c.lr}]
+        else:
+            groups = [{"params": [self.embedding.parameter], "lr": c.phase2_lr},
+                      {"params": self._trainable()[1:], "lr": c.phase2_lr}]
+        return torch.optim.AdamW(groups, weight_decay=c.weight_decay)
+
+    def start_phase2(self):
+        """Make the U-Net (or LoRA adapters on it) trainable too; a new optimizer."""
+        c, unet = self.config, self.pipe.unet
+        if c.phase2 == "full":
+            self.unet_base = unet_state(unet)
+            unet.requires_grad_(True)
+        else:
+            with torch.random.fork_rng(devices=[]):  # LoRA init draws from the global RNG
+                torch.manual_seed(c.seed)
+                add_lora_adapter(unet, rank=c.lora_rank)
+            for n, p in unet.named_parameters():
+                p.requires_grad_("lora_" in n)
+        self.phase = 2
+        if self.history.phase2_start is None:
+            self.history.phase2_start = self.step_count
+        self.optimizer = self._make_optimizer()
+
+    def losses(self, samples, noise, *, with_graph: bool = True) -> dict:
+        """The loss terms of one batch of samples and their noise (B, C, h, w)."""
+        c, unet, te = self.config, self.pipe.unet, self.pipe.text_encoder
+        b = assemble(samples, noise, self.latents, self.masks, self.row_of,
+                     self.pipe.tokenizer, self.concepts, c)
+        zt = self.noise_scheduler.add_noise(b.z0, b.noise, b.t)
+        target = diffusion_target(self.noise_scheduler, b.z0, b.noise, b.t)
+        zero = torch.zeros((), device=b.z0.device)
+        with torch.set_grad_enabled(with_graph):
+            emb = te(b.ids.to(self.device))[0].to(unet.dtype)
+            if c.lambda_attn > 0:
+                with record_attention(unet, keep_graph=True, layers=self.layers,
+                                      max_resolution=self.max_res) as store:
+                    pred = unet(zt.to(unet.dtype), b.t, emb).sample
+                maps = concept_attention_maps(store, b.positions, self.layers,
+                                              resolution=c.attn_resolution)
+                l_attn = cross_attention_loss(maps, b.masks, b.valid, reduction=c.attn_reduction)
+            else:
+                pred, l_attn = unet(zt.to(unet.dtype), b.t, emb).sample, zero
+            l_mask = masked_diffusion_loss(pred, target, b.masks.to(pred.device),
+                                           normalize=c.loss_normalize)
+            l_norm = (embedding_norm_penalty(self.embedding.rows(), self.vocab_norm)
+                      if c.norm_penalty > 0 else zero)
+            total = l_mask + c.lambda_attn * l_attn + c.norm_penalty * l_norm
+        return {"loss": total, "diffusion": l_mask, "attention": l_attn, "norm_penalty": l_norm,
+                "prompts": b.prompts}
+
+    def step(self, samples=None, noise=None) -> dict:
+        """One optimisation step; returns its logs (floats). By default the batch is drawn
+        from the training generator; pass ``samples, noise`` (e.g. from
+        :meth:`evaluation_set`) to take a step on a fixed batch instead ("overfit one
+        batch"; such steps do not draw from the generator)."""
+        c = self.config
+        if self.phase == 1 and c.phase2 != "none" and self.step_count >= c.steps:
+            self.start_phase2()
+        if samples is None:
+            samples, noise = self._sample()
+        elif noise is None:
+            raise ValueError("pass noise together with samples")
+        out = self.losses(samples, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._trainable(), c.grad_clip)
+        self.optimizer.step()
+        self.embedding.restore_frozen_rows()
+        self.step_count += 1
+        logs = {k: float(out[k].detach()) for k in SCALARS}
+        logs.update(step=self.step_count, phase=self.phase, prompt=out["prompts"][0],
+                    timesteps=[s.t for s in samples])
+        return logs
+
+    def _record(self, logs):
+        acc = self._acc
+        for k in SCALARS:
+            acc[k] = acc.get(k, 0.0) + logs[k]
+        acc["n"] = acc.get("n", 0) + 1
+        acc.setdefault("prompt", logs["prompt"])
+        if self.step_count % self.history_every == 0 or self.step_count == self.config.total_steps:
+            h, n = self.history, acc["n"]
+            h.steps.append(self.step_count)
+            for k in SCALARS:
+                getattr(h, k).append(acc[k] / n)
+            norms = self.embedding.rows().detach().float().norm(dim=1)
+            h.embedding_norms.append([round(float(v), 5) for v in norms])
+            h.prompts.append(acc["prompt"])
+            self._acc = {}
+
+    # ------------------------------------------------------------------ looking at it
+    @torch.no_grad()
+    def attention_snapshot(self, t: int | None = None) -> np.ndarray:
+        """(K, h, w) attention of each concept token, from the first image that shows it,
+        prompted with all concepts of that image, at a fixed t (default 300, clipped to
+        ``t_range``) and fixed noise. Does not touch the training generator."""
+        c, K = self.config, len(self.concepts)
+        lo, hi = c.t_range
+        t = min(max(300 if t is None else t, lo), hi - 1)
+        first = {}
+        for i, d in enumerate(self.data):
+            for k in d.concept_ids:
+                first.setdefault(k, i)
+        images = sorted(set(first.values()))
+        samples = [Sample(i, list(self.data[i].concept_ids), False, t) for i in images]
+        g = torch.Generator().manual_seed(c.seed + 7919)
+        noise = torch.randn((len(samples), *self.latents[0].shape[1:]), generator=g)
+        z0 = torch.stack([self.latents[i][0] for i in images])
+        tt = torch.full((len(samples),), t, dtype=torch.long, device=z0.device)
+        zt = self.noise_scheduler.add_noise(z0, noise.to(z0), tt)
+        prompts = self.prompts(samples)
+        ids = prompt_ids(self.pipe.tokenizer, prompts)
+        positions = token_positions(ids, samples, self.concepts.token_ids, self.concepts.names,
+                                    prompts, strict=False)
+        unet = self.pipe.unet
+        emb = self.pipe.text_encoder(ids.to(self.device))[0]
+        with record_attention(unet, layers=self.layers, max_resolution=self.max_res) as store:
+            unet(zt.to(unet.dtype), tt, emb.to(unet.dtype))
+        maps = concept_attention_maps(store, positions, self.layers,
+                                      resolution=c.attn_resolution).float().cpu()
+        out = torch.zeros(K, *maps.shape[-2:])
+        for k, i in first.items():
+            out[k] = maps[images.index(i), k]
+        return out.numpy()
+
+    def _snapshot(self):
+        if self.attention_every > 0 and (not self.history.attention_steps
+                                         or self.history.attention_steps[-1] != self.step_count):
+            self.history.attention_steps.append(self.step_count)
+            self.history.attention_maps.append(self.attention_snapshot())
+
+    def evaluation_set(self, n: int = 8, seed: int = 1234, timesteps=None):
+        """A FIXED batch ``(samples, noise)``: sample j uses image ``j % N`` with all its
+        concepts, no flip, timestep ``timesteps[j]`` (default: n evenly spaced in t_range)
+        and noise from ``torch.Generator().manual_seed(seed)``."""
+        lo, hi = self.config.t_range
+        if timesteps is None:
+            timesteps = np.linspace(lo, hi - 1, n).round().astype(int).tolist()
+        timesteps = [int(t) for t in timesteps]
+        N = len(self.data)
+        samples = [Sample(j % N, list(self.data[j % N].concept_ids), False, timesteps[j])
+                   for j in range(len(timesteps))]
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(samples), *self.latents[0].shape[1:]), generator=g)
+        return samples, noise
+
+    @torch.no_grad()
+    def evaluate(self, n: int = 8, seed: int = 1234, timesteps=None) -> dict:
+        """Mean losses on :meth:`evaluation_set` (the same set before and after training,
+        so the numbers are comparable)."""
+        samples, noise = self.evaluation_set(n, seed, timesteps)
+        out = self.losses(samples, noise, with_graph=False)
+        return {k: float(out[k]) for k in SCALARS}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, steps: int | None = None) -> TrainingHistory:
+        """Run ``steps`` more steps (default: up to ``config.total_steps``). Ctrl-C stops
+        cleanly: the unfinished step is undone, the state so far is kept (and
+        checkpointed if a folder was given), ``history.interrupted`` is set, and the
+        history is returned."""
+        from tqdm.auto import tqdm
+
+        if self._closed:
+            raise RuntimeError("this trainer was closed; build a new one")
+        if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 0):
+            raise ValueError(f"steps must be a whole number >= 0, got {steps!r}")
+        total = self.config.total_steps
+        end = total if steps is None else min(total, self.step_count + int(steps))
+        every = self.config.checkpoint_every
+        bar = tqdm(total=total, initial=self.step_count, disable=not self.progress,
+                   desc="concepts")
+        self.history.interrupted = False
+        if self.step_count == 0:
+            self._snapshot()
+        g_state = self.generator.get_state()
+        try:
+            while self.step_count < end:
+                g_state = self.generator.get_state()
+                logs = self.step()
+                g_state = self.generator.get_state()
+                self._record(logs)
+                if self.attention_every > 0 and (self.step_count % self.attention_every == 0
+                                                 or self.step_count == total):
+                    self._snapshot()
+                bar.update(1)
+                if self.step_count % 5 == 0 or self.step_count == end:
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}", attn=f"{logs['attention']:.3f}")
+                if self.checkpoint_dir and every and self.step_count % every == 0:
+                    self.save_checkpoint()
+                if self.callback is not None and self.callback(self, logs):
+                    break
+        except KeyboardInterrupt:
+            self.history.interrupted = True
+            self.optimizer.zero_grad(set_to_none=True)
+            self.embedding.restore_frozen_rows()
+            self.generator.set_state(g_state)  # the draws of the unfinished step are undone
+        finally:
+            bar.close()
+        self.concepts.update_from(self.pipe)
+        self.export_unet()
+        if self.checkpoint_dir:
+            self.save_checkpoint()
+        return self.history
+
+    def export_unet(self):
+        """Put phase 2's U-Net change into ``concepts`` (a full delta or LoRA weights)."""
+        c = self.concepts
+        if self.phase == 2 and self.config.phase2 == "full":
+            c.unet_delta, c.unet_mode = full_unet_delta(self.pipe.unet, self.unet_base), "full"
+            c.lora_config = None
+        elif self.phase == 2:
+            c.unet_delta, c.unet_mode = lora_weights(self.pipe.unet), "lora"
+            c.lora_config = {"rank": self.config.lora_rank}
+
+    def close(self):
+        """Remove the gradient hook and give every parameter its former requires_grad."""
+        if self._closed:
+            return
+        self.embedding.restore_frozen_rows()
+        self.embedding.remove()
+        for m, flags in self._requires_grad.items():
+            for n, p in m.named_parameters():
+                p.requires_grad_(flags.get(n, False))
+        self._closed = True
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.checkpoint_dir, _ckpt.CHECKPOINT_FILE)
+
+    def save_checkpoint(self, path: str | None = None) -> str:
+        """Write the full training state (atomically) and the concepts beside it."""
+        return _ckpt.save_checkpoint(self, path or self.checkpoint_path)
+
+    def load_checkpoint(self, path: str):
+        """Restore a state written by :meth:`save_checkpoint` (same inputs)."""
+        return _ckpt.load_checkpoint(self, path)
+
+
+def train_concepts(pipe, data, concepts: ConceptTokens, config: TrainConfig | None = None, *,
+                   progress: bool = True, history_every: int = 1,
+                   attention_every: int | None = None, checkpoint_dir=None, resume: bool = True,
+                   callback=None) -> TrainingHistory:
+    """Learn the concept tokens (see the module doc); returns the :class:`TrainingHistory`.
+
+    data            a ConceptImage or a list of them (:func:`make_concept_images`)
+    concepts        from :func:`~conceptlab.tokens.add_concept_tokens` on this ``pipe``;
+                    its ``embeddings`` snapshot is refreshed at the end
+    history_every   record scalars every N steps (averaged over them)
+    attention_every attention snapshot every N steps (default total/8; 0: none)
+    checkpoint_dir  folder for ``checkpoint.pt`` + the concepts (every
+                    ``config.checkpoint_every`` steps, at the end and on Ctrl-C); with
+                    ``resume=True`` an existing checkpoint of the same run is continued
+    callback        ``callback(trainer, logs)`` after each step; return True to stop
+    The pipeline keeps the trained rows (and the U-Net changes of phase 2).
+    """
+    with ConceptTrainer(pipe, data, concepts, config, progress=progress,
+                        history_every=history_every, attention_every=attention_every,
+                        checkpoint_dir=checkpoint_dir, resume=resume,
+                        callback=callback) as trainer:
+        return trainer.train()
+
+
+__all__ = ["ConceptTrainer", "default_attention_layers", "diffusion_target", "train_concepts"]

@@ -1,0 +1,2 @@
+"""Figures and widgets for the notebooks: :mod:`~conceptlab.viz.figures`,
+:mod:`~conceptlab.viz.widgets`."""

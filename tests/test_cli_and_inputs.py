@@ -1,0 +1,92 @@
+"""Bad input gets one clear error: the CLI's exit codes, crafted concepts files, images."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conceptlab.cli import main
+from conceptlab.models import to_uint8
+from conceptlab.shapes.model import tiny_pipeline
+from conceptlab.tokens import (ConceptsFileError, add_concept_tokens, load_concepts,
+                               save_concepts)
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["learn", str(tmp_path / "nope.png"), "--concepts", "star"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such image" in err[0]
+    assert main(["generate", str(tmp_path), "a photo of [v1]"]) == 2
+    assert "no learned concepts" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # out of range: argparse's usage error
+        main(["sample", "-n", "0"])
+    assert e.value.code == 2
+
+
+def test_cli_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "learn", str(tmp_path / "nope.png"), "--concepts", "star"])
+
+
+def test_crafted_concepts_file_cannot_redefine_a_word(tmp_path):
+    pipe = tiny_pipeline()
+    c = add_concept_tokens(pipe, 1, ["star"])
+    save_concepts(c, tmp_path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "concepts.safetensors"), "pt") as f:
+        meta, emb = dict(f.metadata()), f.get_tensor("embeddings")
+    evil = dict(meta, names=json.dumps(["star"]))
+    save_file({"embeddings": emb}, str(tmp_path / "concepts.safetensors"), metadata=evil)
+    with pytest.raises(ValueError, match="already in the tokenizer"):
+        load_concepts(tiny_pipeline(), tmp_path)
+    save_file({"embeddings": emb * float("nan")}, str(tmp_path / "concepts.safetensors"),
+              metadata=meta)
+    with pytest.raises(ConceptsFileError, match="NaN"):
+        load_concepts(tiny_pipeline(), tmp_path)
+    (tmp_path / "concepts.safetensors").write_bytes(b"\x00" * 10)  # truncated
+    with pytest.raises(ConceptsFileError, match="truncated or corrupt"):
+        load_concepts(tiny_pipeline(), tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "RGB"])
+def test_image_files_of_any_mode(tmp_path, mode):
+    arr = (np.arange(16 * 16 * 3) % 251).reshape(16, 16, 3).astype(np.uint8)
+    img = Image.fromarray(arr)
+    if mode == "I;16":
+        img = Image.fromarray((arr[..., 0].astype(np.uint16) * 257))
+    elif mode != "RGB":
+        img = img.convert(mode)
+    path = tmp_path / "x.png"
+    img.save(path)
+    out = to_uint8(path)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+def test_bad_arrays_are_rejected():
+    with pytest.raises(ValueError, match="mask"):
+        to_uint8(np.zeros((16, 16, 3), bool))
+    with pytest.raises(ValueError, match="NaN"):
+        to_uint8(np.full((16, 16, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match="at least"):
+        to_uint8(np.zeros((4, 64, 3), np.uint8))
+    with pytest.raises(TypeError, match="image must be"):
+        to_uint8(3)
+    with pytest.warns(UserWarning, match="aspect ratio"):
+        to_uint8(np.zeros((16, 32, 3), np.uint8), 16, resize=True)
+    t = torch.zeros(3, 16, 16)  # channel-first tensors are accepted
+    assert to_uint8(t).shape == (16, 16, 3)
+
+
+def test_train_config_rejects_unknown_and_bad_fields():
+    from conceptlab.train import TrainConfig
+
+    with pytest.raises(TypeError, match="did you mean 'steps'"):
+        TrainConfig().replace(stpes=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="phase2"):
+        TrainConfig(phase2="half")

@@ -1,0 +1,104 @@
+"""The package's layering: every module imports only from the layers below it.
+
+``LAYERS`` lists the modules lowest first; a module may import (at the top or inside a
+function) only modules of an EARLIER entry. A new module must be placed here, so the
+README's module table and this list stay the design. An upward or circular import fails.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "conceptlab"
+
+LAYERS = [
+    # foundations: no conceptlab imports
+    ["_version", "fileio", "attention", "masks", "shapes.world", "viz.figures"],
+    ["models"],                                   # loading, model kind, images, prompts
+    ["crf", "maps", "losses", "unet_delta"],
+    ["tokens"],
+    ["train.config", "train.history", "train.data", "train.embedding"],
+    ["train.checkpoint"],
+    ["train.trainer"],
+    ["train"],
+    ["estep", "result", "viz.widgets"],
+    ["em", "generation"],
+    ["viz"],
+    ["shapes.model", "shapes.examples", "shapes.judge", "shapes.suites"],
+    ["shapes.train"],
+    ["shapes"],
+    ["cli"],
+    [""],                                         # conceptlab/__init__.py
+]
+LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """conceptlab modules imported anywhere in the file, as names relative to the package."""
+    tree = ast.parse(path.read_text())
+    here = module_name(path).split(".") if module_name(path) else []
+    is_pkg = path.name == "__init__.py"
+    base = here if is_pkg else here[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "conceptlab" or a.name.startswith("conceptlab."):
+                    out.add(a.name.removeprefix("conceptlab").lstrip("."))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                mod = ".".join(anchor + ([node.module] if node.module else []))
+            elif node.module and (node.module == "conceptlab"
+                                  or node.module.startswith("conceptlab.")):
+                mod = node.module.removeprefix("conceptlab").lstrip(".")
+            else:
+                continue
+            for a in node.names:  # `from . import masks` imports the module masks
+                sub = f"{mod}.{a.name}" if mod else a.name
+                out.add(sub if sub in LAYER_OF else mod)
+    return out
+
+
+FILES = sorted(PKG.rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    missing = [module_name(p) for p in FILES if module_name(p) not in LAYER_OF]
+    assert not missing, f"add these modules to LAYERS in {__file__}: {missing}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[module_name(p) or "conceptlab" for p in FILES])
+def test_imports_go_down_only(path):
+    me = module_name(path)
+    bad = []
+    for dep in sorted(imported_modules(path)):
+        if dep == me or dep.startswith(me + ".") and me:  # a package importing its members
+            continue
+        if dep not in LAYER_OF:
+            bad.append(f"{dep} (unknown module)")
+        elif LAYER_OF[dep] >= LAYER_OF[me]:
+            bad.append(f"{dep} (layer {LAYER_OF[dep]}, not below {me}'s {LAYER_OF[me]})")
+    assert not bad, f"conceptlab.{me or '__init__'} imports upward or sideways: {bad}"
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    root = tmp_path / "conceptlab"
+    root.mkdir()
+    bad = root / "masks.py"
+    bad.write_text((PKG / "masks.py").read_text() + "\nfrom .em import learn_concepts\n")
+    globals()["PKG"] = root
+    try:
+        deps = imported_modules(bad)
+    finally:
+        globals()["PKG"] = Path(__file__).resolve().parents[1] / "conceptlab"
+    assert "em" in deps and LAYER_OF["em"] > LAYER_OF["masks"]
