@@ -76,7 +76,6 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from conceptlab.shapes import world
     from conceptlab.attention import record_attention
     from conceptlab.maps import (
         attention_maps,
@@ -84,6 +83,7 @@ def main(argv=None) -> int:
         native_image_size,
         sequential_attention_maps,
     )
+    from conceptlab.shapes import world
 
     pipe, name = load(args.model if args.model is not None else find_model())
     size = native_image_size(pipe)

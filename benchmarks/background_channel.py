@@ -21,12 +21,11 @@ import argparse
 import numpy as np
 import torch
 
-from conceptlab.shapes.suites import suite_scenes
-
-from conceptlab.tokens import add_concept_tokens
 from conceptlab.estep import MaskConfig, estimate_masks
 from conceptlab.masks import iou
 from conceptlab.models import load_pipeline
+from conceptlab.shapes.suites import suite_scenes
+from conceptlab.tokens import add_concept_tokens
 
 
 def main():

@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conceptlab.shapes import world
-from conceptlab.shapes.judge import judge, judge_background, load_classifier
-from conceptlab.tokens import add_concept_tokens, vocabulary_mean_norm
-from conceptlab.shapes.examples import list_examples, load_example
 from conceptlab.generation import generate
 from conceptlab.maps import attention_maps
 from conceptlab.masks import iou
 from conceptlab.models import data_dir, load_pipeline
+from conceptlab.shapes import world
+from conceptlab.shapes.examples import list_examples, load_example
+from conceptlab.shapes.judge import judge, judge_background, load_classifier
+from conceptlab.tokens import add_concept_tokens, vocabulary_mean_norm
 from conceptlab.train import ConceptImage, TrainConfig, train_concepts
 
 RESULTS = Path(__file__).parent / "results"

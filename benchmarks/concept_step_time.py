@@ -70,9 +70,9 @@ def measure(kind: str, phase: str, steps: int, threads: int, queue):
     import numpy as np
     import torch
 
-    from conceptlab.tokens import add_concept_tokens
-    from conceptlab.shapes.examples import load_example
     from conceptlab.models import load_pipeline
+    from conceptlab.shapes.examples import load_example
+    from conceptlab.tokens import add_concept_tokens
     from conceptlab.train import ConceptImage, ConceptTrainer, TrainConfig
 
     torch.set_num_threads(threads)

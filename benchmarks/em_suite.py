@@ -17,6 +17,7 @@ ground truth (IoU per concept; the ground truth is never used for training excep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -27,7 +28,7 @@ import torch
 
 from conceptlab.em import learn_concepts
 from conceptlab.estep import MaskConfig
-from conceptlab.models import load_pipeline
+from conceptlab.models import load_pipeline, weights_fingerprint
 from conceptlab.shapes.suites import suite_scenes
 from conceptlab.train import TrainConfig
 
@@ -135,6 +136,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device="cpu", progress=False)
+    model_id = weights_fingerprint(pipe)  # a partial run resumes only on the same model
     t0 = time.time()
     scenes = suite_scenes(args.n_scenes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,8 @@ def main(argv=None):
     def save(res, done):  # after every scene: an interrupted suite still leaves its results
         summary = summarise(res)
         with open(args.out + ".json", "w") as f:
-            json.dump({"command": cmd.strip(), "n_scenes": done, "n_planned": len(scenes),
+            json.dump({"command": cmd.strip(), "model": model_id,
+                       "n_scenes": done, "n_planned": len(scenes),
                        "summary": summary, "per_scene": res}, f, indent=1)
         plot(summary, args.out + ".png",
              f"{done} held-out scenes, 2-3 objects + background").clf()
@@ -154,14 +157,15 @@ def main(argv=None):
     changes = {} if args.lambda_attn is None else {"lambda_attn": args.lambda_attn}
     mcfg = MaskConfig()
     if args.no_crf:
-        mcfg.crf = False
+        mcfg = dataclasses.replace(mcfg, crf=False)
     if args.n_timesteps:
-        mcfg.n_timesteps = args.n_timesteps
+        mcfg = dataclasses.replace(mcfg, n_timesteps=args.n_timesteps)
     res = None
     if os.path.exists(args.out + ".json") and not args.restart:
         with open(args.out + ".json") as f:
             old = json.load(f)
-        if old.get("command") == cmd.strip() and set(old["per_scene"]) == set(methods):
+        if old.get("command") == cmd.strip() and old.get("model") == model_id \
+                and set(old["per_scene"]) == set(methods):
             res = old["per_scene"]
     res = run_suite(pipe, scenes, methods, args.steps, batch_size=args.batch_size,
                     after_scene=save, res=res, changes=changes, mask_config=mcfg,

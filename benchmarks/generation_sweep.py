@@ -7,18 +7,25 @@ For each model folder and guidance scale: the classifier-judged fidelity (colour
 both) of ``--n-prompts`` prompts naming one or two coloured shapes on a background
 (``classifier.fidelity_prompts``, the same prompts as ``model_quality.py``), ``--per-prompt``
 images each, DDIM ``--steps`` steps. Prints one row per (model, guidance).
+
+The scaling of fidelity with training steps (the model card's curve) is this script over a
+run's snapshots, plotted with ``--plot``:
+
+    python benchmarks/generation_sweep.py --models RUN/snapshot-* --n-prompts 20 \
+        --json benchmarks/results/model_scaling.json --plot benchmarks/results/model_scaling.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
 
-from conceptlab.shapes.judge import fidelity, fidelity_prompts, load_classifier
 from conceptlab.models import load_pipeline
+from conceptlab.shapes.judge import fidelity, fidelity_prompts, load_classifier
 
 
 def main():
@@ -30,6 +37,8 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG: fidelity against the training step "
+                    "read from each model's folder name (snapshot-NNNNN)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clf = load_classifier()
@@ -45,7 +54,8 @@ def main():
                          steps=args.steps, model=clf)
             bc = r["by_count"]
             row = {"model": m, "guidance": gs, "colour": r["colour"], "shape": r["shape"],
-                   "both": r["both"], "shape_1": bc[1]["shape"], "shape_2": bc[2]["shape"],
+                   "both": r["both"], "background": r["background"],
+                   "shape_1": bc[1]["shape"], "shape_2": bc[2]["shape"],
                    "n_images": r["n_images"], "seconds": round(time.time() - t0, 1)}
             rows.append(row)
             print(f"{m[-40:]:>40} {gs:>9.1f} {r['colour']:>7.3f} {r['shape']:>7.3f} "
@@ -54,6 +64,34 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.plot:
+        plot_scaling(rows, args.plot)
+
+
+def plot_scaling(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((int(m.group(1)), r) for r in rows
+                 if (m := re.search(r"snapshot-(\d+)", r["model"])))
+    if not pts:
+        raise SystemExit("--plot needs model folders named snapshot-NNNNN")
+    steps = [s for s, _ in pts]
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for key, style in (("colour", "o-"), ("shape", "s-"), ("both", "^-"), ("background", "d--")):
+        ax.plot(steps, [r[key] for _, r in pts], style, label=key)
+    ax.set_xlabel("U-Net training steps (EMA snapshot)")
+    ax.set_ylabel("judged fraction")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"generation fidelity vs training ({pts[0][1]['n_images']} images each)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

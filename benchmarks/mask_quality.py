@@ -30,6 +30,7 @@ import torch
 
 from conceptlab.shapes.suites import format_table, mask_quality_table
 
+
 def main(argv=None):
     from conceptlab import load_pipeline
 

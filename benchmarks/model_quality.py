@@ -11,8 +11,11 @@ seeded 0). Prints every figure and writes them to ``--json`` if given.
    cross-attention map of each object's SHAPE word (upsampled to 64x64) and its
    ground-truth mask, per layer resolution, per timestep range and per caption position,
    beside two trivial baselines (a centred disc; the union of all objects).
-3. Generation fidelity: fraction of generated objects whose named colour / shape / both
-   are judged present by the shipped shape/colour classifier (conceptlab.shapes.judge).
+3. The judges validated: classifier accuracy and background-rule accuracy on held-out
+   renders, clean, blurred, down/up-sampled, noised and through this model's VAE.
+4. Generation fidelity: fraction of generated objects whose named colour / shape / both
+   are judged present by the shipped shape/colour classifier (conceptlab.shapes.judge),
+   and fraction of images that keep the prompt's named background.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conceptlab.shapes import world
 from conceptlab.attention import layer_resolutions, record_attention
-from conceptlab.shapes.suites import held_out_scenes
 from conceptlab.models import encode_prompt, load_pipeline, native_size
+from conceptlab.shapes import world
+from conceptlab.shapes.suites import held_out_scenes
 
 T_BINS = [(0, 250), (250, 500), (500, 750), (750, 1000)]
 
@@ -106,28 +109,89 @@ def localisation(pipe, scenes, n_timesteps=20, seed=0):
 
 
 def summarise_localisation(rows, base):
-    def mean(sel):
-        v = [r["iou"] for r in rows if sel(r)]
+    def mean(**where):
+        """Mean IoU over the rows whose fields equal ``where`` (compared as text)."""
+        v = [r["iou"] for r in rows if all(str(r[k]) == str(x) for k, x in where.items())]
         return float(np.mean(v)) if v else float("nan")
 
     out = {"by_res_bin": {}, "baselines": {}}
-    for res in sorted({str(r["res"]) for r in rows}):
+    resolutions = sorted({str(r["res"]) for r in rows})
+    for res in resolutions:
         for b in sorted({r["bin"] for r in rows}):
-            out["by_res_bin"][f"{res}|{b}"] = mean(lambda r: str(r["res"]) == res and r["bin"] == b)
+            out["by_res_bin"][f"{res}|{b}"] = mean(res=res, bin=b)
     best = max(out["by_res_bin"], key=out["by_res_bin"].get)
     res, b = best.split("|")
     out["best"] = {"res": res, "bin": b, "iou": out["by_res_bin"][best]}
-    sel = lambda r, **kw: str(r["res"]) == res and r["bin"] == b and all(
-        r[k] == v for k, v in kw.items())
-    out["best_by_position"] = {p: mean(lambda r: sel(r, pos=p)) for p in range(3)}
-    out["best_by_n_objects"] = {n: mean(lambda r: sel(r, n=n)) for n in (1, 2, 3)}
-    out["default_all_t"] = {str(res_): mean(lambda r: str(r["res"]) == str(res_) and r["bin"] == "0-1000")
-                            for res_ in sorted({str(r["res"]) for r in rows})}
+    out["best_by_position"] = {p: mean(res=res, bin=b, pos=p) for p in range(3)}
+    out["best_by_n_objects"] = {n: mean(res=res, bin=b, n=n) for n in (1, 2, 3)}
+    out["default_all_t"] = {r: mean(res=r, bin="0-1000") for r in resolutions}
     for k, v in base.items():
         out["baselines"][k] = {
             "all": float(np.mean([x[2] for x in v])),
             "by_position": {p: float(np.mean([x[2] for x in v if x[1] == p])) for p in range(3)},
         }
+    return out
+
+
+def degrade(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """Degraded copies of uint8 renders: Gaussian blur (sigma 1 px), a bilinear 2x
+    down/up-sampling round trip, or Gaussian pixel noise (sigma 8 grey levels)."""
+    from PIL import Image, ImageFilter
+
+    if kind == "clean":
+        return images
+    if kind == "blur":
+        return np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(1.0)))
+                         for im in images])
+    if kind == "down-up":
+        s = images.shape[1]
+        return np.stack([np.asarray(Image.fromarray(im).resize((s // 2, s // 2), Image.BILINEAR)
+                                    .resize((s, s), Image.BILINEAR)) for im in images])
+    if kind == "noise":
+        rng = np.random.default_rng(seed)
+        return np.clip(images + rng.normal(0, 8, images.shape), 0, 255).round().astype(np.uint8)
+    raise ValueError(kind)
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch: int = 50) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        out.append(((rec + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def judge_validation(pipe, n: int = 280, seed: int = 0) -> dict:
+    """The judges on held-out renders: clean, degraded, and through this model's VAE.
+    Shape / colour / pair accuracy of the classifier (named objects predicted present) and
+    accuracy of the background rules (one of the 7 backgrounds, each equally often)."""
+    from conceptlab.shapes.judge import (
+        classify_background,
+        load_classifier,
+        predict,
+        render_scenes,
+        score,
+        to_tensor,
+    )
+
+    clf = load_classifier()
+    images, objects = render_scenes(n, "heldout", 30_000 + seed)
+    specs = [world.sample_scene(seed=3_000_000 + seed * n + i,
+                                backgrounds=(world.BACKGROUNDS[i % len(world.BACKGROUNDS)],))
+             for i in range(n)]
+    bg_images = np.stack([world.render_scene(sp).image for sp in specs])
+    truth = [sp.background for sp in specs]
+    out = {"n_images": n}
+    for kind in ("clean", "blur", "down-up", "noise", "vae"):
+        imgs = vae_round_trip(pipe.vae, images) if kind == "vae" else degrade(images, kind, seed)
+        bgs = vae_round_trip(pipe.vae, bg_images) if kind == "vae" else degrade(bg_images, kind, seed)
+        sc = score(predict(clf, to_tensor(imgs)), objects)
+        got = classify_background(bgs)
+        out[kind] = {h: sc[h]["accuracy"] for h in ("shape", "colour", "pair")}
+        out[kind]["background"] = float(np.mean([g == t for g, t in zip(got, truth)]))
+    out["blob_test"] = clf.config.get("metrics", {}).get("blobs_irregular")
     return out
 
 
@@ -171,6 +235,17 @@ def main(argv=None):
     for k, v in loc["baselines"].items():
         print(f"   baseline {k:>5}: {v['all']:.3f} (by position "
               + " / ".join(f"{x:.3f}" for x in v["by_position"].values()) + ")")
+    jv = judge_validation(pipe)
+    results["judge_validation"] = jv
+    print(f"3. The judges on {jv['n_images']} held-out renders (accuracy: shape / colour / "
+          "pair of the classifier; background rules):")
+    for kind in ("clean", "blur", "down-up", "noise", "vae"):
+        v = jv[kind]
+        print(f"   {kind:>8}: shape {v['shape']:.3f}, colour {v['colour']:.3f}, "
+              f"pair {v['pair']:.3f}, background {v['background']:.3f}")
+    if jv["blob_test"]:
+        print(f"   blob test (objects replaced by irregular blobs): called a star in "
+              f"{jv['blob_test']['star']:.3f} of images")
     if not args.skip_generation:
         from conceptlab.shapes.judge import fidelity, fidelity_prompts, load_classifier
 
@@ -178,10 +253,15 @@ def main(argv=None):
         prompts = fidelity_prompts(args.n_generation_prompts, seed=7)
         fid = fidelity(pipe, prompts, n_per_prompt=args.images_per_prompt, seed=0,
                        guidance_scale=args.guidance, steps=args.steps, model=clf)
+        fid.pop("records", None)  # per-object records: too long for quality.json
         results["generation"] = fid
-        print(f"3. Generation fidelity ({len(prompts)} prompts x {args.images_per_prompt} "
+        print(f"4. Generation fidelity ({len(prompts)} prompts x {args.images_per_prompt} "
               f"images, guidance {args.guidance}, {args.steps} DDIM steps): colour "
-              f"{fid['colour']:.3f}, shape {fid['shape']:.3f}, both {fid['both']:.3f}")
+              f"{fid['colour']:.3f}, shape {fid['shape']:.3f}, both {fid['both']:.3f}, "
+              f"named background kept {fid['background']:.3f}")
+        for k, v in fid["by_count"].items():
+            print(f"   prompts naming {k} object(s): colour {v['colour']:.3f}, shape "
+                  f"{v['shape']:.3f}, both {v['both']:.3f}")
     print(f"(benchmark time {time.time() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

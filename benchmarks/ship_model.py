@@ -8,7 +8,11 @@
    snapshot with the same number of U-Net steps, if given) -> quality.json;
 3. writes conceptlab.json: the attention layers / timestep range that localised best
    (the library's defaults for this model, read by conceptlab.maps);
-4. renders samples.png and writes the model card README.md from those files.
+4. renders samples.png (a labelled sheet, every sample 128 px) and writes the model card
+   README.md from those files, with the scaling curve (``--scaling``, a PNG written by
+   ``generation_sweep.py --plot``) and the log of recipes tried
+   (``benchmarks/results/model_recipes.md``, kept by hand, its numbers from the files it
+   names).
 Every number in the card is read from quality.json / the log, never typed in.
 """
 
@@ -20,15 +24,16 @@ import shutil
 import time
 from pathlib import Path
 
+import model_quality
 import torch
 
-import model_quality
-
 from conceptlab.attention import layer_resolutions
-from conceptlab.viz.figures import save_captioned_grid
-from conceptlab.shapes.model import describe_model
 from conceptlab.generation import sample_grid
 from conceptlab.models import load_pipeline
+from conceptlab.shapes.model import describe_model
+from conceptlab.viz.figures import sample_sheet
+
+RECIPES = Path(__file__).resolve().parent / "results" / "model_recipes.md"
 
 SAMPLE_PROMPTS = [
     "a red star on a gray background",
@@ -56,21 +61,28 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--command", default=None, help="the exact training command, for the card")
     ap.add_argument("--wall-minutes", type=float, default=None)
+    ap.add_argument("--hardware", default="a 2-core AMD EPYC CPU (torch 2.13, CPU build)")
+    ap.add_argument("--scaling", default=None, help="PNG of fidelity vs training steps")
+    ap.add_argument("--card-only", action="store_true",
+                    help="keep the shipped weights and their quality.json; measure only the "
+                         "control (if given) and rewrite samples.png and the card")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     run = Path(args.run)
     dest = Path(__file__).resolve().parent.parent / "data" / "models" / args.name
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(run / "model", dest)
-    for f in ("train_log.jsonl", "train_config.json"):
-        shutil.copy(run / f, dest / f)
-
     common = ["--n-scenes", str(args.n_scenes), "--threads", str(args.threads)]
-    q = model_quality.main(["--model", str(dest), "--n-generation-prompts",
-                            str(args.n_generation_prompts), "--json", str(dest / "quality.json")]
-                           + common)
+    if args.card_only:
+        q = json.loads((dest / "quality.json").read_text())
+    else:
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(run / "model", dest)
+        for f in ("train_log.jsonl", "train_config.json"):
+            shutil.copy(run / f, dest / f)
+        q = model_quality.main(["--model", str(dest), "--n-generation-prompts",
+                                str(args.n_generation_prompts),
+                                "--json", str(dest / "quality.json")] + common)
     if args.control:
         print("\n== control (no attention-grounding loss) ==")
         q["control"] = model_quality.main(["--model", args.control, "--skip-generation"] + common)
@@ -91,7 +103,9 @@ def main(argv=None):
 
     pipe = load_pipeline(str(dest), device="cpu", progress=False)
     rows, prompts = sample_grid(pipe, SAMPLE_PROMPTS, n_per_prompt=6, seed=0)
-    save_captioned_grid(rows, prompts, dest / "samples.png", dpi=80)
+    sample_sheet(rows, prompts).save(dest / "samples.png")
+    if args.scaling:
+        shutil.copy(args.scaling, dest / "scaling.png")
     write_card(dest, pipe, q, defaults, args)
     print(f"\nshipped {dest} ({dir_size_mb(dest):.1f} MB)")
 
@@ -99,15 +113,25 @@ def main(argv=None):
 def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
     info = describe_model(pipe)
     cfg = json.loads((dest / "train_config.json").read_text())
-    log = [json.loads(line) for line in open(dest / "train_log.jsonl")]
-    vae = [r for r in log if r.get("stage") == "vae"]
-    unet = [r for r in log if r.get("stage") == "unet"]
+    log = [json.loads(line) for line in (dest / "train_log.jsonl").read_text().splitlines()]
+    last = {(r.get("stage"), r["step"]): r for r in log}  # a resumed run repeats some steps
+    vae = sorted((r for (st, _), r in last.items() if st == "vae"), key=lambda r: r["step"])
+    unet = sorted((r for (st, _), r in last.items() if st == "unet"), key=lambda r: r["step"])
     last = unet[-10:]
     final_loss = sum(r["loss"] for r in last) / max(1, len(last))
     final_ground = sum(r["grounding"] for r in last) / max(1, len(last))
     res = layer_resolutions(pipe.unet)
     loc = q["localisation"]
     gen = q.get("generation")
+    # wall time from the log: each (re)start of a stage restarts its clock
+    wall = 0.0
+    for stage in ("vae", "unet"):
+        prev = None
+        for r in (r for r in log if r.get("stage") == stage):
+            if prev is not None and r["time"] < prev:
+                wall += prev
+            prev = r["time"]
+        wall += prev or 0.0
     lines = [
         f"# {dest.name}: a miniature text-to-image latent diffusion model of the shapes world",
         "",
@@ -139,8 +163,10 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
         args.command or f"conceptlab train-model --out {args.run}",
         "```",
         "",
-        f"- data: {cfg['n_images']:,} rendered scenes (1-3 solid objects; patterned objects are "
-        "held out), varied captions, horizontal flips;",
+        f"- data: {cfg['n_images']:,} rendered scenes of 1-3 objects, "
+        f"{cfg.get('pattern_p', 0):.0%} of them striped / two-tone / dotted and captioned "
+        "coarsely (\"a blue striped star\": the second colour is never named), varied "
+        "captions, horizontal flips;",
         f"- VAE: {cfg['vae_steps']} steps, batch {cfg['vae_batch']} of {cfg['vae_crop']}px crops, "
         f"MSE + 0.5 L1 + L1 on image gradients + tiny KL; final loss {vae[-1]['loss']:.3f};",
         f"- U-Net + text encoder: {cfg['unet_steps']} steps, batch {cfg['batch']}, AdamW lr "
@@ -150,9 +176,9 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
         f"- attention-grounding loss, weight {cfg['grounding_weight']}, timesteps < "
         f"{cfg['grounding_tmax']}: final {final_ground:.3f}.",
     ]
-    if args.wall_minutes:
-        lines.append(f"- wall time: {args.wall_minutes:.0f} minutes on a 2-core AMD EPYC CPU "
-                     "(torch 2.13, CPU build; one thread, the machine shared with other jobs: VAE 9 min, U-Net 54 min).")
+    minutes = args.wall_minutes or wall / 60
+    lines.append(f"- wall time: {minutes:.0f} minutes of training (from the log; data and "
+                 f"encoding not counted) on {args.hardware}.")
     lines += [
         "",
         "**What was taught, not learned.** The attention-grounding loss (after TokenCompose, "
@@ -183,16 +209,42 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
     for r in sorted({k.split("|")[0] for k in loc["by_res_bin"]}):
         lines.append(f"   | {r} | " + " | ".join(f"{loc['by_res_bin'][f'{r}|{b}']:.3f}"
                                                  for b in bins) + " |")
+    jv = q.get("judge_validation")
+    if jv:
+        lines += ["", f"3. The judges, on {jv['n_images']} held-out renders (the classifier: "
+                  "named objects whose shape / colour / pair it sees; the background rules: "
+                  "the right one of 7):", "",
+                  "   | renders | shape | colour | pair | background |", "   |---|---|---|---|---|"]
+        names = {"clean": "clean", "blur": "blurred (sigma 1 px)",
+                 "down-up": "2x down- and up-sampled", "noise": "noise (sigma 8 grey levels)",
+                 "vae": "through this model's VAE"}
+        for k, name in names.items():
+            v = jv[k]
+            lines.append(f"   | {name} | {v['shape']:.3f} | {v['colour']:.3f} | "
+                         f"{v['pair']:.3f} | {v['background']:.3f} |")
+        if jv.get("blob_test"):
+            lines += ["", "   Objects replaced by irregular blobs of their colour are called a "
+                      f"star in {jv['blob_test']['star']:.3f} of images (a blob is not a star "
+                      "by luck; `benchmarks/train_judge.py`)."]
     if gen:
-        lines += ["", f"3. Generation fidelity ({gen.get('n_images', '?')} images, "
-                  "judged by the shipped shape/colour classifier `conceptlab.shapes.judge`): "
-                  f"colour {gen['colour']:.3f}, shape {gen['shape']:.3f}, both "
-                  f"{gen['both']:.3f} (chance for shape: 0.2)."]
+        lines += ["", f"4. Generation fidelity ({gen.get('n_images', '?')} images of "
+                  f"{len(gen.get('per_prompt', []))} held-out prompts naming 1-2 coloured "
+                  f"shapes, guidance {gen.get('guidance_scale')}, {gen.get('steps')} DDIM steps, "
+                  "judged as above): "
+                  f"**colour {gen['colour']:.3f}, shape {gen['shape']:.3f}**, both "
+                  f"{gen['both']:.3f}, named background kept {gen.get('background', float('nan')):.3f} "
+                  "(chance for shape: 0.2)."]
+        for k, v in gen.get("by_count", {}).items():
+            lines.append(f"   - prompts naming {k} object(s): colour {v['colour']:.3f}, shape "
+                         f"{v['shape']:.3f}, both {v['both']:.3f}")
     if "control" in q:
         c = q["control"]["localisation"]
         peer = q.get("control_peer", {}).get("localisation")
+        steps = json.loads((Path(args.control).parent / "train_config.json").read_text()
+                           )["unet_steps"] if args.control else "?"
         lines += ["", "**Control without the grounding loss** (same data, VAE and recipe, "
-                  f"400 U-Net steps on its own full cosine schedule; compared with the grounded run's EMA snapshot at step 400): best IoU {c['best']['iou']:.3f} "
+                  f"{steps} U-Net steps on its own full cosine schedule; compared with the "
+                  f"grounded run's EMA snapshot at step {steps}): best IoU {c['best']['iou']:.3f} "
                   f"(layers {c['best']['res']}, t {c['best']['bin']}), by position "
                   + " / ".join(f"{v:.3f}" for v in c["best_by_position"].values())
                   + (f"; the grounded model at the same step count: {peer['best']['iou']:.3f}"
@@ -200,10 +252,15 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
     lines += ["", "The library's attention defaults for this model (`conceptlab.json`): "
               f"layers {defaults['attention_layers']}, timesteps {defaults['attention_t_range']}.",
               "", "## Samples", "", "![samples](samples.png)", "",
-              "Each row: one prompt, seeds 0-5, 25 DDIM steps, guidance 4.", ""]
-    recipes = dest / "recipes.md"   # hand-kept log of the recipes tried, numbers from files
-    if recipes.exists():
-        lines += ["", recipes.read_text().rstrip()]
+              "Each row: one prompt, seeds 0-5, 25 DDIM steps, guidance 4; each 64-px sample "
+              "shown at 128 px (pixels doubled).", ""]
+    if (dest / "scaling.png").exists():
+        lines += ["## Fidelity against training steps", "",
+                  "![scaling](scaling.png)", "",
+                  "EMA snapshots of the shipped run (`benchmarks/generation_sweep.py --plot`; "
+                  "`benchmarks/results/model_scaling.json`).", ""]
+    if RECIPES.exists():  # hand-kept log of the recipes tried, numbers from the files it names
+        lines += ["", RECIPES.read_text().rstrip()]
     (dest / "README.md").write_text("\n".join(lines))
 
 

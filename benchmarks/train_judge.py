@@ -22,10 +22,8 @@ import json
 import os
 import time
 
-import torch
-
-
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -54,7 +54,7 @@ class AttentionStore:
     def spatial(self, n_pixels: int) -> tuple[int, int]:
         """(h, w) of a flattened map with ``n_pixels`` pixels."""
         if self.latent_shape is None:
-            side = int(round(math.sqrt(n_pixels)))
+            side = round(math.sqrt(n_pixels))
             if side * side != n_pixels:
                 raise ValueError(
                     f"cannot infer the shape of a {n_pixels}-pixel attention map: pass "
@@ -62,7 +62,7 @@ class AttentionStore:
             return side, side
         H, W = self.latent_shape
         f = math.sqrt(H * W / n_pixels)
-        return int(round(H / f)), int(round(W / f))
+        return round(H / f), round(W / f)
 
     def add(self, name: str, probs: torch.Tensor, batch: int, heads: int):
         n, t = probs.shape[-2:]

@@ -47,9 +47,9 @@ def _float_in(lo, hi=None):
 
 
 def cmd_sample(args):
-    from .viz.figures import save_captioned_grid
     from .generation import sample_grid
     from .models import load_pipeline
+    from .viz.figures import save_captioned_grid
 
     _threads(args.threads)
     pipe = load_pipeline(args.model)
@@ -115,10 +115,10 @@ def cmd_learn(args):
 
 
 def cmd_generate(args):
-    from .result import LearnedConcepts
-    from .viz.figures import save_captioned_grid
     from .generation import generate
     from .models import load_pipeline
+    from .result import LearnedConcepts
+    from .viz.figures import save_captioned_grid
 
     _threads(args.threads)
     pipe = load_pipeline(args.model)
@@ -139,11 +139,11 @@ def cmd_demo(args):
     import json
 
     from .em import learn_concepts
-    from .shapes.examples import load_example
-    from .viz.figures import image_grid_figure, overlay_masks, save_captioned_grid
     from .generation import generate
     from .masks import iou
     from .models import load_pipeline
+    from .shapes.examples import load_example
+    from .viz.figures import image_grid_figure, overlay_masks, save_captioned_grid
 
     _threads(args.threads)
     t0 = time.time()
@@ -192,11 +192,14 @@ def cmd_demo(args):
 
 
 def cmd_train_model(args):
-    from .shapes.train import TrainConfig, train_model
+    from .shapes.train import TrainConfig, start_from_vae, train_model
 
     kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
           if getattr(args, f.name, None) is not None}
-    out = train_model(TrainConfig(**kw), progress=not args.quiet)
+    cfg = TrainConfig(**kw)
+    if args.from_vae:
+        start_from_vae(cfg, args.from_vae)
+    out = train_model(cfg, progress=not args.quiet)
     print(f"saved the pipeline to {out}")
 
 
@@ -273,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         sp.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
                         default=None, help=f"default: {f.default}")
+    sp.add_argument("--from-vae", default=None, metavar="RUN",
+                    help="reuse the data and trained VAE of another run folder (same data / "
+                         "VAE settings); train only the U-Net, e.g. a control")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_train_model)
 
@@ -307,7 +313,7 @@ def main(argv=None):
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"conceptlab {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 -- a bug: still one line, unless --debug
+    except Exception as e:
         if args.debug:
             raise
         print(f"conceptlab {args.command}: unexpected error ({type(e).__name__}: {e}); rerun "

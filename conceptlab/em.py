@@ -59,14 +59,12 @@ def e_step_schedule(total: int, em_every: int | None, method: str) -> list[int]:
     return list(range(0, total, every))
 
 
-def _as_images(images, size) -> list[np.ndarray]:
-    if isinstance(images, (np.ndarray, str, os.PathLike)) or hasattr(images, "convert") \
-            or type(images).__name__ == "Tensor":
-        images = [images]
-    images = list(images)
+def _as_images(images, size, resize: bool = False) -> list[np.ndarray]:
+    # a list or tuple is several images; anything else is one (to_uint8 says what is wrong)
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
     if not images:
         raise ValueError("no images given: pass one image or a list of them")
-    return [to_uint8(im, size, resize=True) for im in images]
+    return [to_uint8(im, size, resize=resize) for im in images]
 
 
 def _as_mask_list(masks, n_images, ids, H, W, what):
@@ -139,11 +137,12 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                    config: TrainConfig | None = None, mask_config: MaskConfig | None = None,
                    seed: int = 0, progress: bool = True, checkpoint_dir=None,
                    overwrite: bool = False, gt_masks=None,
-                   token_prefix: str = "v") -> LearnedConcepts:
+                   token_prefix: str = "v", resize: bool = False) -> LearnedConcepts:
     """Learn one token per concept (and, with ``method="em"``, its mask) from images.
 
-    images          one image or a list (path / PIL / (H, W, 3) array), at the model's size
-                    (other sizes are resized with a warning)
+    images          one image or a list (path / PIL / (H, W, 3) array / tensor), at the
+                    model's size; another size is an error unless ``resize=True`` (resized
+                    with a warning), as in ``attention_maps`` and ``estimate_masks``
     init_words      one class word per concept (e.g. ["star", "heart", "background"]);
                     None entries start from a random embedding
     concept_images  per image, the concept indices it shows (default: every concept in
@@ -174,7 +173,7 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                                  or em_every < 1):
         raise ValueError(f"em_every must be an integer >= 1, got {em_every!r}")
     size = native_size(pipe)
-    imgs = _as_images(images, size)
+    imgs = _as_images(images, size, resize)
     H = W = size
     ids = concept_images or [list(range(K)) for _ in imgs]
     if len(ids) != len(imgs):

@@ -80,10 +80,11 @@ class MaskEstimate:
 
 def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
                    config: MaskConfig | None = None, seed: int = 0,
-                   background: int | None = None) -> MaskEstimate:
+                   background: int | None = None, resize: bool = False) -> MaskEstimate:
     """E-step for one image: masks of the concepts whose tokens are ``tokens``.
 
-    image       (H, W, 3) uint8 / PIL at the pipeline's native size
+    image       a path, PIL image, (H, W, 3) array or tensor at the pipeline's native size
+                (another size: an error, or resized with a warning if ``resize=True``)
     tokens      the concept tokens present in the image, e.g. ["[v1]", "[v2]"]
     prompt      default: "a photo of [v1] and [v2]"
     background  index (into ``tokens``) of the concept that is the image's background: the
@@ -94,7 +95,7 @@ def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
     cfg = config or MaskConfig()
     if isinstance(tokens, str) or not tokens:
         raise ValueError(f"tokens must be a non-empty list of concept tokens, got {tokens!r}")
-    img = to_uint8(image, native_size(pipe))
+    img = to_uint8(image, native_size(pipe), resize)
     prompt = prompt or "a photo of " + " and ".join(tokens)
     kw = {}
     if cfg.layers is not None:

@@ -1,10 +1,12 @@
 """Generate images with learned concept tokens.
 
+    from conceptlab.viz.figures import image_grid
     images = generate(pipe, concepts, "a photo of [v1] and [v2] on a gray background", n=4)
-    image_grid(images, rows=1, cols=4)         # conceptlab.viz.figures
+    image_grid(images, rows=1, cols=4)         # one PIL image
 
-Image i uses ``torch.Generator("cpu").manual_seed(seed + i)``, so it is the same whether
-you ask for 1 or 4 images. Default sampler settings depend on the model
+Image i uses ``torch.Generator("cpu").manual_seed(seed + i)``, so it is the same picture
+whether you ask for 1 or 4 images (the same call repeats bit for bit; across batch sizes
+float rounding may move a pixel by a grey level or two). Default sampler settings depend on the model
 (:data:`GENERATION_DEFAULTS`, a dict you may edit): the bundled shapes model (latent side
 <= 32) uses guidance 4.0 and 25 DDIM steps, Stable-Diffusion-sized models 7.5 and 50.
 """
@@ -14,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 
 import numpy as np
 import torch
 
-from .models import check_prompt, model_kind
+from .models import CONCEPT_TOKEN_RE, check_prompt, model_kind
 from .tokens import ConceptTokens, _add_tokens, load_concepts, single_token_id
 
 #: default sampler settings; tunable (e.g. ``GENERATION_DEFAULTS["bundled"]["guidance_scale"] = 5``)
@@ -28,7 +29,6 @@ GENERATION_DEFAULTS = {
     "stable-diffusion": {"guidance_scale": 7.5, "num_inference_steps": 50},
 }
 
-_TOKEN_RE = re.compile(r"\[[^\[\]\s]+\]")
 
 
 def generation_defaults(pipe) -> dict:
@@ -37,7 +37,7 @@ def generation_defaults(pipe) -> dict:
 
 def concept_tokens_in(prompt: str) -> list[str]:
     """Every ``[...]``-looking word of a prompt (e.g. '[v1]')."""
-    return _TOKEN_RE.findall(prompt or "")
+    return CONCEPT_TOKEN_RE.findall(prompt or "")
 
 
 def _as_list(concepts):
@@ -130,7 +130,8 @@ def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    check_prompt(pipe, prompt)
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
     if guidance_scale is not None and not guidance_scale >= 0:
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
     if num_inference_steps is not None and (not isinstance(num_inference_steps, int)
@@ -139,10 +140,12 @@ def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
                          f"{num_inference_steps!r}")
     loaded = ensure_concepts(pipe, concepts)
     known = [name for c in loaded for name in c.names]
-    known += [t for t in pipe.tokenizer.get_added_vocab() if _TOKEN_RE.fullmatch(t)]
+    known += [t for t in pipe.tokenizer.get_added_vocab() if CONCEPT_TOKEN_RE.fullmatch(t)]
     check_concept_prompt(pipe, prompt, known)
+    check_prompt(pipe, prompt)
     if negative_prompt:
         check_concept_prompt(pipe, negative_prompt, known)
+        check_prompt(pipe, negative_prompt)
     d = generation_defaults(pipe)
     gs = d["guidance_scale"] if guidance_scale is None else guidance_scale
     steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
@@ -164,8 +167,9 @@ def sample_grid(pipe, prompts, *, n_per_prompt: int = 4, seed: int = 0,
     """``n_per_prompt`` images per prompt (the model's default sampler settings, as
     :func:`generate`); returns (rows of (n, H, W, 3) uint8 arrays, prompts).
 
-    Image j of a prompt uses ``torch.Generator().manual_seed(seed + j)``: deterministic
-    and independent of how many images are requested.
+    Image j of a prompt uses ``torch.Generator().manual_seed(seed + j)``: deterministic,
+    and the same picture however many images are requested (up to float rounding, which
+    depends on the batch size).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     rows = [generate(pipe, concepts, p, n=n_per_prompt, seed=seed, guidance_scale=guidance_scale,

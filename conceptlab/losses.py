@@ -1,4 +1,5 @@
-"""The two losses of the M-step (METHOD.md, Eq. 3 and Eq. 4).
+"""The two losses of the M-step (the paper's Eq. 3 and Eq. 4; their scales:
+``docs/cheatsheet.md``).
 
 masked_diffusion_loss   || M_s * (eps - eps_theta(z_t, t, prompt_s)) ||^2
 cross_attention_loss    sum_i || A_i / max(A_i) - M_i ||^2   (averaged, see below)

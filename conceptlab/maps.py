@@ -5,11 +5,11 @@ noises the latent at ``n_timesteps`` random timesteps, runs the U-Net on all of 
 one batch while :func:`conceptlab.attention.record_attention` keeps the cross-attention
 probabilities, and returns an :class:`AttentionMaps` object (in the spirit of DAAM)::
 
-    >>> maps = attention_maps(pipe, scene.image, scene.caption)
-    >>> maps.words                       # ['a', 'red', 'star', 'and', ...]
+    >>> maps = attention_maps(pipe, image, "a blue star and a red heart on a beige background")
+    >>> maps.words                       # ['a', 'blue', 'star', 'and', ...]
     >>> maps.for_word("star")            # (h, w) float in [0, 1]
     >>> maps.for_word("star", size=(64, 64))    # upsampled to the image
-    >>> maps.concept_maps(["star", "circle"])   # (K, h, w) raw maps, for mask estimation
+    >>> maps.concept_maps(["star", "heart"])    # (K, h, w) raw maps, for mask estimation
 
 Computation, for image ``x`` and prompt tokens ``c``::
 
@@ -43,11 +43,14 @@ Shapes of :class:`AttentionMaps` (``n`` timesteps, ``L`` layers, ``T`` tokens =
 - ``.layer_maps[name]`` (n, h_l, w_l, T) the same at each layer's own resolution
 - ``.for_token(i)`` / ``.for_word(w)`` (h, w) (or ``size``); ``.per_timestep(w)`` (n, h, w);
   ``.concept_maps([...])`` (K, h, w)
+
+Why one module of about 550 lines: computing the maps and reading them (``AttentionMaps``)
+share the token positions, layer selection and model defaults; split, each half would
+import the other's private parts. About a third of it is docstrings and argument checks.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +59,7 @@ import torch.nn.functional as F
 
 from .attention import cross_attention_layers, layer_resolutions, record_attention
 from .models import (
+    check_prompt,
     encode_pixels,
     latent_size,
     model_folder_config,
@@ -228,12 +232,7 @@ def encode_prompt_with_ids(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tenso
     """(embeddings (1, T, D), input_ids (T,)) padded to ``model_max_length``; warns when the
     prompt is truncated. (``conceptlab.models.encode_prompt`` returns the embeddings only.)"""
     tok = pipe.tokenizer
-    full = tok(prompt).input_ids
-    if len(full) > tok.model_max_length:
-        dropped = tok.decode(full[tok.model_max_length - 1:-1])
-        warnings.warn(f"prompt is {len(full)} tokens, longer than the tokenizer's "
-                      f"model_max_length={tok.model_max_length}; truncated, dropping "
-                      f"{dropped!r}", stacklevel=3)
+    check_prompt(pipe, prompt)
     ids = torch.tensor(_prompt_ids(tok, prompt))
     te = pipe.text_encoder
     mask = None

@@ -1,8 +1,8 @@
 """Models: loading a pipeline, what kind of model it is, and its inputs in one convention.
 
     pipe = load_pipeline()                       # the bundled shapes-world model
-    pipe = load_pipeline("path/to/sd15")         # a local diffusers folder
-    pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # hub / cache
+    pipe = load_pipeline("path/to/sd15")         # a local diffusers folder  # not run here
+    pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")  # hub  # not run here
 
 Everything else in conceptlab asks this module, and only this module, about the model:
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def resolve_model(name_or_path: str) -> str:
                 f"{p} is not a diffusers pipeline folder (no model_index.json). Pass "
                 f"{BUNDLED_MODEL!r} for the bundled model, or a folder saved with "
                 "`pipe.save_pretrained(...)` such as a Stable Diffusion 1.5 / 2.1 download.")
+        _check_component_folders(p)
         return str(p)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
         return name_or_path  # a hub id
@@ -73,6 +75,29 @@ def resolve_model(name_or_path: str) -> str:
         f"unknown model {name_or_path!r}: pass one of the bundled models "
         f"{bundled_models()}, a local diffusers folder, or a Hugging Face hub id "
         "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+
+
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _check_component_folders(folder: Path):
+    """ValueError when a component that model_index.json names has no folder: diffusers and
+    transformers would load some of them silently empty (a tokenizer of 2 tokens)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}/model_index.json is not valid JSON ({e}): the model folder "
+                         "is incomplete or corrupt; copy it again") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{folder}/model_index.json is corrupt (not a JSON object)")  # noqa: TRY004
+    named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)
+             and len(v) == 2 and v[0] is not None]
+    missing = [k for k in REQUIRED_COMPONENTS if k not in named or not (folder / k).is_dir()]
+    missing += [k for k in named if k not in missing and not (folder / k).is_dir()]
+    if missing:
+        raise ValueError(f"the model folder {folder} is incomplete: no {', '.join(missing)} "
+                         "folder. Copy the whole folder written by "
+                         "`pipe.save_pretrained(folder)`.")
 
 
 def default_device() -> str:
@@ -101,9 +126,9 @@ def load_pipeline(name_or_path: str = BUNDLED_MODEL, device: str | None = None,
     _progress_bars(show)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, safety_checker=None, feature_extractor=None,
+            source, safety_checker=None, feature_extractor=None, **_dtype_kwarg(dtype),
             requires_safety_checker=False, low_cpu_mem_usage=False)
-    except Exception as e:  # noqa: BLE001 -- every loader failure gets one clear message
+    except Exception as e:
         if os.path.isdir(source):
             raise ValueError(
                 f"the model folder {source} is incomplete or corrupt ({type(e).__name__}: "
@@ -119,9 +144,37 @@ def load_pipeline(name_or_path: str = BUNDLED_MODEL, device: str | None = None,
             "cache. On a machine with network run `huggingface-cli download "
             f"{source} --local-dir SOME/FOLDER` and pass that folder, or use the bundled "
             f"model {BUNDLED_MODEL!r}.\n(original error: {e})") from None
-    pipe = pipe.to(device, dtype)
+    missing = [n for n in REQUIRED_COMPONENTS if getattr(pipe, n, None) is None]
+    if missing:  # diffusers loads a folder without a component as None, silently
+        raise ValueError(f"the model folder {source} is incomplete: no {', '.join(missing)}. "
+                         "Copy the whole folder written by `pipe.save_pretrained(folder)`.")
+    pipe = pipe.to(device)
+    if any(m.dtype != dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)):
+        pipe = pipe.to(dtype=dtype)  # a diffusers version that ignored torch_dtype
     pipe.set_progress_bar_config(disable=not show)
     return pipe
+
+
+def weights_fingerprint(pipe) -> str:
+    """A short hash of the U-Net, text encoder and VAE weights (rounded to fp16 first, so a
+    pipeline loaded in fp32 or fp16 gives the same value): which model a saved benchmark
+    result was measured on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        for name, t in sorted(getattr(pipe, part).state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _dtype_kwarg(dtype) -> dict:
+    """Newer diffusers take ``dtype=`` (and deprecate ``torch_dtype=``); older ones only
+    ``torch_dtype=``."""
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
 def _progress_bars(show: bool):
@@ -154,7 +207,7 @@ def model_folder_config(pipe) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): fix or delete it") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")  # noqa: TRY004 (a bad file, not a bad argument)
     return cfg
 
 
@@ -329,11 +382,29 @@ def encode_image(pipe, image, resize: bool = False) -> torch.Tensor:
     return encode_pixels(pipe.vae, to_model_input(image, native_size(pipe), resize))
 
 
+#: a concept-token-looking word of a prompt: ``[v1]``, ``[dog1]`` (brackets, no spaces)
+CONCEPT_TOKEN_RE = re.compile(r"\[[^\[\]\s]+\]")
+
+
 def check_prompt(pipe, prompt: str) -> str:
-    """Warn (and say how much is cut) when a prompt is longer than the tokenizer allows."""
+    """Check a prompt before it reaches the text encoder (every prompt in conceptlab does).
+
+    - a ``[...]`` word (``[v1]``) must be a token added to this pipeline's tokenizer: the
+      tokenizer would otherwise split an unlearned ``[v9]`` into '[', 'v', '9', ']' and the
+      result would mean nothing (ValueError naming the known concept tokens);
+    - a prompt longer than the tokenizer allows warns and says how much is cut.
+    """
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
     tok = pipe.tokenizer
+    added = set(tok.get_added_vocab())
+    unknown = [w for w in CONCEPT_TOKEN_RE.findall(prompt) if w not in added]
+    if unknown:
+        known = sorted(t for t in added if CONCEPT_TOKEN_RE.fullmatch(t))
+        raise ValueError(f"unknown concept token(s) {unknown} in {prompt!r}: this pipeline has "
+                         f"{'only ' + ', '.join(known) if known else 'no concept tokens'}. "
+                         "Learn them first, or load saved ones (load_concepts / generate with "
+                         "the concepts)")
     n = len(tok(prompt).input_ids)
     if n > tok.model_max_length:
         kept = tok.decode(tok(prompt, truncation=True, max_length=tok.model_max_length,

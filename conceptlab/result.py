@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from . import masks as _masks
 from .fileio import atomic_save, atomic_write_json
 from .tokens import CONCEPTS_FILE, UNET_DELTA_FILE, ConceptTokens, load_concepts, save_concepts
 from .train.history import TrainingHistory
+
 
 def _savez(path, arrays):
     with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
@@ -109,20 +111,23 @@ class LearnedConcepts:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path} is truncated or corrupt ({e}): learn the concepts "
                              "again") from None
-        tokens = load_concepts(pipe, directory, load_unet=os.path.exists(
-            os.path.join(directory, UNET_DELTA_FILE)))
+        # read every array before touching ``pipe``: a broken folder adds no tokens
         try:
-            z = np.load(os.path.join(directory, "masks.npz"), allow_pickle=False)
-            missing = [k for k in [f"image_{i}" for i in range(n)] + [f"masks_{i}" for i in
-                                                                        range(n)] if k not in z]
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{directory}/masks.npz is missing, truncated or corrupt ({e})") \
-                from None
+            with np.load(os.path.join(directory, "masks.npz"), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{directory}/masks.npz is missing, truncated or corrupt ({e}): "
+                             "learn the concepts again") from None
+        missing = [k for k in [f"image_{i}" for i in range(n)] + [f"masks_{i}" for i in
+                                                                    range(n)] if k not in arrays]
         if missing:
             raise ValueError(f"{directory}/masks.npz is partial: {missing} missing")
+        z = arrays
         hist = []
         for s in range(len(meta["e_steps"])):
             hist.append([z[f"history_{s}_{i}"] for i in range(n) if f"history_{s}_{i}" in z])
+        tokens = load_concepts(pipe, directory, load_unet=os.path.exists(
+            os.path.join(directory, UNET_DELTA_FILE)))
         h = os.path.join(directory, "history.json")
         return cls(tokens, meta["method"], [z[f"image_{i}"] for i in range(n)],
                    meta["concept_ids"], [z[f"masks_{i}"] for i in range(n)],

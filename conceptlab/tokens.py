@@ -25,12 +25,16 @@ Files (:func:`save_concepts`)
     ``format``. Optional ``unet_delta.safetensors`` beside it: phase-2 U-Net weights, either
     full deltas (``trained - base`` for every U-Net parameter; metadata ``mode=full``) or
     LoRA adapter weights (``mode=lora``, needs ``peft``).
+
+Why one module of about 440 lines: adding, saving and loading tokens must apply the same
+name and model rules both ways, so they live together; a third is docstrings.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -199,7 +203,8 @@ def add_concept_tokens(pipe, concepts=1, init_words=None, *, init: str = "mean",
                 gives a random row: Gaussian direction (seeded with ``seed + k``) scaled to
                 the vocabulary's mean norm.
     Raises ValueError for a name already in the vocabulary or an init word that
-    tokenises to nothing.
+    tokenises to nothing or to the tokenizer's unknown token; warns when an init word splits
+    into several sub-tokens.
     """
     tok = pipe.tokenizer
     if isinstance(concepts, int):
@@ -225,6 +230,17 @@ def add_concept_tokens(pipe, concepts=1, init_words=None, *, init: str = "mean",
         ids = tok(str(w), add_special_tokens=False).input_ids
         if not ids:
             raise ValueError(f"init word {w!r} tokenises to nothing: pass a real word or None")
+        if tok.unk_token_id is not None and tok.unk_token_id in ids:
+            raise ValueError(
+                f"init word {w!r} has characters this model's tokenizer cannot represent (they "
+                f"become the unknown token {tok.unk_token!r}): pass a word of its vocabulary "
+                "(the bundled model knows the shapes world's words: star, heart, ...) or None")
+        if len(ids) > 1:
+            pieces = tok.convert_ids_to_tokens(ids)
+            warnings.warn(f"init word {w!r} is not one token of this vocabulary: it splits into "
+                          f"{pieces}, and the row starts from "
+                          f"{'their mean' if init == 'mean' else 'the first'} (init={init!r})",
+                          stacklevel=2)
         sub_ids.append(ids)
 
     old = embedding_weight(pipe).detach().clone()
@@ -429,16 +445,16 @@ __all__ = [
     "CONCEPTS_FILE",
     "UNET_DELTA_FILE",
     "ConceptTokens",
+    "ConceptsFileError",
     "add_concept_tokens",
+    "added_token_ids",
+    "check_concept_names",
     "embedding_weight",
     "load_concepts",
     "model_name",
     "read_concepts_file",
+    "same_model",
     "save_concepts",
     "single_token_id",
     "vocabulary_mean_norm",
-    "ConceptsFileError",
-    "added_token_ids",
-    "check_concept_names",
-    "same_model",
 ]

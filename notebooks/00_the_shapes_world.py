@@ -87,11 +87,14 @@ print(all(bool((s.masks.sum(0) == 1).all()) for s in scenes))
 print(world.render_scene(world.sample_scene(seed=4)).caption)
 
 # %% [markdown]
-# ### Concepts the model has never seen
-# The model below is trained on **solid** objects only. Striped, two-tone and dotted objects
-# are *held out*: no word of the model's vocabulary describes "a blue star with white stripes".
-# Those are the **user concepts** this course learns new tokens for. Five such "user images"
-# ship in `data/examples` (their ground-truth masks are used for evaluation only).
+# ### Concepts and instances
+# The model below saw solid objects and, a quarter of the time, striped, two-tone and dotted
+# ones, always captioned *coarsely*: "a blue striped star" never says what colour the stripes
+# are. A user's concept is one particular instance of such a class, as a user's dog is one
+# particular dog: "a blue star with **white** stripes, this size, this angle". No phrase of
+# the model's vocabulary pins it down. Those instances are the **user concepts** this course
+# learns new tokens for. Five such "user images" ship in `data/examples` (their ground-truth
+# masks are used for evaluation only).
 
 # %%
 from conceptlab.shapes.examples import list_examples, load_example
@@ -112,7 +115,8 @@ plt.show()
 #
 # - a `CLIPTokenizer` whose vocabulary is the world's words (one token per word),
 # - a 2-layer `CLIPTextModel`,
-# - an `AutoencoderKL` that turns a 64x64x3 image into a 16x16x4 latent,
+# - an `AutoencoderKL` that turns a 64x64x3 image into a 16x16 latent with 8 channels
+#   (Stable Diffusion: 512x512x3 into 64x64x4),
 # - a `UNet2DConditionModel` with cross-attention at 16x16 and 8x8,
 # - a DDIM scheduler.
 
@@ -143,8 +147,10 @@ for k, v in info.items():
 
 # %%
 log = [json.loads(l) for l in open(os.path.join(pipe.name_or_path, "train_log.jsonl"))]
-vae_log = [r for r in log if r.get("stage") == "vae"]
-unet_log = [r for r in log if r.get("stage") == "unet"]
+# a run resumed from a checkpoint logs the steps after that checkpoint again: keep the last
+last = {(r.get("stage"), r["step"]): r for r in log}
+vae_log = sorted((r for (st, _), r in last.items() if st == "vae"), key=lambda r: r["step"])
+unet_log = sorted((r for (st, _), r in last.items() if st == "unet"), key=lambda r: r["step"])
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
 axes[0].plot([r["step"] for r in vae_log], [r["loss"] for r in vae_log]); axes[0].set_title("VAE loss")
 axes[1].plot([r["step"] for r in unet_log], [r["loss"] for r in unet_log]); axes[1].set_title("diffusion loss (min-SNR weighted)")
@@ -154,10 +160,14 @@ fig.tight_layout(); plt.show()
 
 # %% [markdown]
 # ### Generations
-# Each row is one prompt; image *j* uses the seed `j`, so the grid is reproducible.
+# Each row is one prompt; image *j* uses the seed `j`, so the grid is reproducible. The sheet
+# is a PIL image shown at its own pixel size: every 64-pixel sample appears 128 pixels wide
+# (each pixel doubled, nothing invented). Read the rows before the numbers below: can you
+# name every shape, colour and background?
 
 # %%
 from conceptlab.generation import sample_grid
+from conceptlab.viz.figures import sample_sheet
 
 prompts = ["a red star on a gray background",
            "a blue circle and a yellow heart on a black background",
@@ -165,14 +175,23 @@ prompts = ["a red star on a gray background",
            "a white heart on a brown background",
            "a purple triangle and a red circle on a beige background"]
 rows, _ = sample_grid(pipe, prompts, n_per_prompt=6, seed=0)
-fig = image_grid_figure(rows, row_titles=prompts, scale=1.2)
-plt.show()
+sample_sheet(rows, prompts)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-# deterministic: the same seed gives the same image
-again, _ = sample_grid(pipe, prompts[:1], n_per_prompt=2, seed=0)
-print(np.array_equal(again[0], rows[0][:2]), rows[0].shape)
+# deterministic: the same call with the same seed gives the same pixels
+again, _ = sample_grid(pipe, prompts[:1], n_per_prompt=6, seed=0)
+print(np.array_equal(again[0], rows[0]), rows[0].shape)
+
+# %% [markdown]
+# Image *j* starts from noise seeded `seed + j`, so asking for 2 images instead of 6 gives the
+# same two pictures. Not always the same *bits*: the CPU adds numbers in a different order
+# for a different batch size, and the rounding can move a pixel by a grey level or two.
+
+# %%
+few, _ = sample_grid(pipe, prompts[:1], n_per_prompt=2, seed=0)
+print("largest pixel difference, first 2 of 6 vs 2 alone:",
+      int(np.abs(few[0].astype(int) - rows[0][:2].astype(int)).max()), "of 255")
 
 # %% [markdown]
 # ### Measured quality
@@ -188,9 +207,14 @@ print(f"shape-word attention IoU (best layers/timesteps {loc['best']['res']}, t 
 print("  by position in the caption:", " / ".join(f"{v:.2f}" for v in loc["best_by_position"].values()))
 print(f"  baselines: centred disc {loc['baselines']['disc']['all']:.2f}, "
       f"union of all objects {loc['baselines']['union']['all']:.2f}")
+if "judge_validation" in q:
+    jv = q["judge_validation"]
+    print(f"the judge on renders through this VAE: shape {jv['vae']['shape']:.2f}, "
+          f"colour {jv['vae']['colour']:.2f}, background {jv['vae']['background']:.2f}")
 if "generation" in q:
     g = q["generation"]
-    print(f"generation fidelity: colour {g['colour']:.2f}, shape {g['shape']:.2f}, both {g['both']:.2f}")
+    print(f"generation fidelity: colour {g['colour']:.2f}, shape {g['shape']:.2f}, both {g['both']:.2f}, "
+          f"named background kept {g['background']:.2f}")
 if "control" in q:
     print(f"control (no grounding loss, same steps): IoU {q['control']['localisation']['best']['iou']:.2f}")
 
@@ -222,5 +246,4 @@ if "control" in q:
 # %% jupyter={"source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 2
 rows2, _ = sample_grid(pipe, ["a star on a gray background"], n_per_prompt=6, seed=1)
-fig = image_grid_figure(rows2, scale=1.2)
-plt.show()
+sample_sheet(rows2, ["a star on a gray background"])

@@ -19,7 +19,7 @@
 # **What you will learn**
 # - where a word lives in a text-to-image model: one row of the text encoder's
 #   token-embedding table;
-# - how to add a new word `[v1]` for a concept the model has never seen, and train **only
+# - how to add a new word `[v1]` for a concept no prompt describes, and train **only
 #   that row** (checked bit for bit);
 # - the diffusion loss, written by hand for one step, then the library's
 #   `masked_diffusion_loss`;
@@ -58,8 +58,9 @@ pipe = load_pipeline()
 # %% [markdown]
 # ## 0. The user image
 # One of the bundled "user images": a **two-tone square, half yellow and half purple**, and
-# an orange circle on a striped background. The base model was trained on *solid* objects
-# only, so no word of its vocabulary describes the two-tone square. The image comes with
+# an orange circle on a striped background. The base model saw two-tone objects, but only
+# captioned "a yellow two-tone square": no phrase of its vocabulary says *which* second
+# colour, so no prompt pins this particular square down. The image comes with
 # ground-truth masks (the Break-a-Scene setting: the user marks the object); notebook 05
 # removes them.
 

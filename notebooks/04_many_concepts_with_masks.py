@@ -50,8 +50,9 @@ torch.set_num_threads(2)
 
 # %% [markdown]
 # ## 0. One image, two concepts
-# Another bundled user image: a **green heart with yellow dots** (a held-out pattern: the
-# base model only ever saw solid objects) and a white triangle on a gray background. Two
+# Another bundled user image: a **green heart with yellow dots** (the base model saw dotted
+# hearts, captioned only "a green dotted heart": never the dots' colour) and a white
+# triangle on a gray background. Two
 # concepts, two new tokens: `[v1]` the dotted heart, `[v2]` the triangle. The masks are
 # given (Break-a-Scene's setting).
 

@@ -168,12 +168,10 @@ plt.show()
 # %% [markdown]
 # ### Where re-estimating pays off
 # The first scene of the EM suite of section 4: a red square with dots and a green circle
-# with stripes on grass, both patterns the model never saw. Same method, the suite's
+# with stripes on grass, two particular patterned instances. Same method, the suite's
 # shorter settings (80 steps of batch 2), EM against the fixed masks:
 
 # %%
-import sys
-import os
 from conceptlab.shapes.suites import suite_scenes
 
 scene = suite_scenes(1)[0]
@@ -220,7 +218,7 @@ plt.show()
 # %% [markdown]
 # How faithful are they? The course's shape/colour classifier judges the concept's colour
 # and shape in the single-concept generations (the stripes are not judged: the classifier
-# knows solid colours only, and "blue" is the star's main colour).
+# reads an object's main colour and its shape, and "blue" is the star's main colour).
 
 # %%
 from conceptlab.shapes.judge import judge
@@ -277,9 +275,12 @@ def load_suite(name):
         return json.load(f)
 
 
+from conceptlab.models import weights_fingerprint
+
 full = load_suite("em_suite.json")
 summ = full["summary"]
 print("made by:", full["command"], "|", full["n_scenes"], "of", full["n_planned"], "scenes")
+print("measured on the model this notebook runs:", full.get("model") == weights_fingerprint(pipe))
 print("mean IoU at steps", summ["em"]["steps"])
 for m in ("em", "fixed", "given"):
     s = summ[m]

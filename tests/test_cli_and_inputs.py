@@ -10,8 +10,7 @@ from PIL import Image
 from conceptlab.cli import main
 from conceptlab.models import to_uint8
 from conceptlab.shapes.model import tiny_pipeline
-from conceptlab.tokens import (ConceptsFileError, add_concept_tokens, load_concepts,
-                               save_concepts)
+from conceptlab.tokens import ConceptsFileError, add_concept_tokens, load_concepts, save_concepts
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
@@ -57,7 +56,7 @@ def test_image_files_of_any_mode(tmp_path, mode):
     arr = (np.arange(16 * 16 * 3) % 251).reshape(16, 16, 3).astype(np.uint8)
     img = Image.fromarray(arr)
     if mode == "I;16":
-        img = Image.fromarray((arr[..., 0].astype(np.uint16) * 257))
+        img = Image.fromarray(arr[..., 0].astype(np.uint16) * 257)
     elif mode != "RGB":
         img = img.convert(mode)
     path = tmp_path / "x.png"
@@ -90,3 +89,68 @@ def test_train_config_rejects_unknown_and_bad_fields():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="phase2"):
         TrainConfig(phase2="half")
+
+
+def test_cli_learn_twice_into_one_folder_refuses_then_overwrites(tmp_path, capsys):
+    """A second run into the same --out never silently returns the first run's result."""
+    from conceptlab.shapes.examples import load_example
+
+    img = tmp_path / "scene.png"
+    Image.fromarray(load_example("striped-star-and-heart").image).save(img)
+    out = str(tmp_path / "out")
+    args = ["learn", str(img), "--concepts", "star,heart", "--steps", "2", "--out", out,
+            "--quiet", "--threads", "1"]
+    assert main(args) == 0
+
+    def init_words():
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / "out" / "concepts.safetensors"), "pt") as f:
+            return json.loads(f.metadata()["init_words"])
+    first = init_words()
+    assert first == ["star", "heart"]
+    capsys.readouterr()
+    assert main(args) == 2  # the same run again: finished, refused
+    assert "--overwrite" in capsys.readouterr().err
+    other = [a if a != "star,heart" else "heart,star" for a in args]
+    assert main(other) == 2  # another run into the folder: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert init_words() == first  # nothing lost
+    assert main(other + ["--overwrite"]) == 0
+    assert init_words() == ["heart", "star"]  # the new run's result, not the old one
+
+
+def test_cli_ctrl_c_exits_130_and_says_incomplete(tmp_path, monkeypatch, capsys):
+    import conceptlab.em
+
+    img = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conceptlab.em, "learn_concepts", interrupted)
+    assert main(["learn", str(img), "--concepts", "star", "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+    class Incomplete:
+        complete = False
+
+    monkeypatch.setattr(conceptlab.em, "learn_concepts", lambda *a, **k: Incomplete())
+    assert main(["learn", str(img), "--concepts", "star", "--out", str(tmp_path / "o")]) == 130
+    assert "INCOMPLETE" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "em.json").exists()  # an incomplete run is not saved as final
+
+
+def test_saving_a_result_removes_the_files_of_an_earlier_one(tmp_path):
+    from conceptlab.em import learn_concepts
+    from conceptlab.train import TrainConfig
+
+    pipe = tiny_pipeline()
+    r = learn_concepts(pipe, np.zeros((32, 32, 3), np.uint8), ["star"], method="fixed",
+                       config=TrainConfig(steps=1, batch_size=1), progress=False)
+    (tmp_path / "history.json").write_text("{}")  # left by an earlier result
+    r.history = None
+    r.save(tmp_path)
+    assert not (tmp_path / "history.json").exists()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")]  # atomic: no temporary files left

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from conceptlab.shapes import world
 from conceptlab.em import learn_concepts
 from conceptlab.estep import MaskConfig, background_index, estimate_masks
 from conceptlab.result import LearnedConcepts
+from conceptlab.shapes import world
 from conceptlab.shapes.model import tiny_pipeline
 from conceptlab.train import TrainConfig
 

@@ -102,3 +102,15 @@ def test_the_check_catches_an_upward_import(tmp_path):
     finally:
         globals()["PKG"] = Path(__file__).resolve().parents[1] / "conceptlab"
     assert "em" in deps and LAYER_OF["em"] > LAYER_OF["masks"]
+
+
+def test_long_modules_say_why():
+    """A module over about 400 lines states in its docstring why it is one module."""
+    silent = []
+    for f in PKG.rglob("*.py"):
+        text = f.read_text()
+        if len(text.splitlines()) > 420:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if "Why one module" not in doc:
+                silent.append(f"{f.relative_to(PKG.parent)} ({len(text.splitlines())} lines)")
+    assert not silent, f"long modules without a reason in their docstring: {silent}"

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptlab.shapes import world
 from conceptlab.attention import cross_attention_layers, layer_resolutions
 from conceptlab.maps import (
     AttentionMaps,
@@ -21,6 +20,7 @@ from conceptlab.maps import (
     word_token_indices,
 )
 from conceptlab.models import latent_size, native_size
+from conceptlab.shapes import world
 from conceptlab.shapes.model import tiny_pipeline
 
 N_T = 6

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from conceptlab.models import (BUNDLED_MODEL, check_prompt, load_pipeline, native_size,
-                                 resolve_model, to_uint8)
+from conceptlab.models import (
+    BUNDLED_MODEL,
+    check_prompt,
+    load_pipeline,
+    native_size,
+    resolve_model,
+    to_uint8,
+)
 from conceptlab.shapes.model import build_tokenizer
 
 

@@ -113,7 +113,13 @@ def test_pyproject_metadata(pyproject):
     assert project["name"] == "conceptlab"
     assert project["requires-python"] == ">=3.10"
     assert project["scripts"]["conceptlab"] == "conceptlab.cli:main"
-    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["conceptlab*"]
+    # every subpackage on disk is listed (a new one would be left out of the wheel), and
+    # data/ installs as conceptlab._data (tests/test_install.py builds and checks the wheel)
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for p in (ROOT / "conceptlab").rglob("__init__.py")}
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    assert listed == on_disk | {"conceptlab._data"}
+    assert pyproject["tool"]["setuptools"]["package-dir"] == {"conceptlab._data": "data"}
     assert pyproject["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
     assert pyproject["tool"]["ruff"]["line-length"] == 100
 

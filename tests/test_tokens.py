@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from conceptlab.generation import generate
+from conceptlab.shapes.model import tiny_pipeline
 from conceptlab.tokens import (
     ConceptTokens,
     add_concept_tokens,
@@ -14,9 +16,7 @@ from conceptlab.tokens import (
 )
 from conceptlab.train.embedding import trainable_embedding
 from conceptlab.unet_delta import apply_unet_delta, full_unet_delta, unet_state
-from conceptlab.generation import generate
 from conceptlab.viz.figures import image_grid
-from conceptlab.shapes.model import tiny_pipeline
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -208,8 +208,8 @@ def test_generate_deterministic_loads_and_checks_tokens(pipe, tmp_path):
 
 
 def test_vocabulary_mean_norm_ignores_every_added_token():
-    from conceptlab.tokens import added_token_ids, vocabulary_mean_norm
     from conceptlab.shapes.model import tiny_pipeline
+    from conceptlab.tokens import added_token_ids, vocabulary_mean_norm
 
     pipe = tiny_pipeline()
     base = vocabulary_mean_norm(pipe)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conceptlab.shapes import world
-from conceptlab.tokens import add_concept_tokens, embedding_weight, load_concepts
 from conceptlab.shapes.model import tiny_pipeline
+from conceptlab.tokens import add_concept_tokens, embedding_weight, load_concepts
 from conceptlab.train import (
     ConceptImage,
     ConceptTrainer,

@@ -1,7 +1,9 @@
 """The bundled example "user images" (``data/examples``).
 
-Each example is a 64x64 PNG with 2-3 concepts, at least one of them a held-out concept
-the base model never saw (a striped, two-tone or dotted object), plus a background. Their
+Each example is a 64x64 PNG with 2-3 concepts, at least one of them a particular patterned
+instance (a striped, two-tone or dotted object with a second colour of its own: the base
+model saw such objects only under coarse captions, "a blue striped star"), plus a
+background. Their
 ground-truth masks are stored beside them for EVALUATION only: the EM method never reads
 them. ``conceptlab make-examples`` regenerates the folder deterministically.
 """
@@ -15,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import world
 from ..models import data_dir
+from . import world
 
 # name -> (spec, concept descriptions); objects are placed by hand so each concept is clear.
 O = world.ShapeObject

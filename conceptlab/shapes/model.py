@@ -14,6 +14,7 @@ works on it also works on Stable Diffusion:
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -56,7 +57,7 @@ def _bpe(word: str, ranks: dict) -> list[str]:
     """Byte-pair encode one word (with CLIP's '</w>' end marker) given merge ranks."""
     parts = list(word[:-1]) + [word[-1] + "</w>"]
     while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break

@@ -10,9 +10,12 @@ masks are the *visible* pixels of each object (later objects occlude earlier one
 the output resolution: a pixel belongs to the object that covers most of it, or to the
 background. ``masks[0]`` is the background, ``masks[i]`` is object ``i`` (drawing order).
 
-Held-out concepts: the base model is trained on solid-coloured objects only. Objects with
-a ``pattern`` ("striped", "two-tone", "dotted") never appear in its training data; they are
-the "user concepts" the course learns new tokens for (see ``data/examples``).
+Concepts and instances: the bundled model (v2) is trained on solid objects and, a quarter of
+the time, patterned ones ("striped", "two-tone", "dotted"), captioned coarsely: "a blue
+striped star" never says the stripes' colour. The bundled example images hold particular
+instances (a blue star with *white* stripes, at one size and angle): the "user concepts"
+the course learns new tokens for, as a user's dog is one particular dog
+(``data/examples``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ PLAIN_BACKGROUNDS = {
 }
 TEXTURED_BACKGROUNDS = ("striped", "dotted", "grassy")
 BACKGROUNDS = tuple(PLAIN_BACKGROUNDS) + TEXTURED_BACKGROUNDS
-PATTERNS = ("solid", "striped", "two-tone", "dotted")  # only "solid" is in the model's data
+PATTERNS = ("solid", "striped", "two-tone", "dotted")  # the second colour is never captioned
 
 # radius range (fraction of image size) by number of objects: big objects localise better
 RADIUS = {1: (0.17, 0.30), 2: (0.15, 0.23), 3: (0.13, 0.20)}

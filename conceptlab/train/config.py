@@ -13,6 +13,7 @@ Where the preset values come from (the measurements, not just the numbers) is wr
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 from typing import Literal, get_args
@@ -108,7 +109,7 @@ class TrainConfig:
                              ("grad_clip", False), ("weight_decay", False),
                              ("norm_penalty", False)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, Real) or v != v \
+            if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(v) \
                     or (v <= 0 if strict else v < 0) or v == float("inf"):
                 raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, "
                                  f"got {v!r}")

@@ -10,7 +10,7 @@ One step (Break-a-Scene's recipe; ``docs/cheatsheet.md`` has the equations and s
 4. ``loss = masked_diffusion_loss + lambda_attn * cross_attention_loss
    (+ norm_penalty * embedding_norm_penalty)`` (:mod:`conceptlab.losses`);
 5. AdamW on the concept rows of the embedding table only (phase 1), then
-   :meth:`~conceptlab.tokens.TrainableEmbedding.restore_frozen_rows`. An optional phase 2
+   :meth:`~conceptlab.train.embedding.TrainableEmbedding.restore_frozen_rows`. An optional phase 2
    (``phase2="full"`` or ``"lora"``) then trains the U-Net too, at ``phase2_lr``.
 
     with ConceptTrainer(pipe, data, tokens, config) as trainer:   # unhooks on exit
@@ -21,6 +21,10 @@ One step (Break-a-Scene's recipe; ``docs/cheatsheet.md`` has the equations and s
 ``train_concepts(pipe, data, tokens, config)`` does all of it in one call. The models run
 in eval mode (no dropout); checkpoints (:mod:`conceptlab.train.checkpoint`) resume a run
 exactly.
+
+Why one module of about 460 lines: ``ConceptTrainer`` is one object with one step; its
+parts that stand alone already live beside it (``data``, ``embedding``, ``history``,
+``checkpoint``); what remains is the step, the phase switch and the run's bookkeeping.
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ from ..tokens import ConceptTokens, vocabulary_mean_norm
 from ..unet_delta import add_lora_adapter, full_unet_delta, lora_weights, unet_state
 from . import checkpoint as _ckpt
 from .config import TrainConfig
-from .embedding import trainable_embedding
 from .data import Sample, as_data, assemble, draw_samples, full_size_masks, token_positions
+from .embedding import trainable_embedding
 from .history import TrainingHistory
 
 SCALARS = ("loss", "diffusion", "attention", "norm_penalty")

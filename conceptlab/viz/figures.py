@@ -63,6 +63,42 @@ def image_grid_figure(rows, row_titles=None, col_titles=None, scale: float = 1.3
     return fig
 
 
+def sample_sheet(rows, captions=None, *, px: int = 128, gap: int = 6, font_size: int = 15,
+                 background=(255, 255, 255)):
+    """One PIL image of sample rows, each image ``px`` pixels wide ON SCREEN (nearest-
+    neighbour enlarged, so no pixel is invented), each row under its caption (the prompt).
+
+    A notebook shows a PIL image at its own pixel size, so a 64-px sample appears 128 px
+    wide, whatever the figure DPI: the legible way to show the shapes world's samples.
+    rows: a list of lists / (n, H, W, 3) arrays (uint8 or float in [0, 1]).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = [list(r) for r in rows]
+    if not rows or not any(rows):
+        raise ValueError("no images to show")
+    if captions is not None and len(captions) != len(rows):
+        raise ValueError(f"{len(captions)} captions for {len(rows)} rows")
+    font = ImageFont.load_default(size=font_size)
+    cap_h = font_size + 8 if captions is not None else 0
+    cols = max(len(r) for r in rows)
+    W = gap + cols * (px + gap)
+    H = gap + len(rows) * (cap_h + px + gap)
+    sheet = Image.new("RGB", (W, H), background)
+    draw = ImageDraw.Draw(sheet)
+    for i, row in enumerate(rows):
+        y = gap + i * (cap_h + px + gap)
+        if captions is not None:
+            draw.text((gap, y + 2), str(captions[i]), fill=(20, 20, 20), font=font)
+        for j, im in enumerate(row):
+            a = np.asarray(im)
+            if a.dtype != np.uint8:
+                a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+            tile = Image.fromarray(a).convert("RGB").resize((px, px), Image.NEAREST)
+            sheet.paste(tile, (gap + j * (px + gap), y + cap_h))
+    return sheet
+
+
 def save_captioned_grid(rows, captions, path, dpi: int = 100):
     fig = image_grid_figure(rows, row_titles=captions)
     fig.savefig(path, dpi=dpi)

@@ -45,8 +45,9 @@ def threshold_view(attn_map, threshold: float = 0.5, method: str = "threshold",
     return out
 
 
-def crf_view(image, maps, *, background_threshold: float = 0.3, sxy_bilateral: float = None,
-             srgb: float = None, compat_bilateral: float = None, n_iters: int = None,
+def crf_view(image, maps, *, background_threshold: float = 0.3, sxy_bilateral: float | None = None,
+             srgb: float | None = None, compat_bilateral: float | None = None,
+             n_iters: int | None = None,
              temperature: float = 0.1, gt_masks=None, backend: str = "auto") -> dict:
     """Masks before and after the DenseCRF for K concept maps, with IoUs if ground truth.
 
