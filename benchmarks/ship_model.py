@@ -45,6 +45,20 @@ SAMPLE_PROMPTS = [
 ]
 
 
+def _portable(obj):
+    """Paths in a shipped file are relative: the run folder as ``runs/NAME``, the shipped
+    model by its name (no machine's home or checkout in the repository)."""
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(v) for v in obj]
+    if isinstance(obj, str):
+        for root, short in ((str(Path(__file__).resolve().parent.parent / "data" / "models") + "/", ""),
+                            (str(Path.home() / ".cache" / "conceptlab") + "/", "")):
+            obj = obj.replace(root, short)
+    return obj
+
+
 def dir_size_mb(path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
@@ -90,8 +104,11 @@ def main(argv=None):
         print("\n== grounded model at the control's step count ==")
         q["control_peer"] = model_quality.main(["--model", args.control_peer,
                                                 "--skip-generation"] + common)
+    q = _portable(q)
     with open(dest / "quality.json", "w") as f:
         json.dump(q, f, indent=1)
+    cfg_path = dest / "train_config.json"
+    cfg_path.write_text(json.dumps(_portable(json.loads(cfg_path.read_text())), indent=1))
 
     # attention defaults: the best layer resolution and timestep range
     best = q["localisation"]["best"]
@@ -114,7 +131,7 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
     info = describe_model(pipe)
     cfg = json.loads((dest / "train_config.json").read_text())
     log = [json.loads(line) for line in (dest / "train_log.jsonl").read_text().splitlines()]
-    last = {(r.get("stage"), r["step"]): r for r in log}  # a resumed run repeats some steps
+    last = {(r["stage"], r["step"]): r for r in log if "step" in r}  # a resume repeats steps
     vae = sorted((r for (st, _), r in last.items() if st == "vae"), key=lambda r: r["step"])
     unet = sorted((r for (st, _), r in last.items() if st == "unet"), key=lambda r: r["step"])
     last = unet[-10:]
@@ -127,7 +144,7 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
     wall = 0.0
     for stage in ("vae", "unet"):
         prev = None
-        for r in (r for r in log if r.get("stage") == stage):
+        for r in (r for r in log if r.get("stage") == stage and "time" in r):
             if prev is not None and r["time"] < prev:
                 wall += prev
             prev = r["time"]

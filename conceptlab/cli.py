@@ -52,7 +52,7 @@ def cmd_sample(args):
     from .viz.figures import save_captioned_grid
 
     _threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
     prompts = args.prompt or [
         "a red star on a gray background",
         "a blue circle and a yellow heart on a black background",
@@ -75,7 +75,7 @@ def cmd_learn(args):
     from .models import load_pipeline, native_size, to_uint8
 
     _threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
     size = native_size(pipe)
     images = []
     for path in args.images:
@@ -121,7 +121,7 @@ def cmd_generate(args):
     from .viz.figures import save_captioned_grid
 
     _threads(args.threads)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
     if not os.path.exists(os.path.join(args.concepts, "em.json")):
         raise ValueError(f"{args.concepts} holds no learned concepts (run `conceptlab learn` "
                          "first and pass its --out folder)")
@@ -147,7 +147,7 @@ def cmd_demo(args):
 
     _threads(args.threads)
     t0 = time.time()
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
     ex = load_example(args.example)
     os.makedirs(args.out, exist_ok=True)
     print(f"example {ex.name!r}: concepts {ex.concepts}")

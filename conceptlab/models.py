@@ -15,6 +15,10 @@ Everything else in conceptlab asks this module, and only this module, about the 
   (diffusers' convention; ``shift_factor`` is absent, i.e. 0, for SD 1.x/2.x);
 - :func:`prompt_ids` (padded tokenisation, the only place it is done) and
   :func:`encode_prompt`.
+
+Why one module of about 430 lines: it is the only place that asks the model anything (kind,
+sizes, folder defaults, the image and prompt conventions); split, each question would need
+the others' checks. A third of it is docstrings and error messages.
 """
 
 from __future__ import annotations

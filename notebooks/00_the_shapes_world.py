@@ -28,14 +28,14 @@
 #
 # ## The course
 #
-# | notebook | idea | CPU time |
+# | notebook | idea | CPU time (idle 2-core CPU, measured) |
 # |---|---|---|
-# | 00 the shapes world (this one) | the data, the model, the measurements | < 1 min |
-# | 01 cross-attention | where does the model look for each word? | ~2 min |
-# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | ~2 min |
-# | 03 concept tokens | textual inversion, with and without a mask | ~3 min |
-# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | ~3 min |
-# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | ~3 min |
+# | 00 the shapes world (this one) | the data, the model, the measurements | 36 s |
+# | 01 cross-attention | where does the model look for each word? | 37 s |
+# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 39 s |
+# | 03 concept tokens | textual inversion, with and without a mask | 104 s |
+# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 104 s |
+# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 110 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
 # building on *Break-a-Scene*, Avrahami et al. 2023) takes one image containing several
@@ -148,7 +148,7 @@ for k, v in info.items():
 # %%
 log = [json.loads(l) for l in open(os.path.join(pipe.name_or_path, "train_log.jsonl"))]
 # a run resumed from a checkpoint logs the steps after that checkpoint again: keep the last
-last = {(r.get("stage"), r["step"]): r for r in log}
+last = {(r["stage"], r["step"]): r for r in log if "step" in r}
 vae_log = sorted((r for (st, _), r in last.items() if st == "vae"), key=lambda r: r["step"])
 unet_log = sorted((r for (st, _), r in last.items() if st == "unet"), key=lambda r: r["step"])
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
@@ -176,6 +176,12 @@ prompts = ["a red star on a gray background",
            "a purple triangle and a red circle on a beige background"]
 rows, _ = sample_grid(pipe, prompts, n_per_prompt=6, seed=0)
 sample_sheet(rows, prompts)
+
+# %% [markdown]
+# What a person sees: the colours and the backgrounds are right in every image, and the stars
+# are stars. Squares, triangles and hearts come out with soft, wobbly outlines; now and then
+# a heart or a square is closer to a blob than to its shape. The benchmark below puts a
+# number on exactly this (shape fidelity about 0.7, colour about 1.0).
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -27,7 +27,7 @@
 #   against ground-truth masks, beside two trivial baselines.
 #
 # **Prerequisites**: notebook 00 (the shapes world and the bundled model); matrix products
-# and the softmax. **Runtime**: about 1 minute on a 2-core CPU.
+# and the softmax. **Runtime**: about 40 s on a 2-core CPU (measured, idle).
 #
 # Everything here is what the method of this course (Break-a-Scene and *Visual
 # Concept-driven Image Generation*) builds on: masks for new concepts are estimated from
@@ -403,7 +403,7 @@ print("t < 250 beats t >= 750 (16x16):", result[(16, (0, 250))] > result[(16, (7
 # %% [markdown]
 # ### An honest note on this model
 # Stable Diffusion learns word-localising attention from billions of captioned images. A
-# model trained for an hour on a CPU does not, so the bundled model was trained with an
+# model trained for under three hours on a CPU does not, so the bundled model was trained with an
 # extra **attention-grounding loss** that uses the renderer's exact masks (see its model
 # card, `data/models/shapes-ldm/README.md`): what you see above was partly *taught*. The
 # same recipe trained **without** that loss (the control in the card) localises clearly

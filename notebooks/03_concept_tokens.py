@@ -30,8 +30,8 @@
 #   word's) and what `TrainConfig.norm_penalty` does about it.
 #
 # **Prerequisites**: notebook 00 (the shapes world and the bundled model) and 01
-# (cross-attention maps); the idea of a diffusion loss. **Runtime**: about 2-3 minutes on a
-# 2-core CPU (three short training runs).
+# (cross-attention maps); the idea of a diffusion loss. **Runtime**: about 2 minutes on a
+# 2-core CPU (three short training runs; measured, idle).
 #
 # This is *textual inversion* (Gal et al. 2022), the first half of Break-a-Scene: the model
 # stays frozen and a new word is optimised until the model draws our concept when it reads
@@ -276,30 +276,30 @@ table_of(["no mask", "mask"])
 # Reading the table (8 samples per cell, so one sample is 0.12: differences of one or two
 # samples are noise; the numbers quoted are those of the run stored with this notebook):
 #
-# - **striped background.** The no-mask token puts the user image's stripes into every
-#   sample of "a photo of [v1]" (1.00), and into half of them even when the prompt asks for
-#   a gray background (0.50): the word has learned the *background*, and it overrides the
-#   word "gray". The masked token: 0.38 and 0.00 (0.38 is about how often this model picks
-#   a textured background by itself when the prompt names none).
-# - **square.** The masked token draws something the classifier calls a square in 0.62 of
-#   the samples of both prompts; the no-mask token 0.00 and 0.38: its loss was 90%
-#   background, and it spent its capacity there.
-# - **yellow, purple.** Both runs reproduce the colours in about half the samples or more,
-#   mostly as a yellow blob with purple beside or around it.
-# - **orange** (the circle's colour) comes up as often in both runs: this small model adds
-#   objects nobody asked for, whatever the token.
+# - **no mask: the token learned the wrong object.** It draws an orange round shape in every
+#   sample of both prompts and never a square: trained on the whole image, `[v1]` took the
+#   orange circle beside the square, the most distinct object of the scene, and none of the
+#   square's purple.
+# - **mask: the token learned the square.** Purple in every sample of both prompts, never
+#   orange; a square in 0.62 of the samples without a background word and 0.38 on gray;
+#   yellow (the square's other half) in a quarter of the first prompt's samples.
+# - **striped background.** Half of the samples of "a photo of [v1]" have a textured
+#   background in both runs, none when the prompt asks for gray: the word "gray" wins over
+#   the token in both runs.
 #
-# **Honesty note.** Neither token draws a *two-tone* square (a yellow half and a purple half,
-# as in the user image). One new 128-number row fed to a 2.4M-parameter model trained for
-# about 40 CPU-minutes, which has never drawn a two-coloured object, gets the colours and
-# sometimes the shape, not the pattern. The same method on Stable Diffusion (notebook 00,
-# section 3) has far more to work with.
+# **Honesty note.** Neither token draws the *two-tone* square (a yellow half and a purple
+# half, as in the user image): the masked token's samples are mostly purple, square-ish
+# blobs, now and then with a patch of yellow. One new 128-number row fed to a frozen
+# 4.3M-parameter U-Net gets the main colour and often the shape, not this particular
+# pattern; Break-a-Scene's second phase (fine-tuning the U-Net too) is what makes an
+# instance's appearance come back.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-# the no-mask token carries the striped background into more samples than the masked one
-print("striped bg, no mask > mask:", bool(props["no mask"]["striped bg"].sum()
-                                          > props["mask"]["striped bg"].sum()))
+# the masked token draws the square's purple and more squares; the unmasked one the orange circle
+print("purple, mask > no mask:", bool(props["mask"]["purple"].sum() > props["no mask"]["purple"].sum()))
+print("square, mask > no mask:", bool(props["mask"]["square"].sum() > props["no mask"]["square"].sum()))
+print("orange, no mask > mask:", bool(props["no mask"]["orange"].sum() > props["mask"]["orange"].sum()))
 
 # %% [markdown]
 # ### Where does `[v1]` look?
@@ -336,13 +336,13 @@ fig = image_row([overlay_map(ex.image, a / a.max()) for a in maps.values()],
 plt.show()
 
 # %% [markdown]
-# In both runs `[v1]` looks at the **yellow half** of the square and at the **orange
-# circle**, hardly at the purple half: a third of its attention falls inside the square,
-# which covers 9% of the image. The mask changed *what the word carries* (the samples above)
-# but not *where it looks*: the base model was trained to ground object words in objects,
-# and `[v1]` starts as "square", so it attends to objects either way, and to both of them.
-# Tying a token's attention to its own object is the job of Break-a-Scene's cross-attention
-# loss (notebook 04).
+# The mask changes *where the word looks* as much as *what it carries*: without it, `[v1]`
+# looks at the orange circle (7% of its attention inside the square, which covers 9% of the
+# image: no better than looking everywhere); with it, 74% falls inside the square, mostly on
+# its purple half. The model was trained to ground object words in objects, so a token
+# trained on an object's pixels attends to that object. With two concepts in one image,
+# tying each token to its *own* object is the job of Break-a-Scene's cross-attention loss
+# (notebook 04).
 
 # %% [markdown]
 # ## 6. The embedding norm
@@ -396,13 +396,12 @@ print("with it, it stays below 1.2x:", ratio["mask + norm penalty"] < 1.2)
 # way to make the U-Net listen to one word is to make it loud. With `norm_penalty=0.1` it
 # stays at 1.0x.
 #
-# For this **single** concept the penalty buys nothing in the samples (the penalised token
-# draws fewer squares with no background word, 0.12 against 0.62; with "on a gray
-# background" they are alike). Where it pays is in prompts that mix the token with
-# **ordinary words**: a row four times longer than every other drowns them out. In the
-# tuning runs on notebook 04's image (recorded in the docstring of
-# `TrainConfig.for_bundled`), "a photo of [v2] and a blue star" showed a star in 0.19 of the
-# samples when the rows had grown to 4x, and in 0.56 with the penalty. That is why the
+# For this **single** concept the penalty costs a little in the samples (the table above:
+# fewer squares and less purple, more yellow). Where it pays is in prompts that mix the
+# token with **ordinary words**: a row four times longer than every other drowns them out.
+# In the tuning runs on notebook 04's image (on the previous bundled model;
+# `benchmarks/results/PRESETS.md`), "a photo of [v2] and a blue star" showed a star in 0.19
+# of the samples when the rows had grown to 4x, and in 0.56 with the penalty. That is why the
 # preset keeps it (exercise 2 of notebook 04 lets you check).
 #
 # ## Exercises

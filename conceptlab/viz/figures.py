@@ -99,10 +99,9 @@ def sample_sheet(rows, captions=None, *, px: int = 128, gap: int = 6, font_size:
     return sheet
 
 
-def save_captioned_grid(rows, captions, path, dpi: int = 100):
-    fig = image_grid_figure(rows, row_titles=captions)
-    fig.savefig(path, dpi=dpi)
-    _plt().close(fig)
+def save_captioned_grid(rows, captions, path):
+    """Write :func:`sample_sheet` of ``rows`` (one caption per row) to ``path`` (PNG)."""
+    sample_sheet(rows, captions).save(path)
     return path
 
 
