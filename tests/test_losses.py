@@ -12,13 +12,7 @@ from conceptlab.losses import (
     resize_soft_mask,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: set before the module-scoped training fixtures run
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 PRED = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1, 1, 2, 2)

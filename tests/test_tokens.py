@@ -18,13 +18,7 @@ from conceptlab.train.embedding import trainable_embedding
 from conceptlab.unet_delta import apply_unet_delta, full_unet_delta, unet_state
 from conceptlab.viz.figures import image_grid
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: set before the module-scoped training fixtures run
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture

@@ -20,13 +20,7 @@ from conceptlab.train import (
     train_concepts,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # module scope: set before the module-scoped training fixtures run
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
