@@ -88,17 +88,14 @@ def ensure_concepts(pipe, concepts) -> list[ConceptTokens]:
     return out
 
 
-def check_concept_prompt(pipe, prompt: str, known) -> None:
-    """ValueError if the prompt names a ``[...]`` token that is not a known concept token."""
-    known = sorted(set(known))
-    unknown = [t for t in concept_tokens_in(prompt) if t not in known]
-    if unknown:
-        raise ValueError(f"unknown concept token(s) {unknown} in {prompt!r}; known concept "
-                         f"tokens: {known or 'none (pass the concepts to generate)'}")
+def check_concept_prompt(pipe, prompt: str) -> None:
+    """ValueError if the prompt is longer than the text encoder takes, or names a ``[...]``
+    token that is not a concept token of ``pipe`` (:func:`conceptlab.models.check_prompt`)."""
     n = len(pipe.tokenizer(prompt).input_ids)
     if n > pipe.tokenizer.model_max_length:
         raise ValueError(f"the prompt has {n} tokens, the text encoder takes "
                          f"{pipe.tokenizer.model_max_length}: shorten it")
+    check_prompt(pipe, prompt)
 
 
 @contextlib.contextmanager
@@ -138,14 +135,10 @@ def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
                                             or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be an integer >= 1, got "
                          f"{num_inference_steps!r}")
-    loaded = ensure_concepts(pipe, concepts)
-    known = [name for c in loaded for name in c.names]
-    known += [t for t in pipe.tokenizer.get_added_vocab() if CONCEPT_TOKEN_RE.fullmatch(t)]
-    check_concept_prompt(pipe, prompt, known)
-    check_prompt(pipe, prompt)
+    ensure_concepts(pipe, concepts)  # first: its tokens are then known to check_prompt
+    check_concept_prompt(pipe, prompt)
     if negative_prompt:
-        check_concept_prompt(pipe, negative_prompt, known)
-        check_prompt(pipe, negative_prompt)
+        check_concept_prompt(pipe, negative_prompt)
     d = generation_defaults(pipe)
     gs = d["guidance_scale"] if guidance_scale is None else guidance_scale
     steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps

@@ -84,16 +84,24 @@ def resolve_model(name_or_path: str) -> str:
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def _json_object(path, fix: str) -> dict:
+    """The JSON object in ``path``, or a ValueError saying what is wrong and ``fix``."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}: "  # noqa: TRY004 (a bad file, not a bad argument)
+                         f"{fix}")
+    return obj
+
+
 def _check_component_folders(folder: Path):
     """ValueError when a component that model_index.json names has no folder: diffusers and
     transformers would load some of them silently empty (a tokenizer of 2 tokens)."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{folder}/model_index.json is not valid JSON ({e}): the model folder "
-                         "is incomplete or corrupt; copy it again") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{folder}/model_index.json is corrupt (not a JSON object)")  # noqa: TRY004
+    index = _json_object(folder / "model_index.json",
+                         "the model folder is incomplete or corrupt; copy it again")
     named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)
              and len(v) == 2 and v[0] is not None]
     missing = [k for k in REQUIRED_COMPONENTS if k not in named or not (folder / k).is_dir()]
@@ -204,15 +212,7 @@ def model_folder_config(pipe) -> dict:
     folder = pipeline_folder(pipe)
     if folder is None or not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
         return {}
-    path = os.path.join(folder, CONFIG_FILE)
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): fix or delete it") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")  # noqa: TRY004 (a bad file, not a bad argument)
-    return cfg
+    return _json_object(os.path.join(folder, CONFIG_FILE), "fix or delete it")
 
 
 # ----------------------------------------------------------------------------- model kind
@@ -405,10 +405,9 @@ def check_prompt(pipe, prompt: str) -> str:
     unknown = [w for w in CONCEPT_TOKEN_RE.findall(prompt) if w not in added]
     if unknown:
         known = sorted(t for t in added if CONCEPT_TOKEN_RE.fullmatch(t))
-        raise ValueError(f"unknown concept token(s) {unknown} in {prompt!r}: this pipeline has "
-                         f"{'only ' + ', '.join(known) if known else 'no concept tokens'}. "
-                         "Learn them first, or load saved ones (load_concepts / generate with "
-                         "the concepts)")
+        raise ValueError(f"unknown concept token(s) {unknown} in {prompt!r}; known concept "
+                         f"tokens: {known or 'none'}. Learn them first, or load saved ones "
+                         "(load_concepts, or pass the concepts to generate)")
     n = len(tok(prompt).input_ids)
     if n > tok.model_max_length:
         kept = tok.decode(tok(prompt, truncation=True, max_length=tok.model_max_length,
