@@ -1,35 +1,43 @@
-"""Concept tokens learned with GIVEN masks: does the mask help? (issue: concept tokens)
+"""Do learned concepts come back? Phase 1 (tokens) vs phase 1 + 2 (tokens + U-Net).
 
-    python benchmarks/concept_fidelity.py            # writes benchmarks/results/concept_fidelity.json
+    python benchmarks/concept_fidelity.py      # writes benchmarks/results/concept_fidelity.json
 
-For each bundled example image (``data/examples``, 5 images, 11 object concepts, several of
-them with patterns the base model never saw), the object concepts of the image are learned
-together (Break-a-Scene's union sampling, the preset ``TrainConfig.for_bundled()``) three
-ways:
+Images: the bundled examples (``data/examples``) and ``--n-user`` generated "user images"
+(2 objects of held-out scenes, seeds 3_000_000+, most objects particular patterned instances
+the model only saw under coarse captions). The object concepts of an image are learned
+together (union sampling) three ways, with the GIVEN masks (this benchmark measures what
+the masks do for the tokens; EM's masks are ``em_suite.py``'s):
 
-- ``no mask``: every concept's mask is the whole image (plain textual inversion);
-- ``masked``: the ground-truth masks in the masked diffusion loss, no attention loss;
-- ``masked + attn``: the masked loss plus the cross-attention loss (the preset's lambda).
+- ``no mask``: every mask is the whole image, no attention loss (textual inversion);
+- ``masked``: the true masks in the masked diffusion loss, no attention loss;
+- ``masked + attn``: the masked loss plus the cross-attention loss (the preset's lambda);
 
-Then, per concept, three figures:
+each measured after phase 1 (the tokens alone) and again after phase 2 (tokens + U-Net,
+``TrainConfig.for_bundled(phase2=...)``). Per concept, ``--n`` samples per prompt, seeds
+0..n-1:
 
-- **concept fidelity**: "a photo of [vi]" (``--n`` samples, seeds 0..n-1), the fraction the
-  shape/colour classifier judges to show the concept's (main) colour AND its shape;
-- **prompt fidelity**: "a photo of [vi] on a {bg} background", with {bg} a plain background
-  other than the image's own, the fraction whose border shows that background
-  (``classifier.judge_background``);
-- **localisation**: IoU of the token's min-max normalised attention map on its own image
-  (prompt "a photo of [v1] and [v2] ...", 16 timesteps, 0.5 threshold) with its mask.
+- **concept fidelity**: "a photo of [vi]" shows the concept's colour AND shape (judge) AND
+  pattern (``identity.read_pattern``);
+- **identity**: ``identity.identity_similarity`` between the masked source concept and each
+  sample; beside it the class-word baseline: the same measures for the coarse caption the
+  model knows ("a photo of a blue striped star"), no learning;
+- **prompt fidelity**: "a photo of [vi] on a {bg} background" keeps the named background
+  (another plain one than the image's), and "a photo of [vi] and a {colour} {shape}" shows
+  the named other object; the mean of the two;
+- **localisation**: IoU of the token's attention on its own image (min-max normalised,
+  16 timesteps, threshold 0.5) with its mask.
 
-The model's own ceiling for the same judgement is printed too: the ordinary words
-"a photo of a {colour} {shape}" judged the same way.
+Means with standard errors over concepts. A partial run resumes (same command and model).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +46,13 @@ import torch
 from conceptlab.generation import generate
 from conceptlab.maps import attention_maps
 from conceptlab.masks import iou
-from conceptlab.models import data_dir, load_pipeline
+from conceptlab.models import data_dir, load_pipeline, weights_fingerprint
 from conceptlab.shapes import world
 from conceptlab.shapes.examples import list_examples, load_example
+from conceptlab.shapes.identity import identity_similarity, load_pattern_net, read_pattern
 from conceptlab.shapes.judge import judge, judge_background, load_classifier
-from conceptlab.tokens import add_concept_tokens, vocabulary_mean_norm
-from conceptlab.train import ConceptImage, TrainConfig, train_concepts
+from conceptlab.tokens import add_concept_tokens
+from conceptlab.train import ConceptImage, ConceptTrainer, TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
@@ -51,140 +60,236 @@ VARIANTS = {
     "masked": {"mask": True, "lambda_attn": 0.0},
     "masked + attn": {"mask": True, "lambda_attn": None},   # None: the preset's value
 }
+METRICS = ("concept_fidelity", "colour_ok", "shape_ok", "pattern_ok", "identity",
+           "prompt_fidelity", "background_kept", "other_object_kept", "attention_iou")
+PLAIN = [b for b in world.BACKGROUNDS if b not in world.TEXTURED_BACKGROUNDS]
 
 
-def other_background(own: str) -> str:
-    return "black" if own == "gray" else "gray"
+@dataclass
+class Case:
+    name: str
+    image: np.ndarray            # (64, 64, 3) uint8
+    masks: np.ndarray            # (K, 64, 64) bool, the object concepts
+    objects: list                # world.ShapeObject per concept
+    background: str
 
 
-def spec_of(ex) -> dict:
-    return json.loads((data_dir() / "examples" / f"{ex.name}.json").read_text())["spec"]
-
-
-def object_concepts(ex):
-    """The example's object concepts: indices, init words, (colour, shape) labels."""
-    objs = spec_of(ex)["objects"]
+def example_cases(names=None) -> list[Case]:
     out = []
-    for k, word in enumerate(ex.init_words):
-        if word == "background":
-            continue
-        o = objs[k]
-        out.append((k, word, (o["colour"], o["shape"])))
+    for n in names or list_examples():
+        ex = load_example(n)
+        spec = json.loads((data_dir() / "examples" / f"{n}.json").read_text())["spec"]
+        ks = [k for k, w in enumerate(ex.init_words) if w != "background"]
+        objs = [world.ShapeObject(**{f: o[f] for f in ("shape", "colour", "cx", "cy", "radius",
+                                                       "angle", "pattern", "colour2")})
+                for o in spec["objects"]]
+        out.append(Case(n, ex.image, ex.masks[ks], [objs[k] for k in ks], spec["background"]))
     return out
 
 
-def run_one(model, ex, variant: str, cfg: TrainConfig, n: int, clf, log=print) -> list[dict]:
-    pipe = load_pipeline(model)   # fresh: no tokens of earlier runs
-    vocab = vocabulary_mean_norm(pipe)
-    v = VARIANTS[variant]
-    concepts = object_concepts(ex)
-    ks = [k for k, _, _ in concepts]
-    masks = ex.masks[ks] if v["mask"] else np.ones((len(ks),) + ex.masks.shape[1:], bool)
-    c = add_concept_tokens(pipe, len(ks), init_words=[w for _, w, _ in concepts])
-    lam = cfg.lambda_attn if v["lambda_attn"] is None else v["lambda_attn"]
-    t0 = time.time()
-    train_concepts(pipe, ConceptImage(ex.image, masks), c, cfg.replace(lambda_attn=lam),
-                   progress=False, attention_every=0)
-    train_s = time.time() - t0
-    bg = other_background(spec_of(ex)["background"])
-    prompt_all = cfg.template.format(cfg.joiner.join(c.names))
-    am = attention_maps(pipe, ex.image, prompt_all, n_timesteps=16, seed=0)
+def user_cases(n: int, seed: int = 3_000_000) -> list[Case]:
+    out = []
+    for i in range(n):
+        spec = world.sample_scene(seed=seed + i, n_objects=2, patterns=world.PATTERNS,
+                                  pattern_p=0.75)
+        sc = world.render_scene(spec)
+        out.append(Case(f"user-{i}", sc.image, sc.masks[1:], list(spec.objects),
+                        spec.background))
+    return out
+
+
+def class_words(o) -> str:
+    """What the base model was taught to call this object: 'a blue striped star'."""
+    return o.phrase(with_pattern=True)
+
+
+def other_object(o, k: int) -> tuple[str, str]:
+    """A (colour, shape) unlike the concept, for "[vi] and a {colour} {shape}"."""
+    colours = [c for c in world.COLOURS if c not in (o.colour, o.colour2)]
+    shapes = [s for s in world.SHAPES if s != o.shape]
+    return colours[k % len(colours)], shapes[k % len(shapes)]
+
+
+def measure(pipe, c, case: Case, n: int, clf, pnet) -> list[dict]:
+    """The per-concept figures of the concepts ``c`` as the pipeline holds them now."""
+    bg = next(b for b in PLAIN if b != case.background)
+    am = attention_maps(pipe, case.image, "a photo of " + " and ".join(c.names),
+                        n_timesteps=16, seed=0)
     rows = []
-    for j, (k, word, (colour, shape)) in enumerate(concepts):
-        name = c.names[j]
+    for j, (name, o) in enumerate(zip(c.names, case.objects)):
         imgs = generate(pipe, c, f"a photo of {name}", n=n, seed=0, output_type="np")
-        rec = judge(imgs, [[(colour, shape)]] * n, clf)
+        rec = judge(imgs, [[(o.colour, o.shape)]] * n, clf)
+        pat = read_pattern(imgs, pnet)
+        ok_c = np.array([r["colour_ok"] for r in rec])
+        ok_s = np.array([r["shape_ok"] for r in rec])
+        ok_p = np.array([p == o.pattern for p in pat])
+        ident = identity_similarity(case.image, case.masks[j], imgs, net=pnet,
+                                    judge_model=clf)
         imgs_bg = generate(pipe, c, f"a photo of {name} on a {bg} background", n=n, seed=0,
                            output_type="np")
-        a = am.for_word(name, size=ex.image.shape[:2]).numpy()
+        colour2, shape2 = other_object(o, j)
+        imgs_o = generate(pipe, c, f"a photo of {name} and a {colour2} {shape2}", n=n, seed=0,
+                          output_type="np")
+        bg_ok = float(judge_background(imgs_bg, bg).mean())
+        other_ok = float(np.mean([r["both_ok"] for r in judge(imgs_o, [[(colour2, shape2)]] * n,
+                                                             clf)]))
+        a = am.for_word(name, size=case.image.shape[:2]).numpy()
         rows.append({
-            "image": ex.name, "variant": variant, "concept": ex.concepts[k], "token": name,
-            "colour": colour, "shape": shape,
-            "colour_ok": float(np.mean([r["colour_ok"] for r in rec])),
-            "shape_ok": float(np.mean([r["shape_ok"] for r in rec])),
-            "concept_fidelity": float(np.mean([r["colour_ok"] and r["shape_ok"] for r in rec])),
-            "prompt_background": bg,
-            "prompt_fidelity": float(judge_background(imgs_bg, bg).mean()),
-            "attention_iou": float(iou(a > 0.5, ex.masks[k])),
-            "train_seconds": round(train_s, 1),
-            "norm_ratio": float(c.norms()[j] / vocab),
+            "concept": name, "object": class_words(o), "colour2": o.colour2,
+            "colour_ok": float(ok_c.mean()), "shape_ok": float(ok_s.mean()),
+            "pattern_ok": float(ok_p.mean()),
+            "concept_fidelity": float((ok_c & ok_s & ok_p).mean()),
+            "identity": float(ident.mean()),
+            "background_kept": bg_ok, "other_object_kept": other_ok,
+            "prompt_fidelity": (bg_ok + other_ok) / 2,
+            "attention_iou": float(iou(a > 0.5, case.masks[j])),
         })
-        log(f"  {ex.name:>28} {variant:>14} {name}: fidelity {rows[-1]['concept_fidelity']:.2f} "
-            f"(colour {rows[-1]['colour_ok']:.2f} shape {rows[-1]['shape_ok']:.2f}) "
-            f"bg {rows[-1]['prompt_fidelity']:.2f} IoU {rows[-1]['attention_iou']:.2f}")
     return rows
 
 
-def words_ceiling(pipe, examples, n, clf) -> dict:
-    """The same judgements for the ordinary words of each concept (no learning)."""
-    fid, bgs = [], []
-    for ex in examples:
-        bg = other_background(spec_of(ex)["background"])
-        for k, word, (colour, shape) in object_concepts(ex):
-            phrase = world.ShapeObject(shape, colour, 0.5, 0.5, 0.2).phrase()
-            imgs = generate(pipe, None, f"a photo of {phrase}", n=n, seed=0, output_type="np")
-            rec = judge(imgs, [[(colour, shape)]] * n, clf)
-            fid.append(np.mean([r["colour_ok"] and r["shape_ok"] for r in rec]))
-            imgs = generate(pipe, None, f"a photo of {phrase} on a {bg} background", n=n,
-                            seed=0, output_type="np")
-            bgs.append(judge_background(imgs, bg).mean())
-    return {"concept_fidelity": float(np.mean(fid)), "prompt_fidelity": float(np.mean(bgs))}
+def run_case(model, case: Case, variant: str, cfg: TrainConfig, n: int, clf, pnet,
+             log=print) -> list[dict]:
+    pipe = load_pipeline(model, progress=False)   # fresh: no tokens or U-Net of earlier runs
+    v = VARIANTS[variant]
+    masks = case.masks if v["mask"] else np.ones_like(case.masks)
+    c = add_concept_tokens(pipe, len(case.objects), init_words=[o.shape for o in case.objects])
+    lam = cfg.lambda_attn if v["lambda_attn"] is None else v["lambda_attn"]
+    rows = []
+    t0 = time.time()
+    with ConceptTrainer(pipe, ConceptImage(case.image, masks), c, cfg.replace(lambda_attn=lam),
+                        progress=False, attention_every=0) as tr:
+        for phase, until in ((1, cfg.steps), (2, cfg.total_steps)):
+            if phase == 2 and cfg.phase2 == "none":
+                break
+            tr.train(until - tr.step_count)
+            c.update_from(pipe)
+            seconds = time.time() - t0
+            for r in measure(pipe, c, case, n, clf, pnet):
+                rows.append({"image": case.name, "variant": variant, "phase": phase,
+                             "train_seconds": round(seconds, 1), **r})
+                log(f"  {case.name:>28} {variant:>14} phase {phase} {r['concept']} "
+                    f"({r['object']}): fidelity {r['concept_fidelity']:.2f} (c {r['colour_ok']:.2f}"
+                    f" s {r['shape_ok']:.2f} p {r['pattern_ok']:.2f}) identity "
+                    f"{r['identity']:.3f} prompt {r['prompt_fidelity']:.2f} "
+                    f"IoU {r['attention_iou']:.2f}")
+            t0 = time.time()
+    return rows
 
 
-def summarise(rows) -> dict:
+def class_word_baseline(pipe, cases, n, clf, pnet) -> list[dict]:
+    rows = []
+    for case in cases:
+        for j, o in enumerate(case.objects):
+            imgs = generate(pipe, None, f"a photo of {class_words(o)}", n=n, seed=0,
+                            output_type="np")
+            rec = judge(imgs, [[(o.colour, o.shape)]] * n, clf)
+            pat = read_pattern(imgs, pnet)
+            ok = [r["colour_ok"] and r["shape_ok"] and p == o.pattern for r, p in zip(rec, pat)]
+            ident = identity_similarity(case.image, case.masks[j], imgs, net=pnet,
+                                        judge_model=clf)
+            rows.append({"image": case.name, "object": class_words(o),
+                         "concept_fidelity": float(np.mean(ok)),
+                         "pattern_ok": float(np.mean([p == o.pattern for p in pat])),
+                         "identity": float(ident.mean())})
+    return rows
+
+
+def mean_sem(values) -> dict:
+    a = np.asarray(values, float)
+    return {"mean": round(float(a.mean()), 4),
+            "sem": round(float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0, 4),
+            "n": len(a)}
+
+
+def summarise(rows, baseline) -> dict:
     out = {}
     for v in VARIANTS:
-        r = [x for x in rows if x["variant"] == v]
-        if r:
-            out[v] = {k: float(np.mean([x[k] for x in r])) for k in
-                      ("concept_fidelity", "colour_ok", "shape_ok", "prompt_fidelity",
-                       "attention_iou", "train_seconds", "norm_ratio")}
-            out[v]["n_concepts"] = len(r)
+        for phase in (1, 2):
+            r = [x for x in rows if x["variant"] == v and x["phase"] == phase]
+            if r:
+                out[f"{v} | phase {phase}"] = {k: mean_sem([x[k] for x in r]) for k in METRICS}
+    if baseline:
+        out["class words (no learning)"] = {k: mean_sem([x[k] for x in baseline])
+                                            for k in ("concept_fidelity", "pattern_ok",
+                                                      "identity")}
     return out
 
 
-def main():
+def print_table(summary):
+    cols = ("concept_fidelity", "pattern_ok", "identity", "prompt_fidelity", "attention_iou")
+    print(f"{'':>32}" + "".join(f"{c.replace('_', ' '):>20}" for c in cols))
+    for k, s in summary.items():
+        print(f"{k:>32}" + "".join(
+            f"{s[c]['mean']:>12.3f} +-{s[c]['sem']:.3f}" if c in s else f"{'':>20}" for c in cols))
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="shapes-ldm")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
-    ap.add_argument("--examples", nargs="*", default=None)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--n-user", type=int, default=10, help="generated user images")
+    ap.add_argument("--examples", nargs="*", default=None, help="default: every example")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--user-variants", default=None,
+                    help="variants for the user images (default: --variants)")
+    ap.add_argument("--phase2", default=None, choices=("none", "full", "lora"))
+    ap.add_argument("--phase2-steps", type=int, default=None)
+    ap.add_argument("--phase2-lr", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="phase-1 steps (default: preset)")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS / "concept_fidelity.json"))
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
-    clf = load_classifier()
-    cfg = TrainConfig.for_bundled()
-    if args.steps:
-        cfg = cfg.replace(steps=args.steps)
-    examples = [load_example(n) for n in (args.examples or list_examples())]
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    changes = {k: v for k, v in (("phase2", args.phase2), ("phase2_steps", args.phase2_steps),
+                                 ("phase2_lr", args.phase2_lr), ("steps", args.steps))
+               if v is not None}
+    cfg = TrainConfig.for_bundled(**changes)
+    pipe = load_pipeline(args.model, progress=False)
+    clf, pnet = load_classifier(), load_pattern_net()
+    cmd = "python benchmarks/concept_fidelity.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    jobs = [(case, v) for case in example_cases(args.examples)
+            for v in args.variants.split(",")]
+    jobs += [(case, v) for case in user_cases(args.n_user)
+             for v in (args.user_variants or args.variants).split(",")]
+    for _, v in jobs:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}: choose from {list(VARIANTS)}")
+    model_id = weights_fingerprint(pipe)
+    res = {"command": cmd.strip(), "model": model_id, "config": cfg.to_dict(),
+           "n_samples": args.n, "rows": [], "done": [], "baseline": [], "seconds": 0.0}
+    if os.path.exists(args.out):
+        old = json.loads(Path(args.out).read_text())
+        if old.get("command") == res["command"] and old.get("model") == model_id:
+            res = old
+            print(f"resuming: {len(res['done'])} of {len(jobs)} runs already done")
+
+    def save():
+        res["summary"] = summarise(res["rows"], res["baseline"])
+        tmp = args.out + ".tmp"
+        Path(tmp).write_text(json.dumps(res, indent=1))
+        os.replace(tmp, args.out)
+
     t0 = time.time()
-    rows = []
-    for ex in examples:
-        for v in VARIANTS:
-            rows += run_one(args.model, ex, v, cfg, args.n, clf)
-    ceiling = words_ceiling(pipe, examples, args.n, clf)
-    summary = summarise(rows)
-    res = {"command": "python benchmarks/concept_fidelity.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-               if v not in (None, 0) and k not in ("out", "model", "examples")),
-           "model": args.model, "config": cfg.to_dict(), "n_samples": args.n,
-           "summary": summary, "words_ceiling": ceiling, "rows": rows,
-           "seconds": round(time.time() - t0, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"\n{len(examples)} images, {summary[next(iter(summary))]['n_concepts']} object "
-          f"concepts, {args.n} samples per prompt, {cfg.steps} steps per run")
-    print(f"{'':>15}{'concept fid.':>14}{'colour':>8}{'shape':>8}{'prompt fid.':>13}"
-          f"{'attn IoU':>10}{'|v|/mean':>10}{'train s':>9}")
-    for v, s in summary.items():
-        print(f"{v:>15}{s['concept_fidelity']:>14.2f}{s['colour_ok']:>8.2f}{s['shape_ok']:>8.2f}"
-              f"{s['prompt_fidelity']:>13.2f}{s['attention_iou']:>10.2f}{s['norm_ratio']:>10.2f}"
-              f"{s['train_seconds']:>9.1f}")
-    print(f"{'words (ceiling)':>15}{ceiling['concept_fidelity']:>14.2f}{'':>16}"
-          f"{ceiling['prompt_fidelity']:>13.2f}")
+    for case, v in jobs:
+        key = f"{case.name}|{v}"
+        if key in res["done"]:
+            continue
+        res["rows"] += run_case(args.model, case, v, cfg, args.n, clf, pnet)
+        res["done"].append(key)
+        res["seconds"] = round(res["seconds"] + time.time() - t0, 1)
+        t0 = time.time()
+        save()
+    if not res["baseline"]:
+        cases = example_cases(args.examples) + user_cases(args.n_user)
+        res["baseline"] = class_word_baseline(pipe, cases, args.n, clf, pnet)
+        save()
+    n_concepts = len({(r["image"], r["concept"]) for r in res["rows"]})
+    print(f"\n{n_concepts} object concepts in {len({r['image'] for r in res['rows']})} images, "
+          f"{args.n} samples per prompt; phase 1: {cfg.steps} steps, phase 2: "
+          f"{cfg.phase2} {cfg.phase2_steps if cfg.phase2 != 'none' else 0} steps at lr "
+          f"{cfg.phase2_lr:g}")
+    print_table(res["summary"])
     print(f"total {res['seconds']:.0f} s; written to {args.out}")
 
 

@@ -12,7 +12,9 @@ coordinate ascent in which the masks are the latent variables:
   refined by a DenseCRF;
 - **M-step** (:class:`conceptlab.train.ConceptTrainer`): train the tokens with the masked
   diffusion loss and the cross-attention loss on the current masks;
-- repeat the E-step every ``em_every`` steps, and once more at the end.
+- repeat the E-step every ``em_every`` steps, and once more at the end of phase 1;
+- with a phase 2 in the config (``TrainConfig.phase2``), the tokens and the U-Net are then
+  trained together on those final masks (Break-a-Scene's second phase).
 
 Nothing guarantees that an E-step improves a mask (the CRF and the threshold are not part
 of the training objective), so every new mask goes through
@@ -39,7 +41,14 @@ import warnings
 import numpy as np
 
 from . import masks as _masks
-from .estep import MaskConfig, background_index, check_masks, estimate_masks, fallback_masks
+from .estep import (
+    MaskConfig,
+    assignment_error,
+    background_index,
+    check_masks,
+    estimate_masks,
+    fallback_masks,
+)
 from .fileio import atomic_save, atomic_write_json
 from .models import native_size, to_uint8
 from .result import LearnedConcepts
@@ -49,6 +58,24 @@ from .train import ConceptImage, ConceptTrainer, TrainConfig
 METHODS = ("em", "fixed", "given", "none")
 RUN_FILE = "run.json"
 STATE_FILE = "em_state.npz"
+
+
+def _best_order(masks, gt, words, background_word) -> list[int]:
+    """order[j]: the ground-truth row that mask j is scored against, the permutation of
+    the non-background rows with the largest summed IoU (the background keeps its row)."""
+    import itertools
+
+    bg = background_index(words, background_word)
+    objs = [j for j in range(len(masks)) if j != bg]
+    best, best_score = list(range(len(masks))), -1.0
+    for perm in itertools.permutations(objs):
+        score = sum(float(_masks.iou(masks[j], gt[p])) for j, p in zip(objs, perm))
+        if score > best_score:
+            order = list(range(len(masks)))
+            for j, p in zip(objs, perm):
+                order[j] = p
+            best, best_score = order, score
+    return best
 
 
 def e_step_schedule(total: int, em_every: int | None, method: str) -> list[int]:
@@ -137,7 +164,8 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                    config: TrainConfig | None = None, mask_config: MaskConfig | None = None,
                    seed: int = 0, progress: bool = True, checkpoint_dir=None,
                    overwrite: bool = False, gt_masks=None,
-                   token_prefix: str = "v", resize: bool = False) -> LearnedConcepts:
+                   token_prefix: str = "v", resize: bool = False,
+                   match_gt: bool = False) -> LearnedConcepts:
     """Learn one token per concept (and, with ``method="em"``, its mask) from images.
 
     images          one image or a list (path / PIL / (H, W, 3) array / tensor), at the
@@ -151,6 +179,9 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
     steps, em_every training steps (default: the config's) and E-step period
                     (default: 4 E-steps per run, at 0, T/4, T/2, 3T/4, and one at T)
     gt_masks        per image (K_i, H, W) ground truth, for the IoU history ONLY
+    match_gt        score each image's object concepts against the ground-truth objects
+                    in the order that fits best (the background keeps its row): tokens
+                    that start from one shared word have no order of their own
     checkpoint_dir  resumable (see the module doc); ``overwrite`` replaces what is there
     config          training settings; default ``TrainConfig.for_model(pipe, method)``
     Returns a :class:`~conceptlab.result.LearnedConcepts`; ``.complete`` is False when
@@ -201,8 +232,10 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
     mcfg = mask_config or MaskConfig()
     total = cfg.total_steps
     names = [f"[{token_prefix}{i + 1}]" for i in range(K)]
-    longest = "a photo of " + " and ".join(names)
-    n_tok = len(pipe.tokenizer(cfg.template.format(cfg.joiner.join(names))).input_ids)
+    # each concept token is ONE token once added: count it as a one-token word ("a")
+    one = ["a"] * K
+    longest = "a photo of " + " and ".join(one)
+    n_tok = len(pipe.tokenizer(cfg.template.format(cfg.joiner.join(one))).input_ids)
     if n_tok > pipe.tokenizer.model_max_length or \
             len(pipe.tokenizer(longest).input_ids) > pipe.tokenizer.model_max_length:
         raise ValueError(f"{K} concepts make a prompt of {n_tok} tokens, more than the text "
@@ -233,6 +266,15 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                                  seed=seed + 1000 * step + i, background=bg)
             m = check_masks(est.masks, None if previous is None else previous[i],
                             [names[c] for c in ids[i]], step, warn_list, mcfg)
+            if mcfg.guard and previous is not None:
+                toks = [names[c] for c in ids[i]]
+                e_new = assignment_error(pipe, img, toks, m, seed=seed + i)
+                e_old = assignment_error(pipe, img, toks, previous[i], seed=seed + i)
+                if e_new > e_old:
+                    warn_list.append(f"step {step}: image {i}: the new masks explain the "
+                                     f"image worse ({e_new:.4f} > {e_old:.4f}); keeping the "
+                                     "previous masks")
+                    m = previous[i].copy()
             area = m.reshape(len(m), -1).mean(1)
             bad = (area < mcfg.min_fraction) | (area > mcfg.max_fraction)
             if previous is None and bad.any():  # nothing to keep: each map above its mean
@@ -243,8 +285,10 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
     def ious_of(per_image):
         ious, count = np.zeros(K), np.zeros(K)
         for i, m in enumerate(per_image):
+            order = (_best_order(m, gt_masks[i], [init_words[c] for c in ids[i]],
+                                 mcfg.background_word) if match_gt else range(len(ids[i])))
             for j, c in enumerate(ids[i]):
-                ious[c] += float(_masks.iou(m[j], gt_masks[i][j]))
+                ious[c] += float(_masks.iou(m[j], gt_masks[i][order[j]]))
                 count[c] += 1
         return (ious / np.maximum(count, 1)).round(4).tolist()
 
@@ -291,10 +335,13 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                 np.savez(f, meta=json.dumps(meta), **arrays)
         atomic_save(write, state_path)
 
-    schedule = e_step_schedule(total, em_every, method)
+    # the alternation runs over phase 1 (the tokens); a phase 2 (tokens + U-Net) follows
+    # on the final masks, as Break-a-Scene's second phase follows its first
+    phase1 = cfg.steps if cfg.phase2 != "none" else total
+    schedule = e_step_schedule(phase1, em_every, method)
     if method == "em":
-        schedule = schedule + [total]  # final masks: from the final tokens
-    eval_schedule = sorted(set(e_step_schedule(total, em_every, "em")) | {total}) \
+        schedule = schedule + [phase1]  # final masks: from the final tokens
+    eval_schedule = sorted(set(e_step_schedule(phase1, em_every, "em")) | {phase1, total}) \
         if gt_masks is not None else []
     if resuming:
         z = np.load(state_path, allow_pickle=False)

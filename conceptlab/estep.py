@@ -25,6 +25,55 @@ from . import masks as _masks
 from .maps import attention_maps
 from .models import native_size, to_uint8
 
+COMPETITIONS = ("max", "centered")
+
+
+def competition_scores(maps, background_threshold: float, competition: str = "max"):
+    """(K, H, W) non-negative maps -> (K, H, W) scores in [0, 1] that compete against the
+    constant background channel (``MaskConfig.competition``)."""
+    n = _masks.normalize(torch.as_tensor(maps, dtype=torch.float32), "max")
+    if competition == "max" or len(n) < 2:
+        return n
+    fg = n.amax(0) > background_threshold
+    if not fg.any():
+        return n
+    mu = n[:, fg].mean(1)                                   # (K,) mean over the foreground
+    return (n - mu[:, None, None] + mu.mean()).clamp(0, 1)
+
+
+def fill_empty_concepts(masks: np.ndarray, scores, min_pixels: int = 4) -> np.ndarray:
+    """(K, H, W) disjoint object masks -> the same with every empty mask given a region.
+
+    While some concept k has an empty mask and another concept holds two or more separate
+    regions (8-connected, of at least ``min_pixels``), the region (other than its holder's
+    largest) in which k's score is highest moves to k. Pixels never change from object to
+    background or back; only which object holds them."""
+    from scipy import ndimage
+
+    out = np.asarray(masks, bool).copy()
+    sc = np.asarray(scores, np.float32)
+    K = len(out)
+    for _ in range(K):
+        empty = [k for k in range(K) if out[k].sum() < min_pixels]
+        if not empty:
+            break
+        regions = []   # (holder, region mask) that could move
+        for j in range(K):
+            lab, n = ndimage.label(out[j], structure=np.ones((3, 3)))
+            if n < 2:
+                continue
+            sizes = ndimage.sum(out[j], lab, range(1, n + 1))
+            keep = int(np.argmax(sizes)) + 1
+            regions += [(j, lab == r) for r in range(1, n + 1)
+                        if r != keep and sizes[r - 1] >= min_pixels]
+        if not regions:
+            break
+        k = empty[0]
+        j, region = max(regions, key=lambda jr: float(sc[k][jr[1]].mean()))
+        out[j] &= ~region
+        out[k] |= region
+    return out
+
 
 @dataclass(frozen=True)
 class MaskConfig:
@@ -45,6 +94,20 @@ class MaskConfig:
     # the bundled model and in SD alike), so its own map would lose most pixels to the
     # "nothing" channel. None: every concept competes with its own map.
     background_word: str | None = "background"
+    # how the object maps compete for a pixel. "max": each map divided by its max, the
+    # largest wins. "centered": each max-normalised map also minus its mean over the
+    # foreground (the pixels some map puts above the threshold), plus the mean of those
+    # means: a token wins where it attends MORE THAN IT DOES ON AVERAGE. Tokens that start
+    # from the same word have near-equal maps, and the broadest one wins every pixel under
+    # "max"; "centered" splits the foreground between them (symmetry breaking, notebook 05).
+    competition: str = "max"
+    # an object concept whose mask came out empty takes a separate region from a concept
+    # that holds two or more (the region where its own score is highest): no token is left
+    # without a region while another holds two objects (``fill_empty_concepts``)
+    fill_empty: bool = False
+    # EM's guard (``assignment_error``): new masks are kept only if the concepts' own
+    # prompts explain the image's pixels under them no worse than under the previous masks
+    guard: bool = False
 
     def __post_init__(self):
         if not isinstance(self.n_timesteps, int) or self.n_timesteps < 1:
@@ -52,6 +115,9 @@ class MaskConfig:
         if not 0 <= self.background_threshold <= 1:
             raise ValueError(f"background_threshold must lie in [0, 1], got "
                              f"{self.background_threshold!r}")
+        if self.competition not in COMPETITIONS:
+            raise ValueError(f"competition must be one of {COMPETITIONS}, got "
+                             f"{self.competition!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 <= self.min_fraction < self.max_fraction <= 1:
@@ -114,18 +180,67 @@ def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
     hard = np.zeros((K, H, W), bool)
     refined = np.zeros((K, H, W), bool)
     if objs:
-        hard[objs] = np.asarray(_masks.assign_masks(up[objs], cfg.background_threshold), bool)
+        scores = competition_scores(up[objs], cfg.background_threshold, cfg.competition)
+        # scores are already in [0, 1]: "max" re-normalising leaves "max" scores unchanged
+        # and would undo the centring, so the label probabilities are built here
+        hard[objs] = np.asarray(_masks.assign_masks(scores, cfg.background_threshold,
+                                                    normalize_mode="none"), bool)
         if cfg.crf:
             backend = _crf.crf_backend()
+            probs = _masks.unary_from_maps(scores, cfg.background_threshold, cfg.temperature,
+                                           normalize_mode="none")
             refined[objs] = np.asarray(_crf.refine_masks(
-                img, up[objs], background_threshold=cfg.background_threshold,
-                temperature=cfg.temperature, **cfg.crf_params), bool)
+                img, probs, kind="probs", **cfg.crf_params), bool)
         else:
             refined[objs] = hard[objs]
+        if cfg.fill_empty:
+            refined[objs] = fill_empty_concepts(refined[objs], scores.numpy())
     if background is not None:
         hard[background] = ~hard[objs].any(0)
         refined[background] = ~refined[objs].any(0)
     return MaskEstimate(refined, maps.numpy(), hard, prompt, backend)
+
+
+@torch.no_grad()
+def assignment_error(pipe, image, tokens: list[str], masks, *, n_timesteps: int = 8,
+                     seed: int = 0) -> float:
+    """How well each concept's own prompt explains the pixels its mask gives it.
+
+    For each token k, "a photo of [vk]" predicts the noise of ``n_timesteps`` noised copies
+    of the image (the same t and noise for every token); ``err_k(p)`` is the squared error
+    at latent pixel p, averaged over channels and copies. Returns
+    ``sum_k sum_p M_k(p) err_k(p) / sum_p sum_k M_k(p)`` with the masks area-downsampled to
+    the latent grid: the masked diffusion loss of the M-step, read as a function of the
+    masks. Lower is better; EM's guard (``MaskConfig.guard``) keeps an E-step's masks only
+    if this does not rise (hard EM: the M-step lowers it for fixed masks, so the loop is
+    then monotone in it)."""
+    from diffusers import DDPMScheduler
+
+    from .models import encode_image, encode_prompt
+
+    z0 = encode_image(pipe, image).float()
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    g = torch.Generator().manual_seed(seed)
+    n_train = sched.config.num_train_timesteps
+    t = torch.linspace(0, n_train - 1, n_timesteps + 2)[1:-1].round().long()
+    noise = torch.randn((n_timesteps, *z0.shape[1:]), generator=g)
+    z0n = z0.expand(n_timesteps, -1, -1, -1).to(noise)
+    zt = sched.add_noise(z0n, noise, t)
+    if sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(z0n, noise, t)
+    else:
+        target = noise
+    unet = pipe.unet
+    emb = encode_prompt(pipe, [f"a photo of {tok}" for tok in tokens])       # (K, T, D)
+    errs = []
+    for k in range(len(tokens)):
+        e = emb[k:k + 1].expand(n_timesteps, -1, -1).to(unet.dtype)
+        pred = unet(zt.to(unet.device, unet.dtype), t.to(unet.device), e).sample.float().cpu()
+        errs.append(((pred - target) ** 2).mean((0, 1)))                   # (h, w)
+    err = torch.stack(errs)                                                 # (K, h, w)
+    m = torch.as_tensor(np.asarray(masks, np.float32))[None]
+    w = torch.nn.functional.adaptive_avg_pool2d(m, err.shape[-2:])[0]       # (K, h, w)
+    return float((w * err).sum() / w.sum().clamp_min(1e-8))
 
 
 def check_masks(new, old, names, step, warn_list, cfg: MaskConfig):

@@ -88,12 +88,17 @@ def normalize(attn, mode="max"):
     attn: (..., H, W) float; every (H, W) slice is one map.
     mode: "max"    -> A / max(A)                    (needs A >= 0)
           "minmax" -> (A - min(A)) / (max(A) - min(A))
+          "none"   -> A unchanged (maps already in [0, 1], e.g. E-step scores)
     Returns (..., H, W) float. Degenerate maps (all zero for "max", constant for
     "minmax") come back as all zeros instead of nan.
     """
     a, was_numpy = _to_torch(attn, "attn")
     _check_ndim(a, 2, "attn", "(..., H, W)")
     a = _as_float(a)
+    if mode == "none":
+        if (a < 0).any() or (a > 1).any():
+            raise ValueError("normalize(mode='none') needs maps already in [0, 1]")
+        return _back(a, was_numpy)
     lo = a.amin(dim=(-2, -1), keepdim=True)
     hi = a.amax(dim=(-2, -1), keepdim=True)
     if mode == "max":
@@ -105,7 +110,7 @@ def normalize(attn, mode="max"):
         rng = hi - lo
         out = torch.where(rng > 0, (a - lo) / torch.where(rng > 0, rng, 1.0), 0.0)
     else:
-        raise ValueError(f"mode must be 'max' or 'minmax', got {mode!r}")
+        raise ValueError(f"mode must be 'max', 'minmax' or 'none', got {mode!r}")
     return _back(out, was_numpy)
 
 

@@ -249,7 +249,24 @@ if "control" in q:
 # 3. Read the model card. Which part of the model has the most parameters, and why is the
 #    text encoder so small compared with Stable Diffusion's?
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 2
 rows2, _ = sample_grid(pipe, ["a star on a gray background"], n_per_prompt=6, seed=1)
 sample_sheet(rows2, ["a star on a gray background"])
+
+
+# %% [markdown]
+# ## References
+# - Rahman, Mahajan, Lee, Ren, Tulyakov, Sigal. *Visual Concept-driven Image Generation with
+#   Text-to-Image Diffusion Models* (the EM method of this course). arXiv:2402.11487.
+# - Avrahami, Aberman, Fried, Cohen-Or, Lischinski. *Break-a-Scene: Extracting Multiple
+#   Concepts from a Single Image*. SIGGRAPH Asia 2023. arXiv:2305.16311.
+# - Gal, Alaluf, Atzmon, Patashnik, Bermano, Chechik, Cohen-Or. *An Image is Worth One Word:
+#   Personalizing Text-to-Image Generation using Textual Inversion*. arXiv:2208.01618.
+# - Kraehenbuehl, Koltun. *Efficient Inference in Fully Connected CRFs with Gaussian Edge
+#   Potentials*. NeurIPS 2011. arXiv:1210.5644.
+# - Wang et al. *TokenCompose: Grounding Diffusion with Token-level Supervision*: the idea
+#   behind the grounding loss the bundled model was trained with. arXiv:2312.03626.
+#
+# The equations and hyper-parameters of the course, with their scales, on one page:
+# `docs/cheatsheet.md`.

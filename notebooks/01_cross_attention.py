@@ -467,7 +467,7 @@ plt.show()
 #    you take the softmax over *pixels* (`dim=0`) instead of tokens? What does a column
 #    then mean?
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 1: one map per head, each scaled to its own maximum. Here the four heads of this
 # layer largely agree on the object; the library averages them, keeping what they share.
 tok = maps.word_indices(shape_words[0])[0]
@@ -476,7 +476,7 @@ fig = image_row([sc.image] + [m for m in per_head],
                 ["image"] + [f"head {i}" for i in range(len(per_head))], cmap="magma")
 plt.show()
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 2: colour words vs shape words (one set of maps per scene serves both)
 vals = {"colour": [], "shape": []}
 for i in range(10):
@@ -490,7 +490,7 @@ print(", ".join(f"{kind} words: mean IoU {np.mean(v):.2f}" for kind, v in vals.i
 # the right place but sharply peaked on a small part of its object, so "above half the
 # peak" covers only a fraction of the object (plot a few with m.for_word(o.colour) to see).
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 3: over the full range, one random timestep is often a noisy one; a handful
 # averaged already recovers most of the IoU. (With t_range=(0, 250), the model's default,
 # even a single timestep gives a good map: every draw is a low-noise one.)
@@ -504,10 +504,27 @@ for n_t in (1, 4, 16):
                  for k, o in enumerate(s.spec.objects)]
     print(f"n_timesteps={n_t:>2}: mean IoU {np.mean(vals):.2f}")
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 4: softmax over pixels makes each *column* a distribution over the image:
 # "where does this word send its value", not "what does this pixel read". Every word,
 # even "<start>", then has a map summing to 1, and the competition between words is gone.
 P_pix = torch.softmax(Q @ K.T / D**0.5, dim=0)
 fig = image_row([P_pix[:, j].reshape(8, 8) for j in range(T)], tokens, cmap="magma")
 plt.show()
+
+
+# %% [markdown]
+# ## References
+# - Rahman, Mahajan, Lee, Ren, Tulyakov, Sigal. *Visual Concept-driven Image Generation with
+#   Text-to-Image Diffusion Models* (the EM method of this course). arXiv:2402.11487.
+# - Avrahami, Aberman, Fried, Cohen-Or, Lischinski. *Break-a-Scene: Extracting Multiple
+#   Concepts from a Single Image*. SIGGRAPH Asia 2023. arXiv:2305.16311.
+# - Gal, Alaluf, Atzmon, Patashnik, Bermano, Chechik, Cohen-Or. *An Image is Worth One Word:
+#   Personalizing Text-to-Image Generation using Textual Inversion*. arXiv:2208.01618.
+# - Kraehenbuehl, Koltun. *Efficient Inference in Fully Connected CRFs with Gaussian Edge
+#   Potentials*. NeurIPS 2011. arXiv:1210.5644.
+# - Wang et al. *TokenCompose: Grounding Diffusion with Token-level Supervision*: the idea
+#   behind the grounding loss the bundled model was trained with. arXiv:2312.03626.
+#
+# The equations and hyper-parameters of the course, with their scales, on one page:
+# `docs/cheatsheet.md`.

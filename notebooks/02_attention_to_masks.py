@@ -401,7 +401,7 @@ print("the CRF improves on argmax:", t["argmax + CRF"] > t["argmax + background"
 #    background. Split the table into plain (`world.PLAIN_BACKGROUNDS`) and textured
 #    backgrounds. Where does the CRF help most?
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 1: the maps do not depend on b, so the benchmark's maps can be reused
 from conceptlab.shapes.suites import held_out_multi_object_scenes, masks_by_method
 scenes = held_out_multi_object_scenes(10)          # the benchmark's first 10 scenes
@@ -414,7 +414,7 @@ for b in (0.1, 0.2, 0.3, 0.4, 0.5):
             r[m] += [M.iou(p, t) for p, t in zip(pred[m], s.masks[1:])]
     print(f"b = {b}: " + ", ".join(f"{m} {np.mean(v):.2f}" for m, v in r.items()))
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 2: the appearance (bilateral) kernel aligns masks with colour edges; the
 # smoothness kernel alone only rounds the blobs.
 from conceptlab.crf import refine_masks
@@ -423,7 +423,7 @@ outs = {n: refine_masks(sc.image, concept.numpy(), **p) for n, p in variants.ite
 fig = show_masks([(m, f"{n}\nmean IoU {miou(m):.2f}") for n, m in outs.items()])
 plt.show()
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 3: Q settles within a few iterations
 Qs = [mean_field(probs, kernels, n_iters=n) for n in range(11)]
 change = [(Qs[n] - Qs[n - 1]).abs().mean().item() for n in range(1, 11)]
@@ -431,9 +431,26 @@ fig, ax = plt.subplots(figsize=(4, 2.5))
 _ = ax.semilogy(range(1, 11), change, "o-"); ax.set_xlabel("iteration"); ax.set_ylabel("mean |change of Q|")
 fig.tight_layout(); plt.show()
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 4
 plain = set(world.PLAIN_BACKGROUNDS)
 for name, sel in [("plain", lambda r: r["background"] in plain), ("textured", lambda r: r["background"] not in plain)]:
     rows = [r for r in result["rows"] if sel(r)]
     print(f"{name:>8} ({len(rows)} objects): " + ", ".join(f"{m} {np.mean([r[m] for r in rows]):.2f}" for m in METHODS))
+
+
+# %% [markdown]
+# ## References
+# - Rahman, Mahajan, Lee, Ren, Tulyakov, Sigal. *Visual Concept-driven Image Generation with
+#   Text-to-Image Diffusion Models* (the EM method of this course). arXiv:2402.11487.
+# - Avrahami, Aberman, Fried, Cohen-Or, Lischinski. *Break-a-Scene: Extracting Multiple
+#   Concepts from a Single Image*. SIGGRAPH Asia 2023. arXiv:2305.16311.
+# - Gal, Alaluf, Atzmon, Patashnik, Bermano, Chechik, Cohen-Or. *An Image is Worth One Word:
+#   Personalizing Text-to-Image Generation using Textual Inversion*. arXiv:2208.01618.
+# - Kraehenbuehl, Koltun. *Efficient Inference in Fully Connected CRFs with Gaussian Edge
+#   Potentials*. NeurIPS 2011. arXiv:1210.5644.
+# - Wang et al. *TokenCompose: Grounding Diffusion with Token-level Supervision*: the idea
+#   behind the grounding loss the bundled model was trained with. arXiv:2312.03626.
+#
+# The equations and hyper-parameters of the course, with their scales, on one page:
+# `docs/cheatsheet.md`.

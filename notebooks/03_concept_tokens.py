@@ -193,14 +193,16 @@ del pipe, emb, opt   # the experiments below start from fresh pipelines
 # - **mask**: the loss only looks inside the square (Break-a-Scene's masked loss).
 #
 # We start from the course preset `TrainConfig.for_bundled()` (tuned for this model; its
-# docstring says how) and switch off two of its terms for now: Break-a-Scene's
-# cross-attention loss (`lambda_attn=0`; it needs a mask, and notebook 04 is about it) and the
-# norm penalty (`norm_penalty=0`; section 6 shows why it is there).
+# docstring says how) and switch off three of its parts for now: Break-a-Scene's
+# cross-attention loss (`lambda_attn=0`; it needs a mask, and notebook 04 is about it), the
+# norm penalty (`norm_penalty=0`; section 6 shows why it is there) and the second phase
+# (`phase2="none"`: this notebook is about what a token *alone* can learn; notebook 04
+# fine-tunes the U-Net too).
 
 # %%
 from conceptlab.train import TrainConfig, ConceptImage, train_concepts
 
-config = TrainConfig.for_bundled(lambda_attn=0.0, norm_penalty=0.0)
+config = TrainConfig.for_bundled(lambda_attn=0.0, norm_penalty=0.0, phase2="none")
 print(config.steps, "steps, lr", config.lr, ", batch", config.batch_size, ", t in", config.t_range)
 
 
@@ -412,7 +414,7 @@ print("with it, it stays below 1.2x:", ratio["mask + norm penalty"] < 1.2)
 #    it into a fresh pipeline with `load_concepts`, and check that the generations are
 #    identical.
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 3
 import tempfile
 from conceptlab.tokens import save_concepts, load_concepts
@@ -425,3 +427,20 @@ with tempfile.TemporaryDirectory() as d:
     a = generate(p, c, "a photo of [v1]", n=2, output_type="np")
     b = generate(p2, c2, "a photo of [v1]", n=2, output_type="np")
 print("identical:", np.array_equal(a, b))
+
+
+# %% [markdown]
+# ## References
+# - Rahman, Mahajan, Lee, Ren, Tulyakov, Sigal. *Visual Concept-driven Image Generation with
+#   Text-to-Image Diffusion Models* (the EM method of this course). arXiv:2402.11487.
+# - Avrahami, Aberman, Fried, Cohen-Or, Lischinski. *Break-a-Scene: Extracting Multiple
+#   Concepts from a Single Image*. SIGGRAPH Asia 2023. arXiv:2305.16311.
+# - Gal, Alaluf, Atzmon, Patashnik, Bermano, Chechik, Cohen-Or. *An Image is Worth One Word:
+#   Personalizing Text-to-Image Generation using Textual Inversion*. arXiv:2208.01618.
+# - Kraehenbuehl, Koltun. *Efficient Inference in Fully Connected CRFs with Gaussian Edge
+#   Potentials*. NeurIPS 2011. arXiv:1210.5644.
+# - Wang et al. *TokenCompose: Grounding Diffusion with Token-level Supervision*: the idea
+#   behind the grounding loss the bundled model was trained with. arXiv:2312.03626.
+#
+# The equations and hyper-parameters of the course, with their scales, on one page:
+# `docs/cheatsheet.md`.

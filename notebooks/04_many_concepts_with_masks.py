@@ -26,10 +26,12 @@
 #   and with the generations;
 # - Break-a-Scene's **cross-attention loss**, which ties each token's attention to its mask;
 # - the payoff: the learned concepts in new arrangements, on new backgrounds, next to
-#   ordinary words.
+#   ordinary words;
+# - Break-a-Scene's **second phase**: the U-Net fine-tuned together with the tokens, which
+#   is what makes a concept's appearance come back, and what it costs.
 #
 # **Prerequisites**: notebook 03 (concept tokens, the masked diffusion loss, the embedding
-# norm) and notebook 01 (attention maps). **Runtime**: about 2 minutes on a 2-core CPU (measured, idle).
+# norm) and notebook 01 (attention maps). **Runtime**: about 2.5 minutes on a 2-core CPU (measured, idle).
 
 # %%
 from collections import Counter
@@ -44,7 +46,7 @@ from conceptlab.shapes.examples import load_example
 from IPython.display import display
 
 from conceptlab.viz.figures import image_row, overlay_map, overlay_masks, sample_strips
-from conceptlab.train import ConceptImage, TrainConfig, train_concepts
+from conceptlab.train import ConceptImage, ConceptTrainer, TrainConfig
 
 torch.set_num_threads(2)
 
@@ -103,19 +105,27 @@ for _ in range(6):
 #
 # Same data, same random draws; only $\lambda_{\text{attn}}$ differs. Both tokens start
 # from the same word, "shape", so nothing but training tells them apart.
+#
+# The course preset has two phases (Break-a-Scene's): phase 1 trains the tokens alone,
+# phase 2 then trains the tokens *and the U-Net* (section 6). A `ConceptTrainer` runs them
+# step by step: `train(config.steps)` stops at the end of phase 1, and the same trainer
+# continues into phase 2 later.
 
 # %%
 data = ConceptImage(ex.image, masks)
 config = TrainConfig.for_bundled()
-print(f"{config.steps} steps, lr {config.lr}, batch {config.batch_size}, t in {config.t_range}, "
-      f"norm_penalty {config.norm_penalty}, lambda_attn {config.lambda_attn}")
+print(f"phase 1: {config.steps} steps, lr {config.lr}, batch {config.batch_size}, "
+      f"t in {config.t_range}, norm_penalty {config.norm_penalty}, lambda_attn {config.lambda_attn}")
+print(f"phase 2: {config.phase2} U-Net, {config.phase2_steps} steps, lr {config.phase2_lr}")
 
-runs = {}
+runs, trainers = {}, {}
 for lam in (0.0, config.lambda_attn):
     p = load_pipeline()
     c = add_concept_tokens(p, K, init_words="shape")
-    h = train_concepts(p, data, c, config.replace(lambda_attn=lam), progress=False)
+    trainers[lam] = ConceptTrainer(p, data, c, config.replace(lambda_attn=lam), progress=False)
+    h = trainers[lam].train(config.steps)          # phase 1 only, for now
     runs[lam] = (p, c, h)
+trainers.pop(0.0).close()                          # that run stops after phase 1
 
 # %% [markdown]
 # The sampled prompts of the first steps (the history keeps the first prompt of each step),
@@ -286,6 +296,99 @@ print(len(combo), "prompts x", combo[next(iter(combo))][0].shape, "images")
 # nothing to fix on this image. On Stable Diffusion the same code learns far more from one
 # image; here it is the mechanism that you can inspect end to end in a few minutes.
 #
+# ## 6. Phase 2: the U-Net learns the concepts too
+# A token is one row of the embedding table: it can only point at what the frozen U-Net
+# already draws. The dots' yellow came back above, the heart's shape did not. Break-a-Scene's
+# second phase trains the tokens **and every U-Net weight** on the same masked loss, for a
+# short while at a small learning rate (`phase2_steps`, `phase2_lr` of the preset; chosen on
+# this model by `benchmarks/concept_fidelity.py`, see `benchmarks/results/PRESETS.md`). The
+# trainer of the run with the attention loss simply continues:
+
+# %%
+trainer = trainers[config.lambda_attn]
+h = trainer.train()                                 # to config.total_steps: phase 2
+trainer.close()
+p, c, _ = runs[config.lambda_attn]
+print(f"phase 2 began at step {h.phase2_start}; {h.steps[-1]} steps in all; "
+      f"the U-Net change is kept with the tokens: {c.unet_mode}, {len(c.unet_delta)} tensors")
+fig = h.plot()
+plt.show()
+
+# %% [markdown]
+# The same prompts and seeds as in sections 4 and 5, now after phase 2. Besides the judge
+# (colour, shape), `conceptlab.shapes.identity` reads each sample's **pattern** and gives
+# an **identity** similarity with the user's object (colour histogram, pattern features and
+# shape, each compared by cosine: the shapes world's stand-in for the CLIP-I / DINO
+# similarity of the papers; 1 is the same object).
+
+# %%
+from conceptlab.shapes.examples import EXAMPLE_SPECS
+from conceptlab.shapes.identity import identity_similarity, read_pattern
+
+patterns = [o.pattern for o in EXAMPLE_SPECS[ex.name].objects[:K]]   # "dotted", "solid"
+
+
+def fidelity_row(imgs, k):
+    j = judge(imgs, [[judged[k]]] * len(imgs))
+    pat = read_pattern(imgs)
+    ok = [r["colour_ok"] and r["shape_ok"] and q == patterns[k] for r, q in zip(j, pat)]
+    return {"colour, shape and pattern": float(np.mean(ok)),
+            "pattern": float(np.mean([q == patterns[k] for q in pat])),
+            "identity": float(identity_similarity(ex.image, masks[k], imgs).mean())}
+
+
+after = {n: generate(p, c, f"a photo of {n}", n=8, seed=0, output_type="np") for n in names}
+fig = sample_strips([gen[config.lambda_attn, n][0] for n in names] + list(after.values()),
+                    [f"phase 1: 'a photo of {n}'" for n in names]
+                    + [f"phase 1 + 2: 'a photo of {n}'" for n in names])
+plt.show()
+for k, n in enumerate(names):
+    for label, imgs in (("phase 1    ", gen[config.lambda_attn, n][0]), ("phase 1 + 2", after[n])):
+        r = fidelity_row(imgs, k)
+        print(f"{n} {label}: " + ", ".join(f"{key} {v:.2f}" for key, v in r.items()))
+
+# %% [markdown]
+# And the price: does the fine-tuned U-Net still follow the rest of a prompt?
+
+# %%
+combo2 = {pr: judged_samples(p, c, pr, objs) for pr, objs in new_prompts.items()}
+fig = sample_strips([v[0] for v in combo2.values()], [f"phase 1 + 2: {pr}" for pr in combo2])
+plt.show()
+from conceptlab.shapes.judge import judge_background
+
+for pr in new_prompts:
+    line = f"{pr:<42}"
+    for label, res in (("phase 1", combo), ("phase 1 + 2", combo2)):
+        s = res[pr][1]
+        line += f" | {label}: colour {s['colour']:.2f} shape {s['shape']:.2f}"
+    print(line)
+print("black background kept, phase 1 / 1 + 2:",
+      *(f"{judge_background(res['a photo of [v2] on a black background'][0], 'black').mean():.2f}"
+        for res in (combo, combo2)))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("phase 2 ran:", h.phase2_start == config.steps and h.steps[-1] == config.total_steps)
+
+# %% [markdown]
+# Reading phase 2 (the run stored here; look at the two figures):
+#
+# - **`[v2]` comes back.** After phase 2 every sample of "a photo of [v2]" is a white
+#   triangle with the user's proportions (colour, shape and pattern 0.38 -> 1.00, identity
+#   0.78 -> 0.99), and it stays a triangle on a black background and swapped with `[v1]`.
+# - **`[v1]` keeps its colours, not its shape or dots.** Green with yellow and red marks in
+#   every sample, as after phase 1 (identity 0.96 -> 0.95), but the marks are now more
+#   like stripes than dots (pattern 0.88 -> 0.25) and the heart is still a blob. Phase 2
+#   fits the U-Net to this one image at 64 px; a heart this model never drew well does not
+#   appear from 100 steps.
+# - **The price.** The fine-tuned U-Net draws the training image's gray background more
+#   often when no background is named (first figure), and in "[v2] and a blue star" the star
+#   is drawn a little less often (shape 0.94 -> 0.75). Named backgrounds are kept here. Over
+#   many images the price is larger: `benchmarks/concept_fidelity.py` measures phase 2
+#   raising identity from 0.72 to 0.79 and concept fidelity from 0.19 to 0.30, and lowering
+#   prompt fidelity from 0.87 to 0.66 (31 concepts; README). That is the trade Break-a-Scene
+#   makes with its second phase, and why its learning rate is small.
+#
 # ## Exercises
 # 1. Add the background as a third concept (`ex.masks[2]`, init word "background") and
 #    generate "a photo of [v1] and [v2] on [v3]".
@@ -300,7 +403,7 @@ print(len(combo), "prompts x", combo[next(iter(combo))][0].shape, "images")
 #    and measure each token's IoU with every mask as in section 3. Does any token look at
 #    another concept's object without the loss? Which objects are most alike to the model?
 
-# %% jupyter={"source_hidden": true} tags=["solution"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 4
 for gs in (2.0, 8.0):
     imgs = generate(p, c, "a photo of [v2] and [v1]", n=8, seed=0, guidance_scale=gs,
@@ -308,3 +411,20 @@ for gs in (2.0, 8.0):
     j = judge(imgs, [[judged[1], judged[0]]] * 8)
     print(f"guidance {gs}: colour {np.mean([r['colour_ok'] for r in j]):.2f}, "
           f"shape {np.mean([r['shape_ok'] for r in j]):.2f}")
+
+
+# %% [markdown]
+# ## References
+# - Rahman, Mahajan, Lee, Ren, Tulyakov, Sigal. *Visual Concept-driven Image Generation with
+#   Text-to-Image Diffusion Models* (the EM method of this course). arXiv:2402.11487.
+# - Avrahami, Aberman, Fried, Cohen-Or, Lischinski. *Break-a-Scene: Extracting Multiple
+#   Concepts from a Single Image*. SIGGRAPH Asia 2023. arXiv:2305.16311.
+# - Gal, Alaluf, Atzmon, Patashnik, Bermano, Chechik, Cohen-Or. *An Image is Worth One Word:
+#   Personalizing Text-to-Image Generation using Textual Inversion*. arXiv:2208.01618.
+# - Kraehenbuehl, Koltun. *Efficient Inference in Fully Connected CRFs with Gaussian Edge
+#   Potentials*. NeurIPS 2011. arXiv:1210.5644.
+# - Wang et al. *TokenCompose: Grounding Diffusion with Token-level Supervision*: the idea
+#   behind the grounding loss the bundled model was trained with. arXiv:2312.03626.
+#
+# The equations and hyper-parameters of the course, with their scales, on one page:
+# `docs/cheatsheet.md`.

@@ -1,5 +1,6 @@
 """learn_concepts on the tiny random pipeline: shapes, schedules, baselines, resume."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ def scene():
     return world.render_scene(world.sample_scene(seed=5, n_objects=2), size=32)
 
 
-CFG = TrainConfig.for_bundled(steps=6, batch_size=2)
+CFG = TrainConfig.for_bundled(steps=6, batch_size=2, phase2="none")
 MCFG = MaskConfig(n_timesteps=4)
 
 
@@ -71,6 +72,18 @@ def test_em_schedule_history_and_iou():
     assert c.latent_masks(pipe)[0].shape == (2, 8, 8)
     assert c.names == ["[v1]", "[v2]"]
     assert len(c.history.steps) > 0
+
+
+def test_em_alternates_over_phase1_then_phase2_on_the_final_masks():
+    pipe = tiny_pipeline()
+    sc = scene()
+    cfg = CFG.replace(phase2="full", phase2_steps=2, phase2_lr=1e-4)
+    c = learn_concepts(pipe, sc.image, ["shape", "shape"], method="em", config=cfg, em_every=3,
+                       mask_config=MCFG, progress=False, gt_masks=sc.masks[1:])
+    assert c.e_steps == [0, 3, 6]                 # E-steps over the 6 token steps only
+    assert c.eval_steps == [0, 3, 6, 8]
+    assert c.history.steps[-1] == 8 and c.history.phase2_start == 6
+    assert c.tokens.unet_mode == "full" and c.tokens.unet_delta
 
 
 def test_fixed_given_none_baselines():
@@ -184,3 +197,97 @@ def test_baselines_track_attention_iou_for_evaluation():
                        gt_masks=[gt])
     assert c.e_steps == [0] and c.iou_history == [[1.0, 1.0]]  # the given masks are exact
     assert c.eval_steps == [0, 3, 6] and len(c.eval_iou_history) == 3
+
+
+def test_centered_competition_splits_equal_looking_maps():
+    """Two maps that both peak on the right blob, one broader: under "max" the broad one
+    wins both blobs (ties go to the first); "centered" gives each token the blob it attends
+    to more than it does on average."""
+    from conceptlab.estep import competition_scores
+
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    left = torch.exp(-((xx - 4) ** 2 + (yy - 8) ** 2) / 8)
+    right = torch.exp(-((xx - 12) ** 2 + (yy - 8) ** 2) / 8)
+    broad = 0.9 * left + 1.0 * right + 0.3
+    narrow = 0.6 * left + 1.0 * right
+    maps = torch.stack([broad, narrow])
+    s_max = competition_scores(maps, 0.3, "max")
+    s_cen = competition_scores(maps, 0.3, "centered")
+    assert s_max[:, 8, 4].argmax() == 0 and s_max[:, 8, 12].argmax() == 0
+    assert s_cen[:, 8, 4].argmax() == 0 and s_cen[:, 8, 12].argmax() == 1
+    assert float(s_cen.min()) >= 0 and float(s_cen.max()) <= 1
+    assert torch.equal(competition_scores(maps[:1], 0.3, "centered"), s_max[:1])
+    with pytest.raises(ValueError, match="competition"):
+        MaskConfig(competition="softmax")
+
+
+def test_match_gt_scores_tokens_in_their_best_order():
+    from conceptlab.em import _best_order
+
+    a = torch.zeros(3, 8, 8, dtype=torch.bool)
+    a[0, :4], a[1, 4:], a[2] = True, True, False
+    gt = a[[1, 0, 2]]                             # the objects listed the other way round
+    assert _best_order(a.numpy(), gt.numpy(), ["shape", "shape", "background"],
+                       "background") == [1, 0, 2]
+    assert _best_order(a.numpy(), a.numpy(), ["shape", "shape", "background"],
+                       "background") == [0, 1, 2]
+
+
+def test_fill_empty_concepts_moves_a_separate_region():
+    from conceptlab.estep import fill_empty_concepts
+
+    m = np.zeros((2, 12, 12), bool)
+    m[0, 1:4, 1:4] = True          # concept 0 holds two separate squares ...
+    m[0, 7:11, 7:11] = True
+    scores = np.zeros((2, 12, 12), np.float32)
+    scores[1, 1:4, 1:4] = 0.9      # ... and concept 1 (empty) attends to the small one more
+    scores[1, 7:11, 7:11] = 0.2
+    out = fill_empty_concepts(m, scores)
+    assert out[1, 1:4, 1:4].all() and not out[1, 7:11, 7:11].any()
+    assert out[0, 7:11, 7:11].all() and not out[0, 1:4, 1:4].any()
+    assert (out.sum(0) == m.sum(0)).all()      # the same pixels, only the holder changed
+    one = np.zeros((2, 12, 12), bool)
+    one[0, 2:9, 2:9] = True        # a single region: nothing to give away
+    assert (fill_empty_concepts(one, scores) == one).all()
+
+
+def test_assignment_error_and_the_em_guard():
+    from conceptlab.estep import assignment_error
+
+    pipe = tiny_pipeline()
+    sc = scene()
+    c = learn_concepts(pipe, sc.image, ["shape", "shape"], method="em", config=CFG, em_every=3,
+                       mask_config=MaskConfig(n_timesteps=4, guard=True), progress=False)
+    assert c.e_steps == [0, 3, 6]
+    m = c.masks[0]
+    e = assignment_error(pipe, sc.image, c.names, m)
+    assert np.isfinite(e) and e >= 0
+    assert assignment_error(pipe, sc.image, c.names, m) == e            # deterministic
+    swapped = assignment_error(pipe, sc.image, c.names, m[::-1].copy())
+    assert np.isfinite(swapped)
+
+
+
+def test_em_guard_keeps_the_previous_masks_when_new_ones_explain_worse(monkeypatch):
+    from conceptlab import em
+
+    first = {}
+
+    def fake_error(pipe, image, tokens, masks, seed=0, **kw):   # any change looks worse
+        first.setdefault("m", np.asarray(masks).copy())
+        return 0.0 if np.array_equal(masks, first["m"]) else 1.0
+
+    monkeypatch.setattr(em, "assignment_error", fake_error)
+    pipe = tiny_pipeline()
+    sc = scene()
+    c = learn_concepts(pipe, sc.image, ["shape", "shape"], method="em", config=CFG, em_every=3,
+                       mask_config=MaskConfig(n_timesteps=4, guard=True), progress=False)
+    hist = c.mask_history
+    assert all(np.array_equal(h[0], hist[0][0]) for h in hist)
+    changed = sum("explain the image worse" in w for w in c.warnings)
+    plain = learn_concepts(tiny_pipeline(), sc.image, ["shape", "shape"], method="em",
+                           config=CFG, em_every=3, mask_config=MaskConfig(n_timesteps=4),
+                           progress=False)
+    moved = sum(not np.array_equal(h[0], plain.mask_history[0][0])
+                for h in plain.mask_history[1:])
+    assert changed == moved     # exactly the E-steps that would have changed the masks

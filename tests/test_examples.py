@@ -72,7 +72,7 @@ def _trainer_names(pipe, ex, add_concept_tokens, ConceptImage, TrainConfig):
     tokens = add_concept_tokens(pipe, 2, init_words=["star", "heart"])
     data = [ConceptImage(ex.image, ex.masks[[0, 1]])]
     return dict(tokens=tokens, data=data, new_data=data,
-                config=TrainConfig.for_bundled().replace(steps=6, batch_size=1))
+                config=TrainConfig.for_bundled().replace(steps=6, batch_size=1, phase2="none"))
 
 
 def docstring_blocks(text: str) -> list[str]:

@@ -133,6 +133,10 @@ def test_concept_lists(size):
         learn_concepts(tiny_pipeline(), img, ["star", " "], config=ONE_STEP)
     with pytest.raises(ValueError, match="learn fewer concepts"):
         learn_concepts(tiny_pipeline(), img, ["star"] * 40, config=ONE_STEP)
+    # a long token name is still ONE token: four concepts named [s11e1].. fit
+    r = learn_concepts(tiny_pipeline(), img, ["star"] * 4, method="fixed", config=ONE_STEP,
+                       progress=False, token_prefix="s11e")
+    assert r.tokens.names[-1] == "[s11e4]"
     # the same init word twice is allowed (the paper's setting: both tokens from "person"),
     # and gives two distinct tokens
     r = learn_concepts(tiny_pipeline(), img, ["star", "star"], method="fixed", config=ONE_STEP,

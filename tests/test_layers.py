@@ -26,6 +26,7 @@ LAYERS = [
     ["em", "generation"],
     ["viz"],
     ["shapes.model", "shapes.examples", "shapes.judge", "shapes.suites"],
+    ["shapes.identity"],                          # reads the judge's shape probabilities
     ["shapes.train"],
     ["shapes"],
     ["cli"],

@@ -41,7 +41,8 @@ SMALL = TrainConfig(steps=6, lr=5e-2, lambda_attn=0.1, batch_size=2, norm_penalt
 # ----------------------------------------------------------------------------- config and data
 def test_config_presets_and_roundtrip():
     b, sd = TrainConfig.for_bundled(), TrainConfig.for_stable_diffusion()
-    assert (b.steps, b.batch_size, b.phase2) == (200, 4, "none")
+    assert (b.steps, b.batch_size, b.phase2, b.phase2_steps) == (200, 4, "full", 100)
+    assert b.total_steps == 300 and TrainConfig.for_bundled(phase2="none").total_steps == 200
     assert (sd.steps, sd.phase2_steps, sd.lr, sd.phase2_lr, sd.lambda_attn) == \
         (400, 400, 5e-4, 2e-6, 0.01)
     assert sd.total_steps == 800 and TrainConfig.for_bundled(steps=7).steps == 7
@@ -265,3 +266,51 @@ def test_for_model_picks_the_preset_by_model_size():
     assert TrainConfig.for_model(pipe, "given").lambda_attn == TrainConfig.for_bundled().lambda_attn
     pipe.unet.register_to_config(sample_size=64)   # SD 1.5's latent size
     assert TrainConfig.for_model(pipe, "em") == TrainConfig.for_stable_diffusion()
+
+
+# ----------------------------------------------------------------------------- half precision
+def test_half_precision_pipeline_trains_fp32_masters(scene, tmp_path):
+    """A pipeline in fp16 (as load_pipeline makes it on CUDA): phase 1 and phase 2 update
+    float32 master copies under autocast, so updates below fp16's resolution accumulate;
+    outside a step the pipeline stays fp16, and a checkpoint resumes exactly."""
+    cfg = SMALL.replace(steps=2, phase2="full", phase2_steps=6, phase2_lr=2e-6, batch_size=1,
+                        lambda_attn=0.1)
+    pipe, concepts, data = setup(scene)
+    pipe = pipe.to(dtype=torch.float16)
+    base = {k: v.detach().clone() for k, v in pipe.unet.named_parameters()}
+    seen = []
+
+    def spy(trainer, logs):
+        seen.append({p.dtype for p in trainer.pipe.unet.parameters()})
+        masters = [trainer.live(p) for p in trainer._trainable()]
+        seen[-1] |= {("master", m.dtype) for m in masters}
+
+    tr = ConceptTrainer(pipe, data, concepts, cfg, progress=False, attention_every=0,
+                        callback=spy, checkpoint_dir=tmp_path)
+    tr.train()
+    # between steps: the pipeline in fp16, the masters of what trains in float32
+    assert all(torch.float16 in s and torch.float32 not in s for s in seen)
+    assert ("master", torch.float32) in seen[-1]
+    assert np.isfinite(tr.history.loss).all()
+    masters = {k: tr.live(p) for k, p in pipe.unet.named_parameters()}
+    moved = np.mean([float((masters[k] != base[k].float()).float().mean()) for k in base])
+    rounded = np.mean([float((p != base[k]).float().mean())
+                       for k, p in pipe.unet.named_parameters()])
+    # 6 AdamW steps of lr 2e-6 move every float32 master, but few fp16 values change:
+    # exactly the updates a plain fp16 step would lose
+    assert moved > 0.9 and rounded < moved
+    tr.close()
+    delta = concepts.unet_delta["conv_in.weight"]
+    assert delta.dtype == torch.float32 and delta.abs().max() < 1e-4 and delta.abs().max() > 0
+    # the rows learned in phase 1 stayed float32 underneath; the table rounds them
+    w = embedding_weight(pipe)
+    assert w.dtype == torch.float16
+    # resumed from the checkpoint in a fresh fp16 pipeline: the same masters
+    p2, c2, d2 = setup(scene)
+    p2 = p2.to(dtype=torch.float16)
+    tr2 = ConceptTrainer(p2, d2, c2, cfg, progress=False, attention_every=0,
+                         checkpoint_dir=tmp_path)
+    assert tr2.step_count == cfg.total_steps
+    m2 = {k: tr2.live(p) for k, p in p2.unet.named_parameters()}
+    assert all(torch.equal(m2[k], masters[k]) for k in masters)
+    tr2.close()

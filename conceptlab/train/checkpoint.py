@@ -81,9 +81,13 @@ def save_checkpoint(trainer, path: str, *, finished: bool = False) -> str:
     """Write the full training state atomically, and the concepts beside it."""
     unet_weights = None  # phase 2: the trained U-Net weights, exactly (not as a delta)
     if trainer.phase == 2:
-        unet_weights = ({k: v.detach().cpu().clone()
-                         for k, v in trainer.pipe.unet.named_parameters()}
-                        if trainer.config.phase2 == "full" else lora_weights(trainer.pipe.unet))
+        unet = trainer.pipe.unet
+        unet_weights = ({k: trainer.live(v).detach().cpu().clone()
+                         for k, v in unet.named_parameters()}
+                        if trainer.config.phase2 == "full" else
+                        {**lora_weights(unet),
+                         **{k: trainer.live(v).detach().cpu().clone()
+                            for k, v in unet.named_parameters() if "lora_" in k}})
     ckpt = {
         "format": FORMAT,
         "conceptlab_version": __version__,
@@ -92,7 +96,8 @@ def save_checkpoint(trainer, path: str, *, finished: bool = False) -> str:
         "names": list(trainer.concepts.names),
         "step": trainer.step_count,
         "phase": trainer.phase,
-        "rows": trainer.embedding.rows().detach().float().cpu().clone(),
+        "rows": trainer.live(trainer.embedding.parameter)[trainer.concepts.token_ids]
+        .detach().float().cpu().clone(),
         "optimizer": _compact_optimizer_state(trainer),
         "generator": trainer.generator.get_state(),
         "history": json.dumps(trainer.history.to_dict()),
@@ -134,14 +139,16 @@ def load_checkpoint(trainer, path: str):
         weights = ckpt["unet"] or {}
         if trainer.config.phase2 == "full":
             params = dict(trainer.pipe.unet.named_parameters())
-            with torch.no_grad():
-                for k, v in weights.items():
-                    params[k].copy_(v)
+            for k, v in weights.items():
+                trainer.remember_master(params[k], v)
         else:
             load_lora_weights(trainer.pipe.unet, weights)
+            params = dict(trainer.pipe.unet.named_parameters())
+            for k, v in weights.items():
+                if k in params:
+                    trainer.remember_master(params[k], v)
     w = embedding_weight(trainer.pipe)
-    with torch.no_grad():
-        w[trainer.concepts.token_ids] = ckpt["rows"].to(w)
+    trainer.remember_master(w, ckpt["rows"], index=trainer.concepts.token_ids)
     trainer.optimizer.load_state_dict(_expand_optimizer_state(trainer, ckpt["optimizer"]))
     trainer.generator.set_state(ckpt["generator"])
     trainer.step_count = int(ckpt["step"])

@@ -1,6 +1,7 @@
 """Hyper-parameters of concept learning: one frozen, validated dataclass with presets.
 
-    cfg = TrainConfig.for_bundled()              # the bundled shapes model (CPU)
+    cfg = TrainConfig.for_bundled()              # the bundled shapes model (CPU), phases 1 + 2
+    cfg = TrainConfig.for_bundled(phase2="none") # phase 1 alone: the tokens only
     cfg = TrainConfig.for_stable_diffusion()     # Break-a-Scene's published setting
     cfg = TrainConfig.for_model(pipe, "em")      # the preset for this pipeline and method
     cfg = cfg.replace(steps=50)                  # a changed copy; unknown fields are errors
@@ -60,10 +61,12 @@ class TrainConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def for_bundled(cls, **changes) -> TrainConfig:
-        """The bundled shapes model (64 px, CPU): 200 steps of batch 4, lr 5e-3,
-        lambda_attn 1.0, norm_penalty 0.1 (``benchmarks/results/PRESETS.md``)."""
+        """The bundled shapes model (64 px, CPU): phase 1, 200 steps of batch 4, lr 5e-3,
+        lambda_attn 1.0, norm_penalty 0.1; then phase 2, 100 steps of tokens + the whole
+        U-Net at lr 1e-4 (``benchmarks/results/PRESETS.md``). ``phase2="none"``: phase 1 alone."""
         base = {"steps": 200, "lr": 5e-3, "lambda_attn": 1.0, "batch_size": 4,
-                "phase2": "none", "phase2_steps": 0, "norm_penalty": 0.1}
+                "phase2": "full", "phase2_steps": 100, "phase2_lr": 1e-4,
+                "norm_penalty": 0.1}
         return cls(**{**base, **changes})
 
     @classmethod
@@ -79,7 +82,8 @@ class TrainConfig:
     def for_model(cls, pipe, method: str = "given", **changes) -> TrainConfig:
         """The preset for ``pipe`` (:func:`conceptlab.models.model_kind`) and ``method``:
         on the bundled model the methods that estimate their own masks ("em", "fixed")
-        use lambda_attn 0.1 (``benchmarks/results/PRESETS.md``)."""
+        use lambda_attn 0.1 (``benchmarks/results/PRESETS.md``); ``learn_concepts`` runs
+        a phase 2 after the alternation, on its final masks."""
         from ..models import model_kind
 
         if model_kind(pipe) != "bundled":

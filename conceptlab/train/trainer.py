@@ -29,6 +29,7 @@ parts that stand alone already live beside it (``data``, ``embedding``, ``histor
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -44,7 +45,7 @@ from ..losses import (
 from ..maps import default_attention_config
 from ..models import encode_pixels, prompt_ids
 from ..tokens import ConceptTokens, vocabulary_mean_norm
-from ..unet_delta import add_lora_adapter, full_unet_delta, lora_weights, unet_state
+from ..unet_delta import add_lora_adapter, lora_weights, unet_state
 from . import checkpoint as _ckpt
 from .config import TrainConfig
 from .data import Sample, as_data, assemble, draw_samples, full_size_masks, token_positions
@@ -52,6 +53,7 @@ from .embedding import trainable_embedding
 from .history import TrainingHistory
 
 SCALARS = ("loss", "diffusion", "attention", "norm_penalty")
+HALF = (torch.float16, torch.bfloat16)
 
 
 def default_attention_layers(pipe) -> list[str]:
@@ -129,6 +131,7 @@ class ConceptTrainer:
         self.history = TrainingHistory(names=list(concepts.names), vocab_norm=self.vocab_norm,
                                        config=self.config.to_dict())
         self._acc: dict = {}
+        self._master: dict = {}   # fp32 master copies of half-precision trainable tensors
         self._closed = False
         if self.checkpoint_dir and resume and os.path.exists(self.checkpoint_path):
             self.load_checkpoint(self.checkpoint_path)
@@ -217,6 +220,62 @@ class ConceptTrainer:
             self.history.phase2_start = self.step_count
         self.optimizer = self._make_optimizer()
 
+    @contextlib.contextmanager
+    def master_precision(self):
+        """During one optimisation step, every trainable tensor that the pipeline holds in
+        half precision (fp16 / bf16, e.g. ``load_pipeline`` on CUDA) is swapped for its
+        float32 master copy, and the forward pass runs under ``torch.autocast`` in the
+        half dtype; afterwards the pipeline gets the rounded values back. AdamW thus
+        accumulates updates far below fp16's resolution (at phase 2's lr of 2e-6 a plain
+        fp16 update leaves almost every weight unchanged), as diffusers' training scripts
+        do with fp32 trainable weights. Outside a step (E-steps, generation) the pipeline
+        is exactly as loaded. A no-op on float32 pipelines."""
+        params = [p for p in self._trainable() if p.dtype in HALF or p in self._master]
+        if not params:
+            yield
+            return
+        half = params[0].dtype  # outside a step every such tensor is in half precision
+        with torch.no_grad():
+            for p in params:
+                master = self._master.get(p)
+                if master is None or master.shape != p.shape:
+                    master = p.detach().float()
+                p.data = master
+        # the float32 rows must not make the (half) text encoder's activations float32:
+        # the embedding's output goes back to half, its gradient to the float32 table
+        emb = self.pipe.text_encoder.get_input_embeddings()
+        hook = emb.register_forward_hook(lambda mod, args, out: out.to(half))
+        try:
+            with torch.autocast(device_type=self.device.type, dtype=half):
+                yield
+        finally:
+            hook.remove()
+            with torch.no_grad():
+                for p in params:
+                    self._master[p] = p.data
+                    p.data = p.data.to(half)
+                    p.grad = None  # a float32 gradient beside half data: dropped
+
+    def live(self, p: torch.Tensor) -> torch.Tensor:
+        """The value training works on: the float32 master copy of a half-precision
+        trainable tensor (see :meth:`master_precision`), else the tensor itself."""
+        return self._master.get(p, p)
+
+    @torch.no_grad()
+    def remember_master(self, p: torch.Tensor, value: torch.Tensor, index=None):
+        """Set a trainable tensor (its rows ``index``) to ``value`` and, when it is held in
+        half precision, its float32 master copy too (checkpoints resume exactly)."""
+        targets = [p]
+        if p.dtype in HALF:
+            if p not in self._master:
+                self._master[p] = p.detach().float()
+            targets.append(self._master[p])
+        for t in targets:
+            if index is None:
+                t.copy_(value.to(t))
+            else:
+                t[index] = value.to(t)
+
     def losses(self, samples, noise, *, with_graph: bool = True) -> dict:
         """The loss terms of one batch of samples and their noise (B, C, h, w)."""
         c, unet, te = self.config, self.pipe.unet, self.pipe.text_encoder
@@ -256,13 +315,14 @@ class ConceptTrainer:
             samples, noise = self._sample()
         elif noise is None:
             raise ValueError("pass noise together with samples")
-        out = self.losses(samples, noise)
-        self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self._trainable(), c.grad_clip)
-        self.optimizer.step()
-        self.embedding.restore_frozen_rows()
+        with self.master_precision():
+            out = self.losses(samples, noise)
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if c.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self._trainable(), c.grad_clip)
+            self.optimizer.step()
+            self.embedding.restore_frozen_rows()
         self.step_count += 1
         logs = {k: float(out[k].detach()) for k in SCALARS}
         logs.update(step=self.step_count, phase=self.phase, prompt=out["prompts"][0],
@@ -403,7 +463,10 @@ class ConceptTrainer:
         """Put phase 2's U-Net change into ``concepts`` (a full delta or LoRA weights)."""
         c = self.concepts
         if self.phase == 2 and self.config.phase2 == "full":
-            c.unet_delta, c.unet_mode = full_unet_delta(self.pipe.unet, self.unet_base), "full"
+            live = {k: self.live(v) for k, v in self.pipe.unet.named_parameters()}
+            c.unet_delta = {k: (v.detach().float() - self.unet_base[k].float()).cpu()
+                            for k, v in live.items() if k in self.unet_base}
+            c.unet_mode = "full"
             c.lora_config = None
         elif self.phase == 2:
             c.unet_delta, c.unet_mode = lora_weights(self.pipe.unet), "lora"
