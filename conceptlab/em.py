@@ -46,6 +46,7 @@ from .estep import (
     assignment_error,
     background_index,
     check_masks,
+    concept_errors,
     estimate_masks,
     fallback_masks,
 )
@@ -268,8 +269,9 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                             [names[c] for c in ids[i]], step, warn_list, mcfg)
             if mcfg.guard and previous is not None:
                 toks = [names[c] for c in ids[i]]
-                e_new = assignment_error(pipe, img, toks, m, seed=seed + i)
-                e_old = assignment_error(pipe, img, toks, previous[i], seed=seed + i)
+                err = concept_errors(pipe, img, toks, seed=seed + i)   # once for both
+                e_new = assignment_error(pipe, img, toks, m, errors=err)
+                e_old = assignment_error(pipe, img, toks, previous[i], errors=err)
                 if e_new > e_old:
                     warn_list.append(f"step {step}: image {i}: the new masks explain the "
                                      f"image worse ({e_new:.4f} > {e_old:.4f}); keeping the "

@@ -202,21 +202,15 @@ def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
 
 
 @torch.no_grad()
-def assignment_error(pipe, image, tokens: list[str], masks, *, n_timesteps: int = 8,
-                     seed: int = 0) -> float:
-    """How well each concept's own prompt explains the pixels its mask gives it.
-
-    For each token k, "a photo of [vk]" predicts the noise of ``n_timesteps`` noised copies
-    of the image (the same t and noise for every token); ``err_k(p)`` is the squared error
-    at latent pixel p, averaged over channels and copies. Returns
-    ``sum_k sum_p M_k(p) err_k(p) / sum_p sum_k M_k(p)`` with the masks area-downsampled to
-    the latent grid: the masked diffusion loss of the M-step, read as a function of the
-    masks. Lower is better; EM's guard (``MaskConfig.guard``) keeps an E-step's masks only
-    if this does not rise (hard EM: the M-step lowers it for fixed masks, so the loop is
-    then monotone in it)."""
+def concept_errors(pipe, image, tokens: list[str], *, n_timesteps: int = 8,
+                   seed: int = 0) -> torch.Tensor:
+    """(K, h, w): for each token k, the squared error of "a photo of [vk]"'s prediction
+    of the diffusion target of ``n_timesteps`` noised copies of the image (the same t and
+    noise for every token), per latent pixel, averaged over channels and copies."""
     from diffusers import DDPMScheduler
 
     from .models import encode_image, encode_prompt
+    from .train.trainer import diffusion_target
 
     z0 = encode_image(pipe, image).float()
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -226,10 +220,7 @@ def assignment_error(pipe, image, tokens: list[str], masks, *, n_timesteps: int 
     noise = torch.randn((n_timesteps, *z0.shape[1:]), generator=g)
     z0n = z0.expand(n_timesteps, -1, -1, -1).to(noise)
     zt = sched.add_noise(z0n, noise, t)
-    if sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(z0n, noise, t)
-    else:
-        target = noise
+    target = diffusion_target(sched, z0n, noise, t)
     unet = pipe.unet
     emb = encode_prompt(pipe, [f"a photo of {tok}" for tok in tokens])       # (K, T, D)
     errs = []
@@ -237,7 +228,22 @@ def assignment_error(pipe, image, tokens: list[str], masks, *, n_timesteps: int 
         e = emb[k:k + 1].expand(n_timesteps, -1, -1).to(unet.dtype)
         pred = unet(zt.to(unet.device, unet.dtype), t.to(unet.device), e).sample.float().cpu()
         errs.append(((pred - target) ** 2).mean((0, 1)))                   # (h, w)
-    err = torch.stack(errs)                                                 # (K, h, w)
+    return torch.stack(errs)
+
+
+def assignment_error(pipe, image, tokens: list[str], masks, *, n_timesteps: int = 8,
+                     seed: int = 0, errors: torch.Tensor | None = None) -> float:
+    """How well each concept's own prompt explains the pixels its mask gives it.
+
+    With ``err_k(p)`` from :func:`concept_errors` (pass ``errors`` to score several mask
+    sets of one image without recomputing them), returns
+    ``sum_k sum_p M_k(p) err_k(p) / sum_p sum_k M_k(p)`` with the masks area-downsampled to
+    the latent grid: the masked diffusion loss of the M-step, read as a function of the
+    masks. Lower is better; EM's guard (``MaskConfig.guard``) keeps an E-step's masks only
+    if this does not rise (hard EM: the M-step lowers it for fixed masks, so the loop is
+    then monotone in it)."""
+    err = errors if errors is not None else concept_errors(
+        pipe, image, tokens, n_timesteps=n_timesteps, seed=seed)
     m = torch.as_tensor(np.asarray(masks, np.float32))[None]
     w = torch.nn.functional.adaptive_avg_pool2d(m, err.shape[-2:])[0]       # (K, h, w)
     return float((w * err).sum() / w.sum().clamp_min(1e-8))

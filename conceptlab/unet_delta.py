@@ -42,9 +42,10 @@ def unet_state(unet) -> dict:
 
 
 def full_unet_delta(unet, base: dict) -> dict:
-    """``trained - base`` for every parameter (float32)."""
-    return {k: (v.detach().float() - base[k].float()).cpu()
-            for k, v in unet.named_parameters() if k in base}
+    """``trained - base`` for every parameter (float32). ``unet``: the U-Net, or a dict
+    {name: trained tensor} (e.g. a trainer's float32 masters)."""
+    items = unet.items() if isinstance(unet, dict) else unet.named_parameters()
+    return {k: (v.detach().float() - base[k].float()).cpu() for k, v in items if k in base}
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from ..losses import (
 from ..maps import default_attention_config
 from ..models import encode_pixels, prompt_ids
 from ..tokens import ConceptTokens, vocabulary_mean_norm
-from ..unet_delta import add_lora_adapter, lora_weights, unet_state
+from ..unet_delta import add_lora_adapter, full_unet_delta, lora_weights, unet_state
 from . import checkpoint as _ckpt
 from .config import TrainConfig
 from .data import Sample, as_data, assemble, draw_samples, full_size_masks, token_positions
@@ -464,9 +464,7 @@ class ConceptTrainer:
         c = self.concepts
         if self.phase == 2 and self.config.phase2 == "full":
             live = {k: self.live(v) for k, v in self.pipe.unet.named_parameters()}
-            c.unet_delta = {k: (v.detach().float() - self.unet_base[k].float()).cpu()
-                            for k, v in live.items() if k in self.unet_base}
-            c.unet_mode = "full"
+            c.unet_delta, c.unet_mode = full_unet_delta(live, self.unet_base), "full"
             c.lora_config = None
         elif self.phase == 2:
             c.unet_delta, c.unet_mode = lora_weights(self.pipe.unet), "lora"
