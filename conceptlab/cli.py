@@ -127,11 +127,64 @@ def cmd_generate(args):
                          "first and pass its --out folder)")
     concepts = LearnedConcepts.load(args.concepts, pipe)
     rows = [np.asarray(generate(pipe, concepts, p, n=args.n, seed=args.seed,
+                                guidance_scale=args.guidance, num_inference_steps=args.steps,
                                 output_type="np")) for p in args.prompt]
+    seeds = f"seeds {args.seed}-{args.seed + args.n - 1}" if args.n > 1 else f"seed {args.seed}"
+    g = "" if args.guidance is None else f", guidance {args.guidance:g}"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "generations.png")
-    save_captioned_grid(rows, args.prompt, path)
-    print(f"wrote {path}")
+    save_captioned_grid(rows, [f"{p}  ({seeds}{g})" for p in args.prompt], path)
+    print(f"wrote {path} ({len(rows)} prompts x {args.n} images)")
+
+
+def cmd_evaluate(args):
+    """Print the paper's measures for a folder of learned concepts (``conceptlab learn``)."""
+    import json
+
+    from .evaluate import (
+        MEASURES,
+        ClipJudge,
+        ShapesJudge,
+        concept_specs_of_example,
+        evaluate,
+        format_table,
+        specs_from_result,
+    )
+    from .fileio import atomic_write_json
+    from .models import load_pipeline
+    from .result import LearnedConcepts
+    from .shapes.examples import load_example
+
+    _threads(args.threads)
+    pipe = load_pipeline(args.model, progress=False)
+    concepts = LearnedConcepts.load(args.concepts, pipe)
+    gt = None
+    if args.example:
+        if args.words:
+            raise ValueError("give --example or --words, not both")
+        ex = load_example(args.example)
+        if len(ex.init_words) != len(concepts.names) or len(concepts.images) != 1:
+            raise ValueError(f"{args.concepts} holds {len(concepts.names)} concepts of "
+                             f"{len(concepts.images)} images; the example {ex.name!r} has "
+                             f"{len(ex.init_words)} concepts in one image: not learned from it")
+        specs = concept_specs_of_example(ex, concepts.names)
+        gt = [ex.masks]
+    else:
+        specs = specs_from_result(concepts, args.words)
+    judge = ClipJudge(args.clip) if args.clip else ShapesJudge()
+    ev = evaluate(pipe, concepts, specs, judge=judge, n=args.n, seed=args.seed, gt_masks=gt)
+    for r in ev["prompts"]:
+        vals = "  ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in r.items()
+                         if isinstance(v, float))
+        print(f"  {r['prompt']:<52} {vals}")
+    print(f"\n{judge.name} judge, {args.n} samples per prompt (seeds {args.seed}-"
+          f"{args.seed + args.n - 1}); '-': this judge cannot say")
+    print(format_table({os.path.basename(os.path.normpath(args.concepts)) or args.concepts:
+                        {k: {"mean": ev["summary"][k], "ci95": None} for k in MEASURES}}))
+    if args.json:
+        atomic_write_json(args.json, {k: v for k, v in ev.items() if k != "images"}, indent=1)
+        print(f"wrote {args.json}")
+    return json.dumps(ev["summary"])
 
 
 def cmd_demo(args):
@@ -268,9 +321,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("generate", help="generate images with learned concept tokens")
     sp.add_argument("concepts", help="folder written by `conceptlab learn`")
     sp.add_argument("prompt", nargs="+", help='prompts, e.g. "a photo of [v1] next to [v2]"')
-    sp.add_argument("-n", type=_int_at_least(1), default=4)
+    sp.add_argument("-n", type=_int_at_least(1), default=4,
+                    help="images per prompt, seeds --seed .. --seed + n - 1")
+    sp.add_argument("--steps", type=_int_at_least(1), default=None,
+                    help="sampler steps (default: the model's)")
+    sp.add_argument("--guidance", type=_float_in(0), default=None,
+                    help="guidance scale (default: the model's)")
     common(sp, out="outputs")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("evaluate", help="print the paper's measures (identity, prompt "
+                        "fidelity, diversity, ...) for a folder of learned concepts")
+    sp.add_argument("concepts", help="folder written by `conceptlab learn` or the demo")
+    sp.add_argument("--words", nargs="+", default=None,
+                    help='class words per concept of the (first) image, e.g. "a blue striped '
+                         'star" "a red heart" "a beige background" (default: the init words)')
+    sp.add_argument("--example", default=None,
+                    help="the bundled example the concepts were learned from: its true "
+                         "attributes, and the masks' IoU")
+    sp.add_argument("--clip", default=None, metavar="DIR",
+                    help="a LOCAL CLIP folder: CLIP-I / CLIP-T / embedding diversity instead "
+                         "of the offline shapes judge")
+    sp.add_argument("-n", type=_int_at_least(2), default=8, help="samples per prompt")
+    sp.add_argument("--json", default=None, help="also write the evaluation to this file")
+    sp.add_argument("--model", default="shapes-ldm",
+                    help="bundled model name, local diffusers folder or hub id")
+    sp.add_argument("--seed", type=_int_at_least(0), default=0)
+    sp.add_argument("--threads", type=_int_at_least(0), default=0,
+                    help="torch CPU threads (0: default)")
+    sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("train-model", help="train the bundled model from scratch (resumable)")
     for f in fields(TrainConfig):

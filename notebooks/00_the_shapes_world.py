@@ -24,18 +24,19 @@
 # - how to switch every notebook to a real Stable Diffusion checkpoint on a GPU.
 #
 # **Prerequisites**: Python and PyTorch; the idea of a diffusion model (noise is added to an
-# image, a network learns to predict that noise). **Runtime**: about 30 s on a 2-core CPU.
+# image, a network learns to predict that noise). **Runtime**: about 35 s on a 2-core CPU (measured, idle).
 #
 # ## The course
 #
 # | notebook | idea | CPU time (idle 2-core CPU, measured) |
 # |---|---|---|
 # | 00 the shapes world (this one) | the data, the model, the measurements | 36 s |
-# | 01 cross-attention | where does the model look for each word? | 37 s |
-# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 39 s |
-# | 03 concept tokens | textual inversion, with and without a mask | 104 s |
-# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 104 s |
-# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 110 s |
+# | 01 cross-attention | where does the model look for each word? | 31 s |
+# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 33 s |
+# | 03 concept tokens | textual inversion, with and without a mask | 110 s |
+# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 148 s |
+# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 152 s |
+# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 112 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
 # building on *Break-a-Scene*, Avrahami et al. 2023) takes one image containing several

@@ -27,7 +27,7 @@
 #   multi-object scenes.
 #
 # **Prerequisites**: notebook 01 (cross-attention maps, `attention_maps`); softmax,
-# Gaussians. **Runtime**: about 40 s on a 2-core CPU (measured, idle).
+# Gaussians. **Runtime**: about 35 s on a 2-core CPU (measured, idle).
 #
 # This is the E-step of the method (Break-a-Scene / *Visual Concept-driven Image
 # Generation*): with no user masks, each concept's mask is estimated from its attention map,
@@ -400,6 +400,23 @@ print("the CRF improves on argmax:", t["argmax + CRF"] > t["argmax + background"
 # 4. **Plain vs textured backgrounds.** `result["rows"]` has one row per object with its
 #    background. Split the table into plain (`world.PLAIN_BACKGROUNDS`) and textured
 #    backgrounds. Where does the CRF help most?
+# 5. **Potts, two ways (derivation).** pydensecrf's Potts compatibility is
+#    $\mu(l, l') = -[l = l']$ (it *rewards* agreeing neighbours); the textbook one is
+#    $\mu(l, l') = 1 - [l = l']$ (it *penalises* disagreeing ones). Show that both give the
+#    same mean-field update. (Hint: write the update as
+#    $Q_i(l) \propto \exp(-\psi_u(l) - \sum_{l'} \mu(l, l')\, m_i(l'))$ with
+#    $m_i(l') = \sum_{j \ne i} k(i, j)\, Q_j(l')$, and look at what $\sum_{l'} m_i(l')$
+#    depends on.)
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
+# Solution 5. With mu = 1 - I:  sum_l' (1 - [l = l']) m(l') = sum_l' m(l') - m(l). The first
+# term does not depend on the label l, so it cancels when Q_i is normalised over l: the update
+# is the one of mu = -I. Checked on random unaries and messages:
+gen = torch.Generator().manual_seed(0)
+unary, msg = torch.randn(100, 3, generator=gen), torch.rand(100, 3, generator=gen)
+q_textbook = torch.softmax(-unary - (msg.sum(1, keepdim=True) - msg), dim=1)   # mu = 1 - I
+q_pydensecrf = torch.softmax(-unary + msg, dim=1)                             # mu = -I
+print("largest difference:", float((q_textbook - q_pydensecrf).abs().max()))
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 1: the maps do not depend on b, so the benchmark's maps can be reused

@@ -53,10 +53,11 @@
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
+from IPython.display import display
 from conceptlab import load_pipeline, learn_concepts, generate
 from conceptlab.estep import MaskConfig, estimate_masks
 from conceptlab.shapes.examples import load_example
-from conceptlab.viz.figures import image_grid_figure, overlay_masks, overlay_map
+from conceptlab.viz.figures import image_grid_figure, overlay_masks, overlay_map, sample_sheet
 from conceptlab.train import TrainConfig
 
 import warnings
@@ -64,7 +65,8 @@ import warnings
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
 
 torch.set_num_threads(2)
-pipe = load_pipeline()
+MODEL = "shapes-ldm"   # the bundled model; or a local diffusers folder / hub id (README: Stable Diffusion)
+pipe = load_pipeline(MODEL)
 ex = load_example("striped-star-and-heart")
 print(ex.concepts, "| class words:", ex.init_words)
 
@@ -144,7 +146,7 @@ print("step-0 IoU per concept:", [round(float(v), 2) for v in ious0])
 cfg = TrainConfig.for_model(pipe, "em", steps=160)
 print(f"lambda_attn {cfg.lambda_attn}, {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}; "
       f"then phase 2: {cfg.phase2_steps} steps at {cfg.phase2_lr}")
-em_pipe = load_pipeline()
+em_pipe = load_pipeline(MODEL)
 concepts = learn_concepts(em_pipe, ex.image, ex.init_words, method="em", config=cfg,
                           seed=0, progress=False, gt_masks=ex.masks)
 print("E-steps at", concepts.e_steps, "| training steps:", cfg.total_steps)
@@ -170,6 +172,81 @@ plt.show()
 # %%
 fig = concepts.history.plot()
 plt.show()
+
+# %% [markdown]
+# ### EM, stated formally, and written by hand
+# Let $\theta = (v_1, \dots, v_K)$ be the concept rows and $M = (M_1, \dots, M_K)$ the
+# masks, the **latent variables**. The M-step lowers, in $\theta$ with $M$ held fixed,
+#
+# $$J(\theta, M) = \mathbb E_{t, \epsilon, s}\Big[\big\| M_s \odot (\epsilon -
+#   \epsilon_\theta(z_t, t, p_s)) \big\|^2\Big] + \lambda \sum_i \Big\|
+#   \frac{A_i(\theta)}{\max A_i(\theta)} - M_i \Big\|^2 .$$
+#
+# The E-step sets, with $\theta$ fixed,
+# $M^{(n+1)} = \mathrm{CRF}\big(\arg\max_i \bar A_i(\theta^{(n)}),\ x\big)$: the
+# timestep-averaged maps $\bar A_i$, assigned against a background channel, refined on the
+# image $x$. This is **hard EM**, i.e. coordinate descent with a point estimate of the latent
+# masks, as k-means is hard EM for a Gaussian mixture, with one difference that matters:
+# the E-step is **not** $\arg\min_M J(\theta, M)$. Minimising $J$ over $M$ would empty every
+# mask (the diffusion term is smallest on no pixels at all) and would set $M_i$ to the soft
+# map $A_i / \max A_i$ itself (the attention term). The E-step instead brings in what $J$
+# does not contain, the image's colours and edges through the CRF. So neither step is
+# guaranteed to lower a common objective, and nothing guarantees that a mask improves, which
+# is what the star's 0.66 -> 0.39 above shows. The library's safeguards are rules, not
+# theorems: an empty or full mask keeps the previous one (`check_masks`), and optionally a
+# new mask set is kept only if it explains the image no worse (`MaskConfig(guard=True)`).
+#
+# The whole alternation is short. Here it is by hand, 60 steps with an E-step every 20 and
+# phase 1 only, checked against `learn_concepts` with the same settings and seed: the same
+# masks at every E-step and the same tokens, bit for bit.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from conceptlab.estep import (MaskConfig, background_index, check_masks, estimate_masks,
+                              fallback_masks)
+from conceptlab.tokens import add_concept_tokens
+from conceptlab.train import ConceptImage, ConceptTrainer
+
+
+def em_by_hand(pipe, image, words, cfg, every, seed=0, mcfg=None):
+    """Hard EM on one image: E-step (masks from the frozen model's attention), M-step
+    (`every` training steps on those masks), ..., and a last E-step on the final tokens."""
+    mcfg = mcfg or MaskConfig()
+    names = [f"[v{k + 1}]" for k in range(len(words))]
+    tokens = add_concept_tokens(pipe, names, words, seed=seed)
+    bg = background_index(words, mcfg.background_word)    # the background takes the rest
+
+    def e_step(step, previous):
+        est = estimate_masks(pipe, image, names, config=mcfg, seed=seed + 1000 * step,
+                             background=bg)
+        masks = check_masks(est.masks, previous, names, step, [], mcfg)  # empty/full: keep
+        if previous is None:                  # step 0 has nothing to keep: a fallback
+            area = masks.reshape(len(masks), -1).mean(1)
+            bad = (area < mcfg.min_fraction) | (area > mcfg.max_fraction)
+            masks = np.where(bad[:, None, None], fallback_masks(est, *image.shape[:2]), masks)
+        return masks
+
+    masks = e_step(0, None)
+    history = [masks]
+    trainer = ConceptTrainer(pipe, ConceptImage(image, masks), tokens, cfg, progress=False)
+    for step in range(every, cfg.steps + 1, every):
+        trainer.train(every)                                  # M-step
+        masks = e_step(step, masks)                           # E-step
+        trainer.set_data(ConceptImage(image, masks))
+        history.append(masks)
+    trainer.close()
+    tokens.update_from(pipe)
+    return tokens, history
+
+
+cfg_hand = TrainConfig.for_bundled(phase2="none").replace(steps=60)
+tok_hand, hist_hand = em_by_hand(load_pipeline(MODEL), ex.image, ex.init_words, cfg_hand, every=20)
+lib = learn_concepts(load_pipeline(MODEL), ex.image, ex.init_words, config=cfg_hand, em_every=20,
+                     seed=0, progress=False)
+same_masks = all((a == b[0]).all() for a, b in zip(hist_hand, lib.mask_history))
+print(f"E-steps by hand {len(hist_hand)}, learn_concepts {len(lib.mask_history)} at {lib.e_steps}; "
+      f"the same masks at every E-step: {same_masks}; largest token difference "
+      f"{(tok_hand.embeddings - lib.embeddings).abs().max().item():.1e}")
 
 # %% [markdown]
 # ### Where re-estimating pays off
@@ -218,8 +295,7 @@ prompts = [f"a photo of {names[0]}", f"a photo of {names[1]} and {names[0]}",
            f"a photo of {names[0]} on a gray background",
            f"a photo of {names[1]} and a yellow circle on {names[2]}"]
 rows = [generate(em_pipe, concepts.tokens, p, n=6, seed=0, output_type="np") for p in prompts]
-fig = image_grid_figure(rows, row_titles=prompts, scale=1.2)
-plt.show()
+display(sample_sheet(rows, prompts))       # every sample 128 px on screen
 
 # %% [markdown]
 # How faithful are they? The course's shape/colour classifier judges the concept's colour
@@ -239,10 +315,11 @@ print(f"'{prompts[0]}': colour {np.mean([v['colour_ok'] for v in verdict]):.2f},
 # sample (look at the figure: at this model's resolution), the red heart comes back beside
 # it, and the beige background of the user's image comes back in some samples of "[v2] and
 # a yellow circle on [v3]" and of the single-token prompts (a background token learned
-# from the pixels no object claims is still the weakest of the three). The classifier reads
-# one main colour and an outline, so a small striped star is "blue" and "a star" only in
-# part of the samples (the numbers above). Concept fidelity over 31 concepts, phase 1 vs
-# phase 1 + 2, is measured by `benchmarks/concept_fidelity.py` (README).
+# from the pixels no object claims is still the weakest of the three). The classifier (trained
+# on patterned objects too) finds the star's blue in every sample and its star outline in
+# only a third of them (the numbers above): at 64 px a small striped star's points are soft.
+# The four methods compared on what they generate, with identity and prompt fidelity: notebook
+# 06 and `benchmarks/multi_concept.py`.
 
 # %% [markdown]
 # ## 4. EM vs fixed masks (the paper's Figure 3)
@@ -260,7 +337,7 @@ print(f"'{prompts[0]}': colour {np.mean([v['colour_ok'] for v in verdict]):.2f},
 # the tokens' attention (+CRF) gives, against the ground truth.
 
 # %%
-fixed = learn_concepts(load_pipeline(), ex.image, ex.init_words, method="fixed", config=cfg, seed=0,
+fixed = learn_concepts(load_pipeline(MODEL), ex.image, ex.init_words, method="fixed", config=cfg, seed=0,
                        progress=False, gt_masks=ex.masks, token_prefix="f")
 print("step " + "".join(f"{s:>7}" for s in concepts.eval_steps))
 for name, c in (("em", concepts), ("fixed", fixed)):
@@ -294,7 +371,7 @@ from conceptlab.models import weights_fingerprint
 
 # the base model's fingerprint: `pipe` now holds concept tokens, which change its text
 # encoder's table (and so its fingerprint), hence a fresh copy
-base_model_id = weights_fingerprint(load_pipeline())
+base_model_id = weights_fingerprint(load_pipeline(MODEL))
 
 
 def show_suite(name):
@@ -457,6 +534,11 @@ print(f"EM's own final masks {s_['em']['final_used']:.2f} vs the fixed method's 
 #    the masks?
 # 3. Learn the concepts of `three-objects` (four concepts). Which concept is hardest, and
 #    does the IoU history tell you why?
+# 4. **Equal rows, different maps (derivation).** `[s1]` and `[s2]` of section 5 have the
+#    same embedding row. Why are their text-encoder outputs different, so that their
+#    attention maps can differ at all? Name the two reasons (what is added to each input
+#    row; what each position may attend to in a causal text encoder), and check it: compare
+#    the encoder's output vectors at the two positions of "a photo of [s1] and [s2]".
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution sketch for exercise 2
@@ -465,6 +547,22 @@ no_crf = learn_concepts(pipe, ex.image, ex.init_words, config=cfg.replace(steps=
                         token_prefix="nocrf")
 for s, row in zip(no_crf.e_steps, no_crf.iou_history):
     print(f"step {s:>4}: mean IoU without CRF {np.mean(row):.2f}")
+
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
+# Solution 4. (a) Each input row gets its own POSITION embedding added, so the two inputs
+# already differ; (b) CLIP's text encoder is causal: position i attends to positions <= i,
+# so "[s2]" has read "a photo of [s1] and" and "[s1]" has not. Equal rows -> unequal outputs.
+from conceptlab.models import prompt_ids
+
+ids = prompt_ids(pipe.tokenizer, "a photo of [s1] and [s2]")
+pos = [ids[0].tolist().index(i) for i in same.token_ids[:2]]
+with torch.no_grad():
+    out = pipe.text_encoder(ids)[0][0]
+    emb_rows = pipe.text_encoder.get_input_embeddings()(ids)[0]
+print("input rows equal:", bool(torch.equal(emb_rows[pos[0]], emb_rows[pos[1]])),
+      f"| cosine of the encoder outputs at the two positions: "
+      f"{torch.nn.functional.cosine_similarity(out[pos[0]], out[pos[1]], dim=0):.3f}")
 
 
 # %% [markdown]

@@ -154,3 +154,34 @@ def test_saving_a_result_removes_the_files_of_an_earlier_one(tmp_path):
     assert not (tmp_path / "history.json").exists()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert not [n for n in names if n.endswith(".tmp")]  # atomic: no temporary files left
+
+
+def test_cli_generate_and_evaluate_a_learned_folder(tmp_path, capsys):
+    """`conceptlab generate` writes a labelled grid; `conceptlab evaluate` prints the table,
+    refuses an example the concepts were not learned from, and writes its JSON."""
+    from conceptlab.shapes.examples import load_example
+
+    img = tmp_path / "scene.png"
+    Image.fromarray(load_example("striped-star-and-heart").image).save(img)
+    out = str(tmp_path / "c")
+    assert main(["learn", str(img), "--concepts", "star,heart,background", "--steps", "2",
+                 "--out", out, "--quiet", "--threads", "1", "--method", "fixed"]) == 0
+    assert main(["generate", out, "a photo of [v1]", "a photo of [v2] on [v3]", "-n", "2",
+                 "--steps", "3", "--guidance", "3", "--out", str(tmp_path / "g"),
+                 "--threads", "1"]) == 0
+    assert "2 prompts x 2 images" in capsys.readouterr().out
+    assert Image.open(tmp_path / "g" / "generations.png").width >= 2 * 128
+    assert main(["evaluate", out, "--example", "three-objects", "-n", "2"]) == 2
+    assert "not learned from it" in capsys.readouterr().err
+    js = tmp_path / "ev.json"
+    assert main(["evaluate", out, "--example", "striped-star-and-heart", "-n", "2",
+                 "--threads", "1", "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    assert "a photo of [v2] above [v1]" in text and "concept fidelity" in text
+    s = json.loads(js.read_text())["summary"]
+    assert 0 <= s["mask_iou"] <= 1 and 0 <= s["identity"] <= 1
+    # without the example: class words given by hand, no ground truth, no mask IoU
+    assert main(["evaluate", out, "--words", "a blue striped star", "a red heart",
+                 "a beige background", "-n", "2", "--threads", "1"]) == 0
+    assert main(["evaluate", out, "--words", "a star", "-n", "2"]) == 2
+    assert "3 concepts" in capsys.readouterr().err

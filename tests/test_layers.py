@@ -29,6 +29,7 @@ LAYERS = [
     ["shapes.identity"],                          # reads the judge's shape probabilities
     ["shapes.train"],
     ["shapes"],
+    ["evaluate"],                                 # the paper's measures: judges, prompts, tables
     ["cli"],
     [""],                                         # conceptlab/__init__.py
 ]

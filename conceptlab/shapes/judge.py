@@ -18,8 +18,10 @@ and a blue circle", an image showing a *blue star and a red circle* has both col
 both shapes present, but neither named pair. Colour-and-shape presence would count it as
 correct; the pair head does not.
 
-It is trained on rendered world scenes (1-3 solid objects, every background; half of them
-with shapes / colours allowed to repeat, see ``render_scenes``) with augmentation that
+It is trained on rendered world scenes (1-3 objects, every background; half of the objects
+patterned, striped / two-tone / dotted with a second colour, labelled by their FIRST colour,
+the one a caption names; half of the scenes with shapes / colours allowed to repeat, see
+``render_scenes``) with augmentation that
 imitates the small VAE's output (blur or downsample-upsample, noise and single-pixel specks,
 slight colour jitter), so that it judges generated images fairly. Training and held-out
 scenes come from disjoint random streams (``scene_rng``); the measured held-out accuracy is

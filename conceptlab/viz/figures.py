@@ -150,6 +150,31 @@ def loss_curve(steps, values, labels=None, title=None, logy=False):
     return fig
 
 
+def method_bars(summary, measures, methods=None, title=None):
+    """Grouped bars with 95% intervals: ``summary`` is {method: {measure: {"mean", "ci95"}}}
+    (what ``benchmarks/multi_concept.py`` writes); one panel per measure, one bar per
+    method. A measure a method has no value for is left out of its panel."""
+    plt = _plt()
+    methods = list(methods or summary)
+    fig, axes = plt.subplots(1, len(measures), figsize=(2.3 * len(measures), 2.9), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, m in zip(axes[0], measures):
+        for i, meth in enumerate(methods):
+            s = summary.get(meth, {}).get(m) or {}
+            if s.get("mean") is None:
+                continue
+            ax.bar(i, s["mean"], color=colours[i % len(colours)],
+                   yerr=s["ci95"] if s.get("ci95") is not None else None, capsize=3)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=60, ha="right", fontsize=7)
+        ax.set_title(m.replace("_", " "), fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def image_grid(images, rows: int | None = None, cols: int | None = None, captions=None, *,
                scale: int = 1, pad: int = 2, background=(255, 255, 255)):
     """Paste images (PIL, or uint8 / [0, 1] float arrays) into one PIL image, row by row.

@@ -1,0 +1,404 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Multi-concept generation, and how the paper evaluates it
+#
+# **What you will learn**
+# - to put learned concepts into new prompts: recombined from one image, and across two
+#   images (a subject from one picture in the background of another: the paper's
+#   Figure 1 setting), and in interaction prompts ("[v2] above [v1]");
+# - the paper's three measures, **identity** (CLIP-I / DINO), **prompt fidelity**
+#   (CLIP-T) and **diversity** (LPIPS), what each one rewards, and their offline analogues
+#   in the shapes world (`conceptlab.evaluate`);
+# - the comparison the paper's claim rests on: no masks (textual inversion), fixed masks,
+#   EM and given masks (Break-a-Scene), on what they *generate*;
+# - what guidance and phase 2 trade: fidelity against diversity.
+#
+# **Prerequisites**: notebooks 03-05 (concept tokens, masked and attention losses, EM).
+# **Runtime**: about 2 minutes on a 2-core CPU (measured, idle). The four-method table
+# is computed by `python benchmarks/multi_concept.py` (about an hour) and loaded here.
+
+# %%
+import json
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import display
+
+from conceptlab import generate, learn_concepts, load_pipeline
+from conceptlab.evaluate import (ShapesJudge, concept_specs, evaluate, format_table,
+                                 interval95)
+from conceptlab.models import data_dir
+from conceptlab.shapes import world
+from conceptlab.shapes.examples import load_example
+from conceptlab.train import TrainConfig
+from conceptlab.viz.figures import image_grid_figure, method_bars, overlay_masks, sample_sheet
+
+# MODEL: "shapes-ldm" (the bundled model), a local diffusers folder, or a hub id such as
+# "stable-diffusion-v1-5/stable-diffusion-v1-5" on a machine that has it. The measures
+# below are the shapes world's; on Stable Diffusion use ClipJudge (section 1).
+MODEL = "shapes-ldm"
+torch.set_num_threads(2)
+pipe = load_pipeline(MODEL)
+judge = ShapesJudge()
+
+
+def spec_of(name):
+    """The example's scene description (objects, background), for the judge."""
+    meta = json.loads((data_dir() / "examples" / f"{name}.json").read_text())
+    return world.SceneSpec.from_dict(meta["spec"])
+
+# %% [markdown]
+# ## 1. Three numbers for a generation
+# A learned concept `[v1]` came from a source image $x$ and a mask $M$. For a generated image
+# $y$ of a prompt $p$ (say "a photo of [v1] on a red background"):
+#
+# - **identity**: $\cos\big(f(x \odot M),\, f(y)\big)$, where $f$ embeds images (CLIP's image
+#   tower in the paper, DINO in Break-a-Scene; the non-concept pixels of the source are
+#   black, so the background it was learned on does not count);
+# - **prompt fidelity**: $\cos\big(g(\tilde p),\, f(y)\big)$ where $\tilde p$ is the prompt
+#   with each token replaced by its class words ("a photo of a blue striped star on a red
+#   background") and $g$ is CLIP's text tower: does the image still do what the *rest* of
+#   the prompt says?
+# - **diversity**: the mean distance between samples of one prompt (LPIPS in the paper). A
+#   concept that has been memorised comes back as the same picture every time: high
+#   identity, low diversity.
+#
+# Identity and prompt fidelity pull against each other: a token that copies its source
+# image wins identity and loses the prompt. The paper reports both, and so do we.
+#
+# **Offline, in the shapes world** (`ShapesJudge`), every quantity has a readable analogue:
+# identity is the cosine of the judge's features (colour histogram, pattern features, shape
+# probabilities) of the source object and of the generated one; prompt fidelity is the
+# fraction of what the class-word prompt names (each colour-and-shape, the background) that
+# the judge sees; diversity is an LPIPS-style distance on the judge's feature maps. It also
+# says what CLIP cannot: whether a concept is **present** (its colour and shape), and
+# **where** (for "above"). With a CLIP model saved locally, `ClipJudge(folder)` gives the
+# paper's own numbers behind the same calls.
+#
+# First, a check on rendered images whose answers we know: the source object itself, the
+# same object without its stripes, and another object.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+ex_a = load_example("striped-star-and-heart")
+sa = spec_of(ex_a.name)
+specs_a = concept_specs(ex_a.image, ex_a.masks, sa.objects, sa.background, ["[v1]", "[v2]", "[v3]"])
+star = sa.objects[0]
+tests = {
+    "the star itself, moved": world.ShapeObject(star.shape, star.colour, 0.4, 0.45, star.radius,
+                                                pattern=star.pattern, colour2=star.colour2),
+    "the star, no stripes": world.ShapeObject(star.shape, star.colour, 0.4, 0.45, star.radius),
+    "a red heart": world.ShapeObject("heart", "red", 0.4, 0.45, 0.2),
+}
+renders = np.stack([world.render_scene(world.SceneSpec([o], "gray")).image for o in tests.values()])
+ident = judge.identity(specs_a[0], renders)
+fid = judge.concept_fidelity(specs_a[0], renders)
+pf = judge.prompt_fidelity(renders, "a photo of a blue striped star on a gray background")
+for k, name in enumerate(tests):
+    print(f"{name:>24}: identity {ident[k]:.2f}, all attributes {bool(fid[k])}, "
+          f"prompt fidelity {pf[k]:.2f}")
+print(f"diversity of three copies of one image {judge.diversity(renders[[0, 0, 0]]):.2f}, "
+      f"of the three images {judge.diversity(renders):.2f}")
+display(sample_sheet([list(renders)], [" | ".join(tests)]))
+
+# %% [markdown]
+# ## 2. Concepts from two images, learned together
+# The paper's Figure 1 takes a subject from one photo and a background from another. Here:
+# the striped star, the heart and the beige background of image A, the striped triangle,
+# the white circle and the dotted background of image B: six concepts in **one**
+# `learn_concepts` call
+# (`concept_images` says which concepts each image shows). EM finds the masks, then phase 2
+# fine-tunes the U-Net on them: the method's final preset, `TrainConfig.for_model(pipe,
+# "em")` (what `learn_concepts` uses when given no config).
+
+# %%
+ex_b = load_example("striped-triangle-on-dots")
+sb = spec_of(ex_b.name)
+print("A:", ex_a.concepts, "\nB:", ex_b.concepts)
+cfg = TrainConfig.for_model(pipe, "em")
+print(f"phase 1: {cfg.steps} steps (lambda_attn {cfg.lambda_attn}), phase 2: {cfg.phase2} "
+      f"U-Net, {cfg.phase2_steps} steps at lr {cfg.phase2_lr:g}")
+learned = learn_concepts(pipe, [ex_a.image, ex_b.image], ex_a.init_words + ex_b.init_words,
+                         concept_images=[[0, 1, 2], [3, 4, 5]], config=cfg, seed=0,
+                         progress=False, gt_masks=[ex_a.masks, ex_b.masks])
+print("tokens:", learned.names)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from conceptlab.masks import iou
+
+for i, ex in enumerate((ex_a, ex_b)):
+    names = [learned.names[k] for k in learned.concept_ids[i]]
+    print(f"image {'AB'[i]}: mask IoU " + ", ".join(
+        f"{n} {iou(m, g):.2f}" for n, m, g in zip(names, learned.masks[i], ex.masks)))
+fig = image_grid_figure([[ex_a.image, overlay_masks(ex_a.image, learned.masks[0]),
+                          ex_b.image, overlay_masks(ex_b.image, learned.masks[1])]],
+                        col_titles=["image A", "EM's masks", "image B", "EM's masks"], scale=2.2)
+plt.show()
+
+# %% [markdown]
+# ## 3. Recombined: within one image, and across the two
+# Four samples per prompt (seeds 0-3), each shown at 128 px. The first two prompts
+# rearrange image A's concepts; the next two mix the images: A's star on B's dotted
+# background, B's triangle beside A's heart on A's background; the last names an ordinary
+# object beside a learned one.
+
+# %%
+v1, v2, v3, v4, v5, v6 = learned.names
+prompts = [f"a photo of {v2} and {v1}",
+           f"a photo of {v1} on a gray background",
+           f"a photo of {v1} on {v6}",
+           f"a photo of {v4} and {v2} on {v3}",
+           f"a photo of {v4} and a yellow circle on a black background"]
+rows = [generate(pipe, learned, p, n=4, seed=0, output_type="np") for p in prompts]
+display(sample_sheet(rows, prompts))
+
+# %% [markdown]
+# The judge reads the same samples. Concept specs for both images (each concept's source is
+# its own image and true mask: evaluation only), and the prompts above grouped by what
+# they test.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+specs = (concept_specs(ex_a.image, ex_a.masks, sa.objects, sa.background, [v1, v2, v3])
+         + concept_specs(ex_b.image, ex_b.masks, sb.objects, sb.background, [v4, v5, v6]))
+by = {s.name: s for s in specs}
+cross_prompts = {
+    "single": [(f"a photo of {v}", [by[v]]) for v in (v1, v2, v4)],
+    "pair": [(prompts[0], [by[v2], by[v1]])],
+    "recombined": [(prompts[1], [by[v1]]), (prompts[2], [by[v1], by[v6]]),
+                   (prompts[3], [by[v4], by[v2], by[v3]])],
+    "interaction": [(f"a photo of {v2} above {v1}", [by[v2], by[v1]], "above"),
+                    (f"a photo of {v4} left of {v2}", [by[v4], by[v2]], "left of")],
+}
+ev = evaluate(pipe, learned, specs, prompts=cross_prompts, n=4, seed=0, return_images=True)
+for r in ev["prompts"]:
+    vals = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in r.items() if isinstance(v, float))
+    print(f"{r['prompt']:<44} {vals}")
+
+# %% [markdown]
+# Read the rows against the pictures. "present" means the judge found every concept the
+# prompt names (colour AND shape, and the background where one is named); "all attributes"
+# (concept fidelity) adds the pattern. Where a row says 0 and the pictures show the objects,
+# the judge is wrong; where the pictures do not show them, the model is.
+#
+# ## 4. Interaction prompts
+# The last two rows above ask for a relation. The model's tokenizer knows "above", "left"
+# and "next to", but the shapes world's training captions never use them (every caption
+# joins objects with "and", `world.sample_caption`): the text encoder's rows for those
+# words were never trained, so the model cannot place objects by them, with learned
+# tokens or without. In the rows above, neither interaction prompt shows both concepts
+# (both present 0.00). Where both objects' colours are found, the relation holds in a third
+# and two thirds of the samples: chance. The samples:
+
+# %%
+inter = [r["prompt"] for r in ev["prompts"] if r["kind"] == "interaction"]
+display(sample_sheet([ev["images"][p] for p in inter], inter))
+
+# %% [markdown]
+# ## 5. Four methods, on what they generate
+# The paper's claim is a chain: better masks give better tokens, better tokens give better
+# generations. `benchmarks/multi_concept.py` tests the chain end to end. For every bundled
+# example and 3 held-out suite scenes, the concepts are learned four ways, each with its
+# method's final preset (`TrainConfig.for_model`: phase 1, then phase 2; lambda_attn 0.1
+# where the method estimates its own masks, 1.0 with given masks): **none** (textual inversion, no masks), **fixed** (masks
+# from one E-step at step 0), **em** (the method), **given** (the true masks, the
+# Break-a-Scene ceiling), and once more EM without phase 2. Every method's samples are
+# judged the same way (6 per prompt). Each image counts once: its value is the mean over
+# its concepts and prompts; the intervals are 95% t-intervals over images.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+results = os.path.join("..", "benchmarks", "results")
+with open(os.path.join(results, "multi_concept.json")) as f:
+    mc = json.load(f)
+print(mc["command"], "|", len({r["scene"] for r in mc["rows"]}), "images,",
+      mc["n_samples"], "samples per prompt")
+print(format_table(mc["summary"], ("concept_fidelity", "identity", "prompt_fidelity",
+                                   "diversity", "both_present", "mask_iou")))
+
+# %%
+fig = method_bars(mc["summary"], ("concept_fidelity", "identity", "prompt_fidelity",
+                                  "both_present", "diversity", "mask_iou"))
+plt.show()
+
+# %% [markdown]
+# The samples behind the table, method by method, for two of the bundled examples (4 of the
+# 6 samples of the first two-concept prompt, kept by the benchmark in
+# `multi_concept.npz`):
+
+# %%
+with np.load(os.path.join(results, "multi_concept.npz"), allow_pickle=False) as z:
+    kept = {k: z[k] for k in z.files}
+methods = ["none", "fixed", "em", "given"]
+for name in ("striped-star-and-heart", "two-tone-square-and-circle"):
+    p = mc["sample_prompts"][name]["pair"]
+    print(f"{name}: {p}")
+    display(sample_sheet([kept[f"{name}|{m}|pair"] for m in methods], methods))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+s = mc["summary"]
+
+
+def per_scene(method, key):
+    return {r["scene"]: r["summary"][key] for r in mc["rows"] if r["method"] == method}
+
+
+for key in ("concept_fidelity", "both_present", "identity"):
+    em, fx, gv = (per_scene(m, key) for m in ("em", "fixed", "given"))
+    wins = sum(em[k] > fx[k] for k in em)
+    ties = sum(em[k] == fx[k] for k in em)
+    print(f"{key:>16}: EM {s['em'][key]['mean']:.2f}, fixed {s['fixed'][key]['mean']:.2f}, "
+          f"none {s['none'][key]['mean']:.2f}, given {s['given'][key]['mean']:.2f} "
+          f"(+-{s['given'][key]['ci95']:.2f}); EM above fixed on {wins}, equal on {ties} "
+          f"of {len(em)} images")
+
+# %% [markdown]
+# **What the table says.**
+#
+# - **The masks matter, and given masks are the ceiling.** The given masks (Break-a-Scene)
+#   lead on concept fidelity, identity and prompt fidelity. The clearest case is
+#   `dotted-heart-and-triangle`: the E-step's masks for it are poor (IoU 0.33 for both EM and
+#   fixed, the dotted heart split from its dots). The tokens learned on them never draw the
+#   dotted heart (concept fidelity 0.00, identity 0.20), while the same tokens on the given
+#   masks do (0.83, identity 0.94). Better masks, better tokens, better generations: the
+#   chain of the paper's claim, in its sharpest form.
+# - **EM is level with fixed masks here, not above them.** EM's means are above fixed and
+#   none on concept fidelity and both-present, and inside the given masks' interval, which
+#   is the issue's letter of the goal. But EM beats the fixed masks on only 2 of the 8 images
+#   for concept fidelity, ties on 4 and loses on 2. Its mask IoU is level too (0.73 vs 0.72).
+#   The differences are far inside the intervals: on this model, with class-word init, the
+#   step-0 masks are already what EM ends with (notebook 05, section 4), so there is little
+#   for it to improve. Eight images and six samples per prompt cannot separate methods this
+#   close, and the benchmark is an hour of CPU.
+# - **Both-present is low for every method (at most 0.23).** Putting two learned concepts in
+#   one picture is what the bundled model does worst. It draws the named shape in about two
+#   thirds of objects (model card), and a two-concept prompt needs both.
+# - **Phase 2 is what brings concepts back.** EM without phase 2 reaches concept fidelity
+#   0.16 and both-present 0.03; with it, 0.38 and 0.21 (section 6).
+
+# %% [markdown]
+# ## 6. Guidance and phase 2: fidelity against diversity
+# Classifier-free guidance scales the step away from the unconditional prediction,
+# $\hat\epsilon = \epsilon_\varnothing + w\,(\epsilon_p - \epsilon_\varnothing)$: a larger
+# $w$ follows the prompt harder and narrows the samples. A small sweep on `[v1]` (the
+# striped star), 6 samples per guidance scale:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+sweep = []
+for w in (1.0, 2.0, 4.0, 7.0):
+    imgs = generate(pipe, learned, f"a photo of {v1}", n=6, seed=0, guidance_scale=w,
+                    output_type="np")
+    sweep.append({"w": w, "identity": float(judge.identity(by[v1], imgs).mean()),
+                  "fidelity": float(judge.concept_fidelity(by[v1], imgs).mean()),
+                  "diversity": judge.diversity(imgs), "images": imgs})
+    print(f"guidance {w:>3}: identity {sweep[-1]['identity']:.2f}, all attributes "
+          f"{sweep[-1]['fidelity']:.2f}, diversity {sweep[-1]['diversity']:.2f}")
+
+# %%
+p1 = mc["summary"]["em (phase 1 only)"]
+p2 = mc["summary"]["em"]
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+ax = axes[0]
+ax.plot([r["diversity"] for r in sweep], [r["identity"] for r in sweep], "o-")
+for r in sweep:
+    ax.annotate(f"w={r['w']:g}", (r["diversity"], r["identity"]), fontsize=8,
+                xytext=(4, 4), textcoords="offset points")
+ax.set_xlabel("diversity (judge, LPIPS-style)")
+ax.set_ylabel("identity")
+ax.set_title(f"guidance sweep, 'a photo of {v1}' (this notebook)", fontsize=9)
+ax = axes[1]
+for label, r, c in (("EM, phase 1 only", p1, "C1"), ("EM, phase 1 + 2", p2, "C0")):
+    ax.errorbar(r["diversity"]["mean"], r["identity"]["mean"], xerr=r["diversity"]["ci95"],
+                yerr=r["identity"]["ci95"], fmt="o", color=c, label=label, capsize=3)
+ax.set_xlabel("diversity")
+ax.set_ylabel("identity")
+ax.set_title("phase 2 (benchmark, 95% intervals over images)", fontsize=9)
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+display(sample_sheet([r["images"] for r in sweep], [f"guidance {r['w']:g}" for r in sweep]))
+
+# %% [markdown]
+# **Guidance** follows the prompt harder as $w$ grows: identity rises steadily with $w$
+# (the numbers above; $w = 1$ is no guidance). The diversity of this small sample barely
+# moves (1.03-1.11), and "all attributes" stays at most one sample in six: the striped
+# star's points are what the model draws worst. The usual trade, fidelity for diversity,
+# shows up more clearly in phase 2 (right panel).
+#
+# **Phase 2** moves EM's concepts up and to the left in the right panel: higher identity and
+# lower diversity. The phase-1 tokens (lambda_attn 0.1, tokens only) draw a pale star on a
+# random background in most samples. The fine-tuned U-Net draws the user's blue striped
+# star on the user's background: more faithful, less varied. On this model, with this
+# preset, phase 2 also *raised* prompt fidelity (0.37 -> 0.55). That differs from
+# `concept_fidelity.py` with given masks and lambda 1.0, where phase 1 kept the prompt better:
+# a token trained with a weak attention loss leaks into the whole picture, which phase 2's
+# U-Net then learns to draw.
+#
+# ## Exercises
+# 1. **Diversity of unit vectors (derivation).** For $n$ unit vectors $e_1..e_n$ with mean
+#    $\bar e$, show that the mean over pairs of $1 - e_i^\top e_j$ equals
+#    $\frac{n}{n-1}\,(1 - \lVert \bar e \rVert^2)$. What does that say about a concept whose
+#    samples all embed near one direction? Check it numerically on random vectors.
+# 2. **Why mask the source?** Identity compares $f(x \odot M)$ with $f(y)$. Compute
+#    `judge.identity` for `[v1]` on the samples of "a photo of [v1] on a gray background"
+#    with the true mask, and with a mask of the whole image (`np.ones_like`). Which rewards
+#    copying the source's background?
+# 3. **Relations.** What would the training data need for "[v2] above [v1]" to work? Look
+#    at `world.sample_caption` and say which two lines you would change.
+# 4. Evaluate the two-image concepts with `n=8` instead of 4 and compare the rows of
+#    section 3: which numbers move by more than their sampling error?
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
+# Solution to exercise 1.  sum_{i,j} e_i.e_j = n^2 |e_bar|^2, and the n diagonal terms are 1,
+# so the mean over the n(n-1) ordered pairs i != j of e_i.e_j is (n^2 |e_bar|^2 - n) / (n(n-1)),
+# and 1 minus it is n/(n-1) (1 - |e_bar|^2). Samples near one direction: |e_bar| -> 1, diversity -> 0.
+g = torch.Generator().manual_seed(0)
+e = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=1)
+n = len(e)
+pairs = [1 - float(e[i] @ e[j]) for i in range(n) for j in range(n) if i != j]
+print(f"mean over pairs {np.mean(pairs):.6f}, formula {n / (n - 1) * (1 - float(e.mean(0).norm() ** 2)):.6f}")
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
+# Solution to exercise 2
+imgs = ev["images"][prompts[1]] if prompts[1] in ev["images"] else \
+    generate(pipe, learned, prompts[1], n=4, seed=0, output_type="np")
+whole = concept_specs(ex_a.image, np.ones_like(ex_a.masks), sa.objects, sa.background, [v1, v2, v3])[0]
+print(f"identity with the true mask {judge.identity(by[v1], imgs).mean():.2f}, "
+      f"with the whole image as the 'mask' {judge.identity(whole, imgs).mean():.2f}")
+
+# %% [markdown]
+# ## References
+# - Rahman, Mahajan, Lee, Ren, Tulyakov, Sigal. *Visual Concept-driven Image Generation with
+#   Text-to-Image Diffusion Models* (the EM method of this course; its evaluation: CLIP-I,
+#   CLIP-T, LPIPS diversity). arXiv:2402.11487.
+# - Avrahami, Aberman, Fried, Cohen-Or, Lischinski. *Break-a-Scene: Extracting Multiple
+#   Concepts from a Single Image* (identity with DINO on masked images). arXiv:2305.16311.
+# - Gal et al. *An Image is Worth One Word: Personalizing Text-to-Image Generation using
+#   Textual Inversion* (the "none" baseline). arXiv:2208.01618.
+# - Kraehenbuehl, Koltun. *Efficient Inference in Fully Connected CRFs with Gaussian Edge
+#   Potentials*. NeurIPS 2011. arXiv:1210.5644.
+# - Wang et al. *TokenCompose: Grounding Diffusion with Token-level Supervision*.
+#   arXiv:2312.03626.
+# - Zhang, Isola, Efros, Shechtman, Wang. *The Unreasonable Effectiveness of Deep Features
+#   as a Perceptual Metric* (LPIPS). arXiv:1801.03924.
+#
+# The equations and hyper-parameters of the course, with their scales: `docs/cheatsheet.md`.
