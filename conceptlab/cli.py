@@ -139,8 +139,6 @@ def cmd_generate(args):
 
 def cmd_evaluate(args):
     """Print the paper's measures for a folder of learned concepts (``conceptlab learn``)."""
-    import json
-
     from .evaluate import (
         MEASURES,
         ClipJudge,
@@ -163,10 +161,13 @@ def cmd_evaluate(args):
         if args.words:
             raise ValueError("give --example or --words, not both")
         ex = load_example(args.example)
-        if len(ex.init_words) != len(concepts.names) or len(concepts.images) != 1:
+        if len(ex.init_words) != len(concepts.names) or len(concepts.images) != 1 or \
+                concepts.images[0].shape != ex.image.shape or \
+                not np.array_equal(concepts.images[0], ex.image):
             raise ValueError(f"{args.concepts} holds {len(concepts.names)} concepts of "
-                             f"{len(concepts.images)} images; the example {ex.name!r} has "
-                             f"{len(ex.init_words)} concepts in one image: not learned from it")
+                             f"{len(concepts.images)} image(s); the example {ex.name!r} has "
+                             f"{len(ex.init_words)} concepts in one image, and its image "
+                             "must be the one learned from: not learned from it")
         specs = concept_specs_of_example(ex, concepts.names)
         gt = [ex.masks]
     else:
@@ -184,7 +185,6 @@ def cmd_evaluate(args):
     if args.json:
         atomic_write_json(args.json, {k: v for k, v in ev.items() if k != "images"}, indent=1)
         print(f"wrote {args.json}")
-    return json.dumps(ev["summary"])
 
 
 def cmd_demo(args):

@@ -173,6 +173,9 @@ def test_cli_generate_and_evaluate_a_learned_folder(tmp_path, capsys):
     assert Image.open(tmp_path / "g" / "generations.png").width >= 2 * 128
     assert main(["evaluate", out, "--example", "three-objects", "-n", "2"]) == 2
     assert "not learned from it" in capsys.readouterr().err
+    # same number of concepts, another image
+    assert main(["evaluate", out, "--example", "two-tone-square-and-circle", "-n", "2"]) == 2
+    assert "not learned from it" in capsys.readouterr().err
     js = tmp_path / "ev.json"
     assert main(["evaluate", out, "--example", "striped-star-and-heart", "-n", "2",
                  "--threads", "1", "--json", str(js)]) == 0
