@@ -36,7 +36,7 @@
 # | 03 concept tokens | textual inversion, with and without a mask | 110 s |
 # | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 148 s |
 # | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 152 s |
-# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 112 s |
+# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 95 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
 # building on *Break-a-Scene*, Avrahami et al. 2023) takes one image containing several

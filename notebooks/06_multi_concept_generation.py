@@ -28,7 +28,7 @@
 # - what guidance and phase 2 trade: fidelity against diversity.
 #
 # **Prerequisites**: notebooks 03-05 (concept tokens, masked and attention losses, EM).
-# **Runtime**: about 2 minutes on a 2-core CPU (measured, idle). The four-method table
+# **Runtime**: about 1.5 minutes on a 2-core CPU (measured, idle). The four-method table
 # is computed by `python benchmarks/multi_concept.py` (about an hour) and loaded here.
 
 # %%
@@ -147,6 +147,8 @@ for i, ex in enumerate((ex_a, ex_b)):
     names = [learned.names[k] for k in learned.concept_ids[i]]
     print(f"image {'AB'[i]}: mask IoU " + ", ".join(
         f"{n} {iou(m, g):.2f}" for n, m, g in zip(names, learned.masks[i], ex.masks)))
+
+# %%
 fig = image_grid_figure([[ex_a.image, overlay_masks(ex_a.image, learned.masks[0]),
                           ex_b.image, overlay_masks(ex_b.image, learned.masks[1])]],
                         col_titles=["image A", "EM's masks", "image B", "EM's masks"], scale=2.2)
