@@ -47,9 +47,9 @@ from conceptlab.evaluate import (
     interval95,
 )
 from conceptlab.fileio import atomic_save, atomic_write_json
-from conceptlab.models import data_dir, load_pipeline, weights_fingerprint
-from conceptlab.shapes import world
-from conceptlab.shapes.examples import list_examples, load_example
+from conceptlab.models import load_pipeline, weights_fingerprint
+from conceptlab.result import _savez
+from conceptlab.shapes.examples import example_spec, list_examples, load_example
 from conceptlab.shapes.suites import suite_scenes
 from conceptlab.train import TrainConfig
 
@@ -69,9 +69,7 @@ def scenes(n_suite: int) -> list[tuple[str, np.ndarray, np.ndarray, list, str, l
     """(name, image, masks (objects then background), objects, background, init words)."""
     out = []
     for name in list_examples():
-        ex = load_example(name)
-        spec = world.SceneSpec.from_dict(
-            json.loads((data_dir() / "examples" / f"{name}.json").read_text())["spec"])
+        ex, spec = load_example(name), example_spec(name)
         out.append((name, ex.image, ex.masks, spec.objects, spec.background, ex.init_words))
     for i, sc in enumerate(suite_scenes(n_suite)):
         masks = np.concatenate([sc.masks[1:], sc.masks[:1]])
@@ -107,11 +105,6 @@ def run_one(model, scene, method: str, n: int, seed: int = 0):
              "config": cfg.to_dict(),
              "summary": ev["summary"], "prompts": ev["prompts"]},
             {k: (p, ev["images"][p][:N_KEPT]) for k, p in shown.items() if p})
-
-
-def _savez(path, arrays):
-    with open(path, "wb") as f:       # a file object: np.savez would append ".npz" to a name
-        np.savez_compressed(f, **arrays)
 
 
 def summarise(rows) -> dict:

@@ -106,12 +106,9 @@ def concept_specs(image, masks, objects, background: str, names) -> list[Concept
 
 def concept_specs_of_example(example, names) -> list[ConceptSpec]:
     """Specs for a bundled example (:func:`conceptlab.shapes.examples.load_example`)."""
-    import json
+    from .shapes.examples import example_spec
 
-    from .models import data_dir
-
-    spec = json.loads((data_dir() / "examples" / f"{example.name}.json").read_text())["spec"]
-    sc = world.SceneSpec.from_dict(spec)
+    sc = example_spec(example.name)
     return concept_specs(example.image, example.masks, sc.objects, sc.background, names)
 
 

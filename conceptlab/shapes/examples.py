@@ -93,6 +93,14 @@ def list_examples() -> list[str]:
     return sorted(p.stem for p in (data_dir() / "examples").glob("*.json"))
 
 
+def example_spec(name: str) -> world.SceneSpec:
+    """The scene description a bundled example was rendered from (objects, background)."""
+    d = data_dir() / "examples"
+    if not (d / f"{name}.json").exists():
+        raise ValueError(f"no example {name!r}; bundled examples: {list_examples()}")
+    return world.SceneSpec.from_dict(json.loads((d / f"{name}.json").read_text())["spec"])
+
+
 def load_example(name: str) -> Example:
     """A bundled example image with its concepts and (evaluation-only) masks."""
     d = data_dir() / "examples"
