@@ -5,6 +5,7 @@
 #   make test   unit tests, then execute every notebook with nbval
 #   make lab    start JupyterLab on notebooks/
 #   make lint   ruff
+#   make site   the course as static HTML in site/ (committed outputs, solutions collapsed)
 #   make sync   re-pair notebooks/NN_*.ipynb with their jupytext sources notebooks/NN_*.py
 #               (run after editing either; the newer file wins, outputs stay in the .ipynb)
 #   make clean  remove build artefacts, caches and outputs/ (keeps .venv; see distclean)
@@ -21,7 +22,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TEST_ENV := TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error TQDM_DISABLE=1 \
             OMP_NUM_THREADS=2 MPLBACKEND=Agg HF_HUB_OFFLINE=1
 
-.PHONY: venv demo test lab lint sync clean distclean
+.PHONY: venv demo test lab lint site sync clean distclean
 
 venv: $(STAMP)
 
@@ -68,11 +69,14 @@ lab: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
+site: venv
+	$(VENV_PY) docs/build_site.py --out site
+
 sync: venv
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.ipynb
 
 clean:
-	rm -rf build dist *.egg-info outputs .pytest_cache .ruff_cache
+	rm -rf build dist *.egg-info outputs site .pytest_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .ipynb_checkpoints \) \
 		-exec rm -rf {} + 2>/dev/null || true
 

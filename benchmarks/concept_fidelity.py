@@ -46,9 +46,9 @@ import torch
 from conceptlab.generation import generate
 from conceptlab.maps import attention_maps
 from conceptlab.masks import iou
-from conceptlab.models import data_dir, load_pipeline, weights_fingerprint
+from conceptlab.models import load_pipeline, weights_fingerprint
 from conceptlab.shapes import world
-from conceptlab.shapes.examples import list_examples, load_example
+from conceptlab.shapes.examples import example_spec, list_examples, load_example
 from conceptlab.shapes.identity import identity_similarity, load_pattern_net, read_pattern
 from conceptlab.shapes.judge import judge, judge_background, load_classifier
 from conceptlab.tokens import add_concept_tokens
@@ -78,12 +78,10 @@ def example_cases(names=None) -> list[Case]:
     out = []
     for n in names or list_examples():
         ex = load_example(n)
-        spec = json.loads((data_dir() / "examples" / f"{n}.json").read_text())["spec"]
+        spec = example_spec(n)
         ks = [k for k, w in enumerate(ex.init_words) if w != "background"]
-        objs = [world.ShapeObject(**{f: o[f] for f in ("shape", "colour", "cx", "cy", "radius",
-                                                       "angle", "pattern", "colour2")})
-                for o in spec["objects"]]
-        out.append(Case(n, ex.image, ex.masks[ks], [objs[k] for k in ks], spec["background"]))
+        out.append(Case(n, ex.image, ex.masks[ks], [spec.objects[k] for k in ks],
+                        spec.background))
     return out
 
 

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from .generation import concept_tokens_in, ensure_concepts, generate
 from .masks import iou
 from .shapes import world
+from .shapes.judge import as_uint8_batch
 
 RELATIONS = ("above", "below", "left of", "right of", "next to")
 
@@ -186,7 +187,7 @@ class ShapesJudge:
         from .shapes.identity import identity_similarity
         from .shapes.judge import judge_background
 
-        images = _uint8(images)
+        images = as_uint8_batch(images)
         if spec.is_background:
             if not spec.attributes:
                 return np.full(len(images), np.nan)
@@ -199,7 +200,7 @@ class ShapesJudge:
         named (colour, shape) by the judge's pair head, and the named background."""
         from .shapes.judge import judge, judge_background, named_background
 
-        images = _uint8(images)
+        images = as_uint8_batch(images)
         objs = objects_named(prompt)
         bg = named_background(prompt)
         parts = []
@@ -219,7 +220,7 @@ class ShapesJudge:
         channels, averaged over positions and the two depths); 0 = identical images."""
         from .shapes.judge import to_tensor
 
-        images = _uint8(images)
+        images = as_uint8_batch(images)
         if len(images) < 2:
             raise ValueError("diversity needs at least 2 images of one prompt")
         x = (to_tensor(images) - 0.5) / 0.25
@@ -239,7 +240,7 @@ class ShapesJudge:
         when the spec has no attributes this judge can check."""
         from .shapes.judge import judge, judge_background
 
-        images = _uint8(images)
+        images = as_uint8_batch(images)
         a = spec.attributes
         if spec.is_background:
             return images, (judge_background(images, a["background"]) if a else None), None
@@ -270,7 +271,7 @@ class ShapesJudge:
         """Per image, the (y, x) centroid (fractions of the image) of the pixels nearest to
         the object's colour among the world's colours and within 60 RGB of it, or None
         where fewer than ``min_pixels`` such pixels are found."""
-        images = _uint8(images)
+        images = as_uint8_batch(images)
         if "colour" not in spec.attributes:
             return None
         palette = np.array(list(world.COLOURS.values()), np.float32)
@@ -309,7 +310,7 @@ class ClipJudge:
 
     @torch.no_grad()
     def image_embeddings(self, images) -> torch.Tensor:
-        x = self.processor(images=list(_uint8(images)), return_tensors="pt")
+        x = self.processor(images=list(as_uint8_batch(images)), return_tensors="pt")
         e = self.model.get_image_features(pixel_values=x["pixel_values"].to(self.device))
         return F.normalize(_tensor(e).float(), dim=-1).cpu()
 
@@ -358,13 +359,6 @@ def _tensor(out):
         if v is not None:
             return v
     raise TypeError(f"unexpected CLIP output {type(out).__name__}")
-
-
-def _uint8(images) -> np.ndarray:
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
-        return images
-    return np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, np.uint8)
-                     for im in images])
 
 
 # ----------------------------------------------------------------------------- relations

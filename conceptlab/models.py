@@ -153,7 +153,7 @@ def load_pipeline(name_or_path: str = BUNDLED_MODEL, device: str | None = None,
         raise RuntimeError(
             f"could not load {source!r} from the Hugging Face hub"
             f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''} and it is not in the local "
-            "cache. On a machine with network run `huggingface-cli download "
+            "cache. On a machine with network run `hf download "
             f"{source} --local-dir SOME/FOLDER` and pass that folder, or use the bundled "
             f"model {BUNDLED_MODEL!r}.\n(original error: {e})") from None
     missing = [n for n in REQUIRED_COMPONENTS if getattr(pipe, n, None) is None]

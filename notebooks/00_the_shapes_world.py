@@ -31,16 +31,34 @@
 # | notebook | idea | CPU time (idle 2-core CPU, measured) |
 # |---|---|---|
 # | 00 the shapes world (this one) | the data, the model, the measurements | 36 s |
-# | 01 cross-attention | where does the model look for each word? | 31 s |
-# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 33 s |
-# | 03 concept tokens | textual inversion, with and without a mask | 110 s |
-# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 148 s |
-# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 152 s |
-# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 95 s |
+# | 01 cross-attention | where does the model look for each word? | 37 s |
+# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 39 s |
+# | 03 concept tokens | textual inversion, with and without a mask | 118 s |
+# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 170 s |
+# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 180 s |
+# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 111 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
 # building on *Break-a-Scene*, Avrahami et al. 2023) takes one image containing several
 # concepts and **no masks**, and learns one new word per concept plus a mask per concept.
+
+# %%
+# NBVAL_SKIP
+# Colab, or a machine without the course: set COURSE to the course's git URL and run this cell
+# once. It clones the course, installs it, and moves into the clone's notebooks/ folder (some
+# lessons read ../benchmarks/results). Where `import conceptlab` works already (a clone set
+# up with `make venv`), it does nothing.
+COURSE = ""  # e.g. "https://github.com/<owner>/conceptlab.git"
+import importlib, importlib.util, os, subprocess, sys
+if importlib.util.find_spec("conceptlab") is None:
+    if not COURSE:
+        raise RuntimeError("conceptlab is not installed: set COURSE in this cell to the course's git "
+                           "URL (README, 'The course on a GPU'), then run the cell again")
+    if not os.path.isdir("conceptlab-course"):
+        subprocess.check_call(["git", "clone", "--depth", "1", COURSE, "conceptlab-course"])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "./conceptlab-course"])
+    importlib.invalidate_caches()
+    os.chdir(os.path.join("conceptlab-course", "notebooks"))
 
 # %%
 import json, os
@@ -125,7 +143,9 @@ plt.show()
 from conceptlab import load_pipeline
 from conceptlab.shapes.model import describe_model
 
-pipe = load_pipeline()  # "shapes-ldm", from data/models/shapes-ldm
+# "shapes-ldm" (data/models/shapes-ldm), a local diffusers folder or a hub id
+MODEL = os.environ.get("CONCEPTLAB_MODEL", "shapes-ldm")
+pipe = load_pipeline(MODEL)
 info = describe_model(pipe)
 print(type(pipe).__name__)
 for k, v in info.items():
@@ -228,17 +248,19 @@ if "control" in q:
 # %% [markdown]
 # ## 3. Switching to Stable Diffusion
 #
-# Every notebook takes the model from one line. On a machine with a GPU and the weights
-# (downloaded once with `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5
-# --local-dir sd15`), replace
+# Every notebook takes the model from one line,
 #
 # ```python
-# pipe = load_pipeline()
+# MODEL = os.environ.get("CONCEPTLAB_MODEL", "shapes-ldm")
+# pipe = load_pipeline(MODEL)
 # ```
-# with
-# ```python
-# pipe = load_pipeline("sd15")   # a local folder, or the hub id where you have network
-# ```
+#
+# so on a machine with a GPU and the weights (downloaded once with `hf download
+# stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir sd15`), start JupyterLab with
+# `CONCEPTLAB_MODEL=$PWD/sd15 make lab`, or set `MODEL` to the folder (or to the hub id where
+# you have network). On Colab, the first cell of each notebook installs the course (README,
+# "The course on a GPU").
+#
 # Images are then 512x512, attention maps default to SD's 16x16 layers, and the concept
 # trainer has SD-scale defaults (`TrainConfig.for_stable_diffusion()`).
 #

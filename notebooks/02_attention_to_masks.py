@@ -27,11 +27,29 @@
 #   multi-object scenes.
 #
 # **Prerequisites**: notebook 01 (cross-attention maps, `attention_maps`); softmax,
-# Gaussians. **Runtime**: about 35 s on a 2-core CPU (measured, idle).
+# Gaussians. **Runtime**: about 40 s on a 2-core CPU (measured, idle).
 #
 # This is the E-step of the method (Break-a-Scene / *Visual Concept-driven Image
 # Generation*): with no user masks, each concept's mask is estimated from its attention map,
 # normalised, assigned by argmax against a background, and refined by a DenseCRF.
+
+# %%
+# NBVAL_SKIP
+# Colab, or a machine without the course: set COURSE to the course's git URL and run this cell
+# once. It clones the course, installs it, and moves into the clone's notebooks/ folder (some
+# lessons read ../benchmarks/results). Where `import conceptlab` works already (a clone set
+# up with `make venv`), it does nothing.
+COURSE = ""  # e.g. "https://github.com/<owner>/conceptlab.git"
+import importlib, importlib.util, os, subprocess, sys
+if importlib.util.find_spec("conceptlab") is None:
+    if not COURSE:
+        raise RuntimeError("conceptlab is not installed: set COURSE in this cell to the course's git "
+                           "URL (README, 'The course on a GPU'), then run the cell again")
+    if not os.path.isdir("conceptlab-course"):
+        subprocess.check_call(["git", "clone", "--depth", "1", COURSE, "conceptlab-course"])
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "./conceptlab-course"])
+    importlib.invalidate_caches()
+    os.chdir(os.path.join("conceptlab-course", "notebooks"))
 
 # %%
 import os, sys, time
@@ -47,7 +65,7 @@ from conceptlab.maps import attention_maps
 torch.set_num_threads(2)
 
 # %%
-MODEL = "shapes-ldm"
+MODEL = os.environ.get("CONCEPTLAB_MODEL", "shapes-ldm")
 pipe = load_pipeline(MODEL)
 
 # %% [markdown]

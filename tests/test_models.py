@@ -45,7 +45,7 @@ def test_bad_names_and_folders(tmp_path):
 
 def test_hub_id_offline_gives_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="huggingface-cli download"):
+    with pytest.raises(RuntimeError, match="hf download"):
         load_pipeline("someone/not-a-cached-model", progress=False)
 
 

@@ -370,7 +370,14 @@ def border_pixels(image: np.ndarray, border: int = 4) -> np.ndarray:
                            im[border:-border, -border:].reshape(-1, 3)])
 
 
-def _as_uint8_batch(images) -> np.ndarray:
+def as_uint8_batch(images) -> np.ndarray:
+    """(N, H, W, 3) uint8 from one image or many: PIL images, uint8 arrays, or floats in
+    [0, 1]."""
+    if hasattr(images, "convert"):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        images = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im)
+                  for im in images]
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
@@ -426,7 +433,7 @@ def classify_background(images, *, max_distance: float = 45.0, max_crossings: in
     """
     plain = {k: np.array(v, np.float32) for k, v in world.PLAIN_BACKGROUNDS.items()}
     out = []
-    for im in _as_uint8_batch(images):
+    for im in as_uint8_batch(images):
         f = background_features(im)
         med = f["median"]
         dist = {k: float(np.linalg.norm(med - c)) for k, c in plain.items()}
@@ -444,7 +451,7 @@ def judge_background(images, names, *, max_distance: float = 45.0) -> np.ndarray
     """Does each image show the named background (any of ``world.BACKGROUNDS``)? ``names``:
     one name, or one per image. True where :func:`classify_background` says that name.
     Returns a bool array. Checked against rendered scenes in the tests."""
-    images = _as_uint8_batch(images)
+    images = as_uint8_batch(images)
     names = [names] * len(images) if isinstance(names, str) else list(names)
     if len(names) != len(images):
         raise ValueError(f"{len(images)} images but {len(names)} background names")
