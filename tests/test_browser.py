@@ -95,37 +95,33 @@ def jupyterlab(tmp_path):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(value))
     with open(tmp_path / "jupyterlab.log", "w") as log:
-        yield from _serve(work, port, token, env, log, tmp_path)
-
-
-def _serve(work, port, token, env, log, tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
-         f"--port={port}", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={work}", "--LabApp.expose_app_in_browser=True",
-         "--allow-root", "--LabApp.check_for_updates_class="
-         "jupyterlab.NeverCheckForUpdate"],
-        cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    log.flush()
-                    pytest.fail("JupyterLab did not start:\n"
-                                + (tmp_path / "jupyterlab.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield url, token, work
-    finally:
-        proc.terminate()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
+             f"--port={port}", f"--IdentityProvider.token={token}",
+             f"--ServerApp.root_dir={work}", "--LabApp.expose_app_in_browser=True",
+             "--allow-root", "--LabApp.check_for_updates_class="
+             "jupyterlab.NeverCheckForUpdate"],
+            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.time() + 90
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.time() > deadline:
+                        log.flush()
+                        pytest.fail("JupyterLab did not start:\n"
+                                    + (tmp_path / "jupyterlab.log").read_text()[-3000:])
+                    time.sleep(0.5)
+            yield url, token, work
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 # JavaScript run in the page: the notebook panel JupyterLab shows (window.jupyterapp is there
