@@ -21,7 +21,10 @@ Two settings (``--init``):
   starts from the word "shape" and only the alternation can tell them apart; masks are
   then scored against the objects in the order that fits best (``learn_concepts(...,
   match_gt=True)``). ``--competition centered`` lets equal-looking maps split the
-  foreground (``MaskConfig.competition``), ``--temperature`` softens the CRF's unaries.
+  foreground (``MaskConfig.competition``), ``--fill-empty`` gives an empty token a
+  separate region of a token holding two, ``--temperature`` softens the CRF's unaries,
+  ``--attn-target bce`` scores the tokens' raw attention shares in the M-step (the setting
+  of ``results/em_suite_shared.json``; ``results/PRESETS.md`` has the pilots).
 
 The summary gives, per method, the re-estimated curve (``mean``, ``final``) and the masks
 the method itself ends with (``final_used``: EM's last E-step; fixed: its step-0 masks).
@@ -183,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--guard", action="store_true",
                     help="EM keeps new masks only if they explain the image no worse")
     ap.add_argument("--lambda-attn", type=float, default=None, help="ablation: attention loss")
+    ap.add_argument("--attn-target", default=None, choices=("max", "raw", "bce"),
+                    help="ablation: attention loss on max-normalised maps, raw shares, or BCE")
     ap.add_argument("--no-crf", action="store_true", help="ablation: E-step without the CRF")
     ap.add_argument("--n-timesteps", type=int, default=None, help="E-step timesteps (default 50)")
     ap.add_argument("--threads", type=int, default=2)
@@ -211,6 +216,8 @@ def main(argv=None):
 
     methods = tuple(args.methods.split(","))
     changes = {} if args.lambda_attn is None else {"lambda_attn": args.lambda_attn}
+    if args.attn_target:
+        changes["attn_target"] = args.attn_target
     mcfg = MaskConfig()
     if args.no_crf:
         mcfg = dataclasses.replace(mcfg, crf=False)

@@ -13,12 +13,15 @@ run's snapshots, plotted with ``--plot``:
 
     python benchmarks/generation_sweep.py --models RUN/snapshot-* --n-prompts 20 \
         --json benchmarks/results/model_scaling.json --plot benchmarks/results/model_scaling.png
+
+``--keep`` then measures only the snapshots the JSON does not hold yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 
@@ -39,16 +42,28 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG: fidelity against the training step "
                     "read from each model's folder name (snapshot-NNNNN)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the rows already in --json and measure only the (model, "
+                         "guidance) pairs it lacks at these settings (new snapshots of a run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clf = load_classifier()
     prompts = fidelity_prompts(args.n_prompts)
     rows = []
+    if args.keep and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            rows = [r for r in json.load(f)
+                    if r["n_images"] == args.n_prompts * args.per_prompt]
+    done = {(r["model"], r["guidance"]) for r in rows}
     print(f"{'model':>40} {'guidance':>9} {'colour':>7} {'shape':>7} {'both':>7} "
           f"{'1 obj shape':>12} {'2 obj shape':>12} {'s':>6}")
     for m in args.models:
+        todo = [gs for gs in args.guidance if (m, gs) not in done]
+        if not todo:
+            print(f"{m[-40:]:>40} kept from {args.json}")
+            continue
         pipe = load_pipeline(m, progress=False)
-        for gs in args.guidance:
+        for gs in todo:
             t0 = time.time()
             r = fidelity(pipe, prompts, n_per_prompt=args.per_prompt, guidance_scale=gs,
                          steps=args.steps, model=clf)

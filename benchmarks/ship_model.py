@@ -80,14 +80,19 @@ def main(argv=None):
     ap.add_argument("--card-only", action="store_true",
                     help="keep the shipped weights and their quality.json; measure only the "
                          "control (if given) and rewrite samples.png and the card")
+    ap.add_argument("--reuse-control", action="store_true",
+                    help="take the control's and its peer's figures from the shipped "
+                         "quality.json when they were measured on the same folders (they do "
+                         "not depend on the shipped weights)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     run = Path(args.run)
     dest = Path(__file__).resolve().parent.parent / "data" / "models" / args.name
     common = ["--n-scenes", str(args.n_scenes), "--threads", str(args.threads)]
+    old = json.loads((dest / "quality.json").read_text()) if (dest / "quality.json").exists() else {}
     if args.card_only:
-        q = json.loads((dest / "quality.json").read_text())
+        q = old
     else:
         if dest.exists():
             shutil.rmtree(dest)
@@ -97,13 +102,17 @@ def main(argv=None):
         q = model_quality.main(["--model", str(dest), "--n-generation-prompts",
                                 str(args.n_generation_prompts),
                                 "--json", str(dest / "quality.json")] + common)
-    if args.control:
-        print("\n== control (no attention-grounding loss) ==")
-        q["control"] = model_quality.main(["--model", args.control, "--skip-generation"] + common)
-    if args.control_peer:
-        print("\n== grounded model at the control's step count ==")
-        q["control_peer"] = model_quality.main(["--model", args.control_peer,
-                                                "--skip-generation"] + common)
+    for key, folder, title in (("control", args.control, "control (no attention-grounding loss)"),
+                               ("control_peer", args.control_peer,
+                                "grounded model at the control's step count")):
+        if not folder:
+            continue
+        if args.reuse_control and old.get(key, {}).get("model") == _portable(folder):
+            print(f"\n== {title}: figures reused from the shipped quality.json ==")
+            q[key] = old[key]
+            continue
+        print(f"\n== {title} ==")
+        q[key] = model_quality.main(["--model", folder, "--skip-generation"] + common)
     q = _portable(q)
     with open(dest / "quality.json", "w") as f:
         json.dump(q, f, indent=1)

@@ -41,20 +41,23 @@ def competition_scores(maps, background_threshold: float, competition: str = "ma
     return (n - mu[:, None, None] + mu.mean()).clamp(0, 1)
 
 
-def fill_empty_concepts(masks: np.ndarray, scores, min_pixels: int = 4) -> np.ndarray:
+def fill_empty_concepts(masks: np.ndarray, scores, min_pixels: int = 4,
+                        empty_pixels: int | None = None) -> np.ndarray:
     """(K, H, W) disjoint object masks -> the same with every empty mask given a region.
 
-    While some concept k has an empty mask and another concept holds two or more separate
-    regions (8-connected, of at least ``min_pixels``), the region (other than its holder's
-    largest) in which k's score is highest moves to k. Pixels never change from object to
+    While some concept k has an empty mask (fewer than ``empty_pixels`` pixels, default
+    ``min_pixels``) and another concept holds two or more separate regions (8-connected, of
+    at least ``min_pixels``), the region (other than its holder's largest) in which k's
+    score is highest moves to k. Pixels never change from object to
     background or back; only which object holds them."""
     from scipy import ndimage
 
     out = np.asarray(masks, bool).copy()
     sc = np.asarray(scores, np.float32)
     K = len(out)
+    empty_pixels = min_pixels if empty_pixels is None else empty_pixels
     for _ in range(K):
-        empty = [k for k in range(K) if out[k].sum() < min_pixels]
+        empty = [k for k in range(K) if out[k].sum() < empty_pixels]
         if not empty:
             break
         regions = []   # (holder, region mask) that could move
@@ -194,7 +197,11 @@ def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
         else:
             refined[objs] = hard[objs]
         if cfg.fill_empty:
-            refined[objs] = fill_empty_concepts(refined[objs], scores.numpy())
+            # "empty" as EM's guard counts it (check_masks: under min_fraction of the image),
+            # so that a sliver of a few pixels also takes a region
+            refined[objs] = fill_empty_concepts(
+                refined[objs], scores.numpy(),
+                empty_pixels=max(4, int(np.ceil(cfg.min_fraction * H * W))))
     if background is not None:
         hard[background] = ~hard[objs].any(0)
         refined[background] = ~refined[objs].any(0)

@@ -85,7 +85,8 @@ def resize_soft_mask(mask: torch.Tensor, size) -> torch.Tensor:
 
 
 def cross_attention_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor = None,
-                         reduction: str = "mean", eps: float = 1e-8) -> torch.Tensor:
+                         reduction: str = "mean", eps: float = 1e-8,
+                         target: str = "max") -> torch.Tensor:
     """Attention loss: MSE between each concept's max-normalised map and its mask.
 
     maps      (B, K, h, w) non-negative attention of the K concept tokens.
@@ -98,8 +99,20 @@ def cross_attention_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.T
     reduction "mean": average of the per-concept MSEs over the valid (sample, concept)
               pairs; "sum": sum over concepts, mean over the batch (the paper's Eq. 4 and
               Break-a-Scene's code).
-    Per concept: ``mean_pixels((A / max(A) - M)^2)``. Returns a scalar (0 if nothing is
-    valid), differentiable w.r.t. ``maps``.
+    target    "max": the map divided by its maximum (the paper's Eq. 4). The loss is then
+              blind to the map's scale: a token that receives almost none of a pixel's
+              attention (softmax share ~0.001) but in the right shape pays nothing.
+              "raw": the softmax shares themselves, ``mean_pixels((A - M)^2)``: inside its
+              mask a token is pushed to take the attention from the other prompt tokens
+              (for tokens that start from one shared word, where one of them takes most of
+              the attention; ``benchmarks/results/PRESETS.md``). Its gradient vanishes
+              where a share is already near 0 (softmax saturation).
+              "bce": per-pixel binary cross-entropy of the shares against the mask,
+              ``-mean_pixels(M log A + (1 - M) log(1 - A))``, whose gradient does not
+              vanish for a token that has lost its attention (the grounding loss the
+              bundled model was trained with uses the same term).
+    Per concept (target "max"): ``mean_pixels((A / max(A) - M)^2)``. Returns a scalar (0 if
+    nothing is valid), differentiable w.r.t. ``maps``.
     """
     if maps.ndim != 4:
         raise ValueError(f"maps must be (B, K, h, w), got shape {tuple(maps.shape)}")
@@ -117,10 +130,17 @@ def cross_attention_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.T
             raise ValueError(f"valid must be (B, K) = {(B, K)}, got shape {tuple(valid.shape)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if target not in ("max", "raw", "bce"):
+        raise ValueError(f"target must be 'max', 'raw' or 'bce', got {target!r}")
     a = maps.float()
-    a = a / a.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    target = resize_soft_mask(masks, a.shape[-2:]).to(a.device)
-    per = (a - target).pow(2).mean(dim=(-2, -1))  # (B, K)
+    if target == "max":
+        a = a / a.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    m = resize_soft_mask(masks, a.shape[-2:]).to(a.device)
+    if target == "bce":
+        a = a.clamp(1e-6, 1 - 1e-6)
+        per = -(m * a.log() + (1 - m) * (1 - a).log()).mean(dim=(-2, -1))
+    else:
+        per = (a - m).pow(2).mean(dim=(-2, -1))  # (B, K)
     w = valid.float()
     if reduction == "mean":
         return (per * w).sum() / w.sum().clamp_min(1.0)

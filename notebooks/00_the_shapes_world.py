@@ -24,19 +24,19 @@
 # - how to switch every notebook to a real Stable Diffusion checkpoint on a GPU.
 #
 # **Prerequisites**: Python and PyTorch; the idea of a diffusion model (noise is added to an
-# image, a network learns to predict that noise). **Runtime**: about 35 s on a 2-core CPU (measured, idle).
+# image, a network learns to predict that noise). **Runtime**: about 25 s on a 2-core CPU (measured, idle).
 #
 # ## The course
 #
 # | notebook | idea | CPU time (idle 2-core CPU, measured) |
 # |---|---|---|
-# | 00 the shapes world (this one) | the data, the model, the measurements | 36 s |
-# | 01 cross-attention | where does the model look for each word? | 37 s |
-# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 39 s |
-# | 03 concept tokens | textual inversion, with and without a mask | 118 s |
-# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 170 s |
-# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 180 s |
-# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 111 s |
+# | 00 the shapes world (this one) | the data, the model, the measurements | 26 s |
+# | 01 cross-attention | where does the model look for each word? | 52 s |
+# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 31 s |
+# | 03 concept tokens | textual inversion, with and without a mask | 111 s |
+# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 174 s |
+# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 207 s |
+# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 106 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
 # building on *Break-a-Scene*, Avrahami et al. 2023) takes one image containing several
@@ -199,10 +199,10 @@ rows, _ = sample_grid(pipe, prompts, n_per_prompt=6, seed=0)
 sample_sheet(rows, prompts)
 
 # %% [markdown]
-# What a person sees: the colours and the backgrounds are right in every image, and the stars
-# are stars. Squares, triangles and hearts come out with soft, wobbly outlines; now and then
-# a heart or a square is closer to a blob than to its shape. The benchmark below puts a
-# number on exactly this (shape fidelity about 0.7, colour about 1.0).
+# What a person sees: the colours and the backgrounds are right in every image; stars,
+# hearts, circles and triangles are easy to name. Squares are the weak shape: they come out
+# as soft, wobbly blobs with rounded corners. The benchmark below puts a number on exactly
+# this (shape fidelity about 0.87, colour about 1.0).
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -27,7 +27,7 @@
 #   against ground-truth masks, beside two trivial baselines.
 #
 # **Prerequisites**: notebook 00 (the shapes world and the bundled model); matrix products
-# and the softmax. **Runtime**: about 35 s on a 2-core CPU (measured, idle).
+# and the softmax. **Runtime**: about 50 s on a 2-core CPU (measured, idle).
 #
 # Everything here is what the method of this course (Break-a-Scene and *Visual
 # Concept-driven Image Generation*) builds on: masks for new concepts are estimated from

@@ -27,7 +27,7 @@
 #   multi-object scenes.
 #
 # **Prerequisites**: notebook 01 (cross-attention maps, `attention_maps`); softmax,
-# Gaussians. **Runtime**: about 40 s on a 2-core CPU (measured, idle).
+# Gaussians. **Runtime**: about 30 s on a 2-core CPU (measured, idle).
 #
 # This is the E-step of the method (Break-a-Scene / *Visual Concept-driven Image
 # Generation*): with no user masks, each concept's mask is estimated from its attention map,

@@ -300,12 +300,12 @@ table_of(["no mask", "mask"])
 # - **no mask: the token learned the wrong object.** It draws an orange round shape in every
 #   sample of both prompts and a square in only 1 of 16: trained on the whole image, `[v1]`
 #   took the orange circle beside the square, the most distinct object of the scene (a
-#   little of the square's purple shows in 2 of the 8 samples without a background word).
-# - **mask: the token learned the square.** Purple in 0.88 of the samples of both prompts,
-#   never orange; a square in 0.62 of the samples without a background word but only 0.12
-#   on gray; yellow (the square's other half) in a quarter of the first prompt's samples.
-# - **striped background.** Half of the samples of "a photo of [v1]" have a textured
-#   background in both runs, none when the prompt asks for gray: the word "gray" wins over
+#   little of the square's purple shows in 1 of the 8 samples without a background word).
+# - **mask: the token learned the square.** Purple in 0.75 and 0.88 of the samples of the
+#   two prompts, never orange; a square in 0.88 of the samples without a background word
+#   but only 0.12 on gray; yellow (the square's other half) in a quarter of the first prompt's samples.
+# - **striped background.** A quarter (no mask) to a half (mask) of the samples of "a photo
+#   of [v1]" have a textured background, none when the prompt asks for gray: the word "gray" wins over
 #   the token in both runs.
 #
 # **Honesty note.** Neither token draws the *two-tone* square (a yellow half and a purple
@@ -358,9 +358,9 @@ plt.show()
 
 # %% [markdown]
 # The mask changes *where the word looks* as much as *what it carries*: without it, `[v1]`
-# looks at the orange circle (5% of its attention inside the square, which covers 9% of the
-# image: no better than looking everywhere); with it, 56% falls inside the square, mostly on
-# its purple half (IoU 0.72). The model was trained to ground object words in objects, so a token
+# looks at the orange circle (4% of its attention inside the square, which covers 9% of the
+# image: no better than looking everywhere); with it, 64% falls inside the square, mostly on
+# its purple half (IoU 0.61). The model was trained to ground object words in objects, so a token
 # trained on an object's pixels attends to that object. With two concepts in one image,
 # tying each token to its *own* object is the job of Break-a-Scene's cross-attention loss
 # (notebook 04).
@@ -413,13 +413,13 @@ print("with it, it stays below 1.2x:", ratio["mask + norm penalty"] < 1.2)
 
 # %% [markdown]
 # Without the penalty the row grows steadily, from 1.3x the vocabulary mean ("square" is a
-# longer-than-average row) to about 4.2-4.5x at step 200, and is still growing: the quickest
+# longer-than-average row) to about 4.2-4.6x at step 200, and is still growing: the quickest
 # way to make the U-Net listen to one word is to make it loud. With `norm_penalty=0.1` it
 # stays at 1.0x.
 #
 # For this **single** concept the penalty moves the samples both ways (the table above:
-# less purple, 0.25 instead of 0.88 without a background word, but more squares, 0.75
-# instead of 0.62). Where it pays is in prompts that mix the
+# purple in 0.50 instead of 0.75-0.88 of the samples; squares in 0.62 instead of 0.88
+# without a background word, in 0.38 instead of 0.12 on gray). Where it pays is in prompts that mix the
 # token with **ordinary words**: a row four times longer than every other drowns them out.
 # In the tuning runs on notebook 04's image (on the previous bundled model;
 # `benchmarks/results/PRESETS.md`), "a photo of [v2] and a blue star" showed a star in 0.19

@@ -287,7 +287,7 @@ for key in ("concept_fidelity", "both_present", "identity"):
 # %% [markdown]
 # **What the table says** (it was measured on the previous checkpoint of the bundled model,
 # 5250 training steps, `model` in the JSON; the model this notebook runs was trained on to
-# 7000 and the benchmark, about an hour, was not re-run on it).
+# 9000 and the benchmark, about an hour, was not re-run on it).
 #
 # - **The masks matter, and given masks are the ceiling.** The given masks (Break-a-Scene)
 #   lead on concept fidelity, identity and prompt fidelity. The clearest case is

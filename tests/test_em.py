@@ -249,6 +249,13 @@ def test_fill_empty_concepts_moves_a_separate_region():
     one = np.zeros((2, 12, 12), bool)
     one[0, 2:9, 2:9] = True        # a single region: nothing to give away
     assert (fill_empty_concepts(one, scores) == one).all()
+    # a sliver of 6 pixels is not empty by the default count (4) but is by EM's guard
+    # (estimate_masks passes empty_pixels = min_fraction of the image): then it takes a region
+    sliver = m.copy()
+    sliver[1, 5, 0:6] = True
+    assert (fill_empty_concepts(sliver, scores) == sliver).all()
+    filled = fill_empty_concepts(sliver, scores, empty_pixels=8)
+    assert filled[1, 1:4, 1:4].all() and filled[1, 5, 0:6].all()
 
 
 def test_assignment_error_and_the_em_guard():

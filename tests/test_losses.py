@@ -1,5 +1,7 @@
 """Losses of the M-step, checked against numbers computed by hand."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from conceptlab.losses import (
     masked_diffusion_loss,
     resize_soft_mask,
 )
+from conceptlab.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -79,6 +82,29 @@ def test_cross_attention_loss_by_hand():
     assert cross_attention_loss(maps, mask).item() == pytest.approx(0.078125)
     # the scale of the map does not matter (it is divided by its max)
     assert cross_attention_loss(maps * 7, mask).item() == pytest.approx(0.078125)
+
+
+def test_cross_attention_loss_raw_target_sees_the_scale():
+    shares = torch.tensor([[[[0.0, 0.1], [0.2, 0.4]]]])     # softmax shares, max 0.4
+    mask = torch.tensor([[[[False, False], [True, True]]]])
+    # differences 0, .1, -.8, -.6 -> (0 + .01 + .64 + .36) / 4
+    assert cross_attention_loss(shares, mask, target="raw").item() == pytest.approx(0.2525)
+    # the same shape at a tenth of the share costs more under "raw", the same under "max"
+    assert cross_attention_loss(shares / 10, mask, target="raw").item() > 0.2525
+    assert cross_attention_loss(shares / 10, mask).item() == pytest.approx(
+        cross_attention_loss(shares, mask).item())
+    # BCE: -(log(1 - 0) + log(1 - .1) + log .2 + log .4) / 4 (the 0 clamped to 1e-6)
+    bce = -(math.log(1 - 1e-6) + math.log(0.9) + math.log(0.2) + math.log(0.4)) / 4
+    assert cross_attention_loss(shares, mask, target="bce").item() == pytest.approx(bce, rel=1e-5)
+    # a token that lost its attention inside its mask gets a strong pull back under "bce"
+    # (d/dA = -1 / (4 A)); under "raw" the pull is at most 2 / 4
+    lost = (shares / 1000).requires_grad_()
+    cross_attention_loss(lost, mask, target="bce").backward()
+    assert lost.grad[0, 0, 1].abs().min() > 100
+    with pytest.raises(ValueError, match="target"):
+        cross_attention_loss(shares, mask, target="sum")
+    with pytest.raises(ValueError, match="attn_target"):
+        TrainConfig(attn_target="mass")
 
 
 def test_cross_attention_loss_area_resized_soft_target():

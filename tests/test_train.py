@@ -108,6 +108,27 @@ def test_losses_go_down_on_a_fixed_evaluation_set(scene):
     assert torch.allclose(concepts.embeddings, embedding_weight(pipe).detach()[concepts.token_ids])
 
 
+def test_bce_attention_target_raises_the_tokens_attention_share(scene):
+    # attn_target="bce" trains the raw softmax shares towards the masks: inside its mask a
+    # token's share must grow (the "max" target cannot see the share's scale at all)
+    pipe, concepts, data = setup(scene)
+    cfg = TrainConfig(steps=20, lr=0.2, lambda_attn=1.0, batch_size=2, t_range=(200, 800),
+                      seed=0, attn_target="bce")
+    tr = ConceptTrainer(pipe, data, concepts, cfg, progress=False, attention_every=0)
+    samples, noise = tr.evaluation_set(4)
+    before = tr.evaluate(4)["attention"]
+    for _ in range(20):
+        tr.step(samples, noise)
+    after = tr.evaluate(4)["attention"]
+    tr.close()
+    assert after < 0.97 * before            # 0.243 -> 0.228 on this random-weight pipeline
+    max_tr = ConceptTrainer(pipe, data, concepts, cfg.replace(attn_target="max"),
+                            progress=False, attention_every=0)
+    assert abs(max_tr.evaluate(4)["attention"] - after) > 1e-3   # the target reaches the loss
+    max_tr.close()
+    assert TrainConfig.from_dict(cfg.to_dict()).attn_target == "bce"
+
+
 def test_masked_diffusion_loss_goes_down_on_a_fixed_batch(scene):
     # A random-weight U-Net barely listens to the text, so with random (t, noise) per step
     # the masked loss moves by less than its noise; on one fixed batch of (t, noise),

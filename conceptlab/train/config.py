@@ -22,6 +22,7 @@ from typing import Literal, get_args
 Phase2 = Literal["none", "full", "lora"]
 Reduction = Literal["mean", "sum"]
 Normalize = Literal["all", "mask"]
+AttnTarget = Literal["max", "raw", "bce"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TrainConfig:
     attn_layers: tuple | None = None  # None: the model's default attention layers
     attn_resolution: int | None = None  # common side of the maps (None: largest chosen layer)
     attn_reduction: Reduction = "mean"  # cross_attention_loss reduction ("sum": Eq. 4 / BaS)
+    attn_target: AttnTarget = "max"  # cross_attention_loss: "max"-normalised maps (Eq. 4), "raw", "bce"
     loss_normalize: Normalize = "all"   # masked_diffusion_loss normalize ("all": BaS, "mask")
     norm_penalty: float = 0.0        # weight of embedding_norm_penalty (0: off)
 
@@ -118,7 +120,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, "
                                  f"got {v!r}")
         for name, kind in (("phase2", Phase2), ("attn_reduction", Reduction),
-                           ("loss_normalize", Normalize)):
+                           ("attn_target", AttnTarget), ("loss_normalize", Normalize)):
             if getattr(self, name) not in get_args(kind):
                 raise ValueError(f"{name} must be one of {get_args(kind)}, got "
                                  f"{getattr(self, name)!r}")

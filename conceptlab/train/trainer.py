@@ -292,7 +292,8 @@ class ConceptTrainer:
                     pred = unet(zt.to(unet.dtype), b.t, emb).sample
                 maps = concept_attention_maps(store, b.positions, self.layers,
                                               resolution=c.attn_resolution)
-                l_attn = cross_attention_loss(maps, b.masks, b.valid, reduction=c.attn_reduction)
+                l_attn = cross_attention_loss(maps, b.masks, b.valid, reduction=c.attn_reduction,
+                                              target=c.attn_target)
             else:
                 pred, l_attn = unet(zt.to(unet.dtype), b.t, emb).sample, zero
             l_mask = masked_diffusion_loss(pred, target, b.masks.to(pred.device),
