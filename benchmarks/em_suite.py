@@ -23,8 +23,9 @@ Two settings (``--init``):
   match_gt=True)``). ``--competition centered`` lets equal-looking maps split the
   foreground (``MaskConfig.competition``), ``--fill-empty`` gives an empty token a
   separate region of a token holding two, ``--temperature`` softens the CRF's unaries,
-  ``--attn-target bce`` scores the tokens' raw attention shares in the M-step (the setting
-  of ``results/em_suite_shared.json``; ``results/PRESETS.md`` has the pilots).
+  ``--attn-target bce`` scores the tokens' raw attention shares in the M-step (the
+  6-scene pilots in ``results/pilots/``, written up in ``results/PRESETS.md``;
+  ``results/em_suite_shared.json`` is still the ``centered`` setting).
 
 The summary gives, per method, the re-estimated curve (``mean``, ``final``) and the masks
 the method itself ends with (``final_used``: EM's last E-step; fixed: its step-0 masks).
