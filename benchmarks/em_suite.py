@@ -23,9 +23,12 @@ Two settings (``--init``):
   match_gt=True)``). ``--competition centered`` lets equal-looking maps split the
   foreground (``MaskConfig.competition``), ``--fill-empty`` gives an empty token a
   separate region of a token holding two, ``--temperature`` softens the CRF's unaries,
-  ``--attn-target bce`` scores the tokens' raw attention shares in the M-step (the
-  6-scene pilots in ``results/pilots/``, written up in ``results/PRESETS.md``;
-  ``results/em_suite_shared.json`` is still the ``centered`` setting).
+  ``--attn-target bce`` scores the tokens' raw attention shares in the M-step. The
+  paper's setting as the README reports it: ``--init shape --competition centered
+  --temperature 0.3 --attn-target bce`` -> ``results/em_suite_shared_bce.json``;
+  ``results/em_suite_shared.json`` is the same without ``--attn-target bce`` (the paper's
+  max-normalised loss, an earlier checkpoint); the pilots are in ``results/pilots/``,
+  written up in ``results/PRESETS.md``.
 
 The summary gives, per method, the re-estimated curve (``mean``, ``final``) and the masks
 the method itself ends with (``final_used``: EM's last E-step; fixed: its step-0 masks).
@@ -37,6 +40,7 @@ import argparse
 import dataclasses
 import json
 import os
+import textwrap
 import time
 from pathlib import Path
 
@@ -45,6 +49,7 @@ import torch
 
 from conceptlab.em import learn_concepts
 from conceptlab.estep import MaskConfig
+from conceptlab.fileio import atomic_write_json
 from conceptlab.models import load_pipeline, weights_fingerprint
 from conceptlab.shapes.suites import suite_scenes
 from conceptlab.train import TrainConfig
@@ -159,7 +164,8 @@ def plot(summary, path=None, title=None):
                     label="fixed: its own masks (step 0)")
     ax.set_xlabel("training step")
     ax.set_ylabel("mask IoU vs ground truth")
-    ax.set_title(title or "masks from the tokens' attention (+CRF)", fontsize=9)
+    ax.set_title(textwrap.fill(title or "masks from the tokens' attention (+CRF)", 60),
+                 fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path:
@@ -206,10 +212,10 @@ def main(argv=None):
 
     def save(res, done):  # after every scene: an interrupted suite still leaves its results
         summary = summarise(res)
-        with open(args.out + ".json", "w") as f:
-            json.dump({"command": cmd.strip(), "model": model_id,
-                       "n_scenes": done, "n_planned": len(scenes),
-                       "summary": summary, "per_scene": res}, f, indent=1)
+        atomic_write_json(args.out + ".json",
+                          {"command": cmd.strip(), "model": model_id,
+                           "n_scenes": done, "n_planned": len(scenes),
+                           "summary": summary, "per_scene": res}, indent=1)
         plot(summary, args.out + ".png",
              f"{done} held-out scenes, 2-3 objects + background"
              + ("" if args.init == "class" else f"; object tokens from {args.init!r}")).clf()

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from conceptlab.fileio import atomic_write_json
 from conceptlab.models import load_pipeline
 from conceptlab.shapes.judge import fidelity, fidelity_prompts, load_classifier
 
@@ -77,8 +78,7 @@ def main():
                   f"{r['both']:>7.3f} {row['shape_1']:>12.3f} {row['shape_2']:>12.3f} "
                   f"{row['seconds']:>6.0f}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_json(args.json, rows, indent=1)
     if args.plot:
         plot_scaling(rows, args.plot)
 

@@ -21,7 +21,6 @@ seeded 0). Prints every figure and writes them to ``--json`` if given.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptlab.attention import layer_resolutions, record_attention
+from conceptlab.fileio import atomic_write_json
 from conceptlab.models import encode_prompt, load_pipeline, native_size
 from conceptlab.shapes import world
 from conceptlab.shapes.suites import held_out_scenes
@@ -264,8 +264,7 @@ def main(argv=None):
                   f"{v['shape']:.3f}, both {v['both']:.3f}")
     print(f"(benchmark time {time.time() - t0:.0f} s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write_json(args.json, results, indent=1)
     return results
 
 

@@ -28,6 +28,7 @@ import model_quality
 import torch
 
 from conceptlab.attention import layer_resolutions
+from conceptlab.fileio import atomic_write_json
 from conceptlab.generation import sample_grid
 from conceptlab.models import load_pipeline
 from conceptlab.shapes.model import describe_model
@@ -114,8 +115,7 @@ def main(argv=None):
         print(f"\n== {title} ==")
         q[key] = model_quality.main(["--model", folder, "--skip-generation"] + common)
     q = _portable(q)
-    with open(dest / "quality.json", "w") as f:
-        json.dump(q, f, indent=1)
+    atomic_write_json(dest / "quality.json", q, indent=1)
     cfg_path = dest / "train_config.json"
     cfg_path.write_text(json.dumps(_portable(json.loads(cfg_path.read_text())), indent=1))
 

@@ -189,9 +189,8 @@ def cmd_evaluate(args):
 
 def cmd_demo(args):
     """Learn the concepts of a bundled example with EM, then generate them in new prompts."""
-    import json
-
     from .em import learn_concepts
+    from .fileio import atomic_write_json
     from .generation import generate
     from .masks import iou
     from .models import load_pipeline
@@ -232,8 +231,7 @@ def cmd_demo(args):
                "iou_per_concept": [round(v, 3) for v in ious],
                "iou_over_e_steps": concepts.iou_history, "e_steps": concepts.e_steps,
                "seconds": round(time.time() - t0, 1)}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    atomic_write_json(os.path.join(args.out, "summary.json"), summary, indent=1)
     print("mask IoU vs ground truth per E-step:")
     for s, row in zip(concepts.e_steps, concepts.iou_history):
         print(f"  step {s:>4}: " + "  ".join(f"{n} {v:.2f}" for n, v in zip(names, row)))

@@ -35,7 +35,7 @@
 # | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 31 s |
 # | 03 concept tokens | textual inversion, with and without a mask | 111 s |
 # | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 174 s |
-# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 207 s |
+# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 249 s |
 # | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 106 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
