@@ -117,7 +117,7 @@ def main(argv=None):
     q = _portable(q)
     atomic_write_json(dest / "quality.json", q, indent=1)
     cfg_path = dest / "train_config.json"
-    cfg_path.write_text(json.dumps(_portable(json.loads(cfg_path.read_text())), indent=1))
+    atomic_write_json(cfg_path, _portable(json.loads(cfg_path.read_text())), indent=1)
 
     # attention defaults: the best layer resolution and timestep range
     best = q["localisation"]["best"]
