@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_write_json
 from ..models import data_dir
 from . import world
 
@@ -85,7 +86,7 @@ def write_examples(out_dir: str | Path | None = None) -> list[str]:
             "mask_encoding": "pixel value i+1 = concept i (masks.png); used for evaluation only",
             "spec": spec.to_dict(),
         }
-        (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
+        atomic_write_json(out / f"{name}.json", meta, indent=1)
     return list(EXAMPLE_SPECS)
 
 

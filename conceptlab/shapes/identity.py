@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fileio import atomic_write_json
 from . import world
 
 PATTERNS = tuple(world.PATTERNS)          # ("solid", "striped", "two-tone", "dotted")
@@ -129,9 +130,9 @@ def save_pattern_net(net: PatternNet, folder, metrics: dict | None = None):
     sd = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
           for k, v in net.state_dict().items()}
     save_file(sd, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(
-        {"architecture": "PatternNet", "widths": list(net.widths), "crop": CROP,
-         "patterns": list(PATTERNS), "metrics": metrics or {}}, indent=1))
+    atomic_write_json(folder / CONFIG_FILE,
+                      {"architecture": "PatternNet", "widths": list(net.widths), "crop": CROP,
+                       "patterns": list(PATTERNS), "metrics": metrics or {}}, indent=1)
 
 
 _CACHE: dict = {}

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fileio import atomic_write_json
 from . import world
 
 COLOURS = tuple(world.COLOURS)
@@ -291,8 +292,7 @@ def save_classifier(model: ShapeColourNet, path=DEFAULT_PATH, metrics: dict | No
         "parameters": count_parameters(model), "dtype": "float16",
         "metrics": metrics or {},
     }
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(cfg, f, indent=1)
+    atomic_write_json(os.path.join(path, CONFIG_FILE), cfg, indent=1)
     return path
 
 

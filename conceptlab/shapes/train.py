@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import record_attention
-from ..fileio import load_tensors, torch_save
+from ..fileio import atomic_write_json, load_tensors, torch_save
 from . import world
 from .model import BUNDLED, BUNDLED_V1, TINY, build_components, make_pipeline
 
@@ -303,8 +303,7 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> str:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "train_config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
+    atomic_write_json(os.path.join(cfg.out, "train_config.json"), asdict(cfg), indent=1)
     log_path = os.path.join(cfg.out, "train_log.jsonl")
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     mcfg = cfg.model_config
