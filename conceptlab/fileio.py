@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 
 
 def _tmp_path(path: str) -> str:
+    """A new, empty temporary file beside ``path``, with the mode ``open()`` would give it
+    (0666 & ~umask: the kernel applies the umask; mkstemp would make it owner-only)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    os.close(fd)
-    # mkstemp makes the file owner-only (0600); give it the mode open() would (0666 & ~umask)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
+    for _ in range(100):
+        tmp = os.path.join(d, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def atomic_write_text(path, text: str) -> str:
