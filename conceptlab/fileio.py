@@ -65,6 +65,22 @@ def torch_save(obj, path) -> str:
     return atomic_save(lambda tmp: torch.save(obj, tmp), path)
 
 
+def fingerprint(meta: dict, blobs=()) -> str:
+    """sha256 hex digest of a JSON-able description and raw byte strings: the one way a run
+    (learning, a training checkpoint, model training) records what it was started on.
+
+    Args:
+        meta: settings, names and ids; serialised with sorted keys, so order does not matter.
+        blobs: byte strings (image pixels, packed masks) hashed after ``meta``, in order.
+    """
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for b in blobs:
+        h.update(b)
+    return h.hexdigest()
+
+
 def load_tensors(path, map_location="cpu"):
     """``torch.load(path, weights_only=True)`` with one clear error for a bad file."""
     import pickle
@@ -81,5 +97,5 @@ def load_tensors(path, map_location="cpu"):
                          f"{str(e).splitlines()[0] if str(e) else ''}): delete it") from None
 
 
-__all__ = ["atomic_save", "atomic_write_json", "atomic_write_text", "load_tensors",
-           "torch_save"]
+__all__ = ["atomic_save", "atomic_write_json", "atomic_write_text", "fingerprint",
+           "load_tensors", "torch_save"]
