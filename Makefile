@@ -2,9 +2,12 @@
 #
 #   make venv   create .venv and install torch + conceptlab[dev] (editable)
 #   make demo   run the end-to-end demo, writing images to outputs/
-#   make test   unit tests, then execute every notebook with nbval
+#   make test   both tiers: every test (fast and slow), then every notebook under nbval
+#   make test-fast  the fast tier only (pytest -m "not slow": minutes, no bundled-model runs)
 #   make lab    start JupyterLab on notebooks/
 #   make lint   ruff
+#   make results  regenerate docs/results.md (and the other generated result tables) from
+#               the committed benchmarks/results/ files; runs no benchmark
 #   make site   the course as static HTML in site/ (committed outputs, solutions collapsed)
 #   make sync   re-pair notebooks/NN_*.ipynb with their jupytext sources notebooks/NN_*.py
 #               (run after editing either; the newer file wins, outputs stay in the .ipynb)
@@ -22,7 +25,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TEST_ENV := TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error TQDM_DISABLE=1 \
             OMP_NUM_THREADS=2 MPLBACKEND=Agg HF_HUB_OFFLINE=1
 
-.PHONY: venv demo test lab lint site sync clean distclean
+.PHONY: venv demo test test-fast lab lint site sync clean distclean results
 
 venv: $(STAMP)
 
@@ -52,22 +55,32 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 demo: venv
 	$(VENV)/bin/conceptlab demo --out outputs
 
-# pytest exits with 5 when it collects nothing: that is fine for the notebook
-# step only (e.g. before any notebook exists), never for the unit tests.
+# The tests run on two pytest-xdist workers: 2.9 min against about 5 min on one, on this
+# 2-core machine. The notebooks run one at a time: each lesson uses both cores itself, and
+# two at once on two workers took longer than all of them one after another.
+# pytest exits with 5 when it collects nothing: that is fine for the notebook step only.
+XDIST ?= -n 2
+NBVAL := --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg -p no:cacheprovider
+
 test: venv
-	$(TEST_ENV) $(VENV_PY) -m pytest -q tests
+	$(TEST_ENV) $(VENV_PY) -m pytest -q $(XDIST) --durations=15 tests
 	@rc=0; \
-	echo "+ $(VENV_PY) -m pytest -q --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg -p no:cacheprovider notebooks/"; \
-	$(TEST_ENV) $(VENV_PY) -m pytest -q --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg \
-		-p no:cacheprovider notebooks/ || rc=$$?; \
+	echo "+ $(VENV_PY) -m pytest -q $(NBVAL) notebooks/"; \
+	$(TEST_ENV) $(VENV_PY) -m pytest -q --durations=15 $(NBVAL) notebooks/ || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "nbval: no notebooks collected (ok)"; \
 	elif [ $$rc -ne 0 ]; then exit $$rc; fi
+
+test-fast: venv
+	$(TEST_ENV) $(VENV_PY) -m pytest -q -m "not slow" --durations=15 tests
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+results: venv
+	$(VENV_PY) -m benchmarks tables
 
 site: venv
 	$(VENV_PY) docs/build_site.py --out site

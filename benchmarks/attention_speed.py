@@ -1,9 +1,9 @@
 """Speed of attention-map extraction: batched vs sequential timesteps, and hook overhead.
 
-    python benchmarks/attention_speed.py                 # bundled model if present
-    python benchmarks/attention_speed.py --model tiny --threads 1
+    python -m benchmarks attention_speed                 # bundled model if present
+    python -m benchmarks attention_speed --model tiny --threads 1
 
-Prints
+Measures (and writes to ``benchmarks/results/attention_speed/timings.json``)
 - the time of ``conceptlab.maps.attention_maps`` with 50 timesteps, batched (one U-Net
   call per chunk of up to 64) vs ``sequential_attention_maps`` (one call per timestep),
   median of 3 runs, and the speed-up;
@@ -16,11 +16,9 @@ random-weight tiny pipeline (with a note: its timings say little about the real 
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import statistics
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,29 +63,33 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+RESULT_NAME = "timings"
+QUICK = {"timesteps": 4, "repeats": 1}
+
+
+def add_arguments(ap):
     ap.add_argument("--model", default=None, help="pipeline folder, or 'tiny'")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--timesteps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3, help="runs per map timing (median)")
-    args = ap.parse_args(argv)
 
+
+def run(args, ctx):
     import torch
 
-    torch.set_num_threads(args.threads)
     from conceptlab.attention import record_attention
     from conceptlab.maps import (
         attention_maps,
         default_attention_config,
-        native_image_size,
         sequential_attention_maps,
     )
+    from conceptlab.models import native_size
     from conceptlab.shapes import world
 
     pipe, name = load(args.model if args.model is not None else find_model())
-    size = native_image_size(pipe)
-    scene = world.render_scene(world.sample_scene(seed=0, n_objects=2), size=size[0])
+    ctx.set_model(pipe, name=os.path.relpath(name, ROOT) if os.path.isabs(name) else name)
+    side = native_size(pipe)
+    size = (side, side)
+    scene = world.render_scene(world.sample_scene(seed=0, n_objects=2), size=side)
     cfg = default_attention_config(pipe)
     print(f"model: {name}  image {size[1]}x{size[0]}  device {pipe.device}  "
           f"threads {torch.get_num_threads()}")
@@ -133,8 +135,11 @@ def main(argv=None) -> int:
         tr = timed(recorded, 5)
     print(f"U-Net forward, batch 8 (median of 5): plain {tp * 1e3:.1f} ms  with "
           f"record_attention (all layers) {tr * 1e3:.1f} ms  overhead x{tr / tp:.2f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"image": list(size), "prompt": scene.caption,
+            "layers": [str(x) for x in cfg["layers"]],
+            "t_range": None if cfg["t_range"] is None else [int(x) for x in cfg["t_range"]],
+            "timesteps": n, "repeats": args.repeats,
+            "maps_batched_ms": round(tb * 1e3, 2), "maps_sequential_ms": round(ts * 1e3, 2),
+            "maps_speedup": round(ts / tb, 3), "maps_max_abs_diff": diff,
+            "unet_plain_ms": round(tp * 1e3, 2), "unet_recorded_ms": round(tr * 1e3, 2),
+            "record_attention_overhead": round(tr / tp, 3)}

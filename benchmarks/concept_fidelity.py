@@ -1,6 +1,6 @@
 """Do learned concepts come back? Phase 1 (tokens) vs phase 1 + 2 (tokens + U-Net).
 
-    python benchmarks/concept_fidelity.py      # writes benchmarks/results/concept_fidelity.json
+    python -m benchmarks concept_fidelity     # -> benchmarks/results/concept_fidelity/preset.json
 
 Images: the bundled examples (``data/examples``) and ``--n-user`` generated "user images"
 (2 objects of held-out scenes, seeds 3_000_000+, most objects particular patterned instances
@@ -27,34 +27,28 @@ each measured after phase 1 (the tokens alone) and again after phase 2 (tokens +
 - **localisation**: IoU of the token's attention on its own image (min-max normalised,
   16 timesteps, threshold 0.5) with its mask.
 
-Means with standard errors over concepts. A partial run resumes (same command and model).
+Means with standard errors over concepts. Each (image, variant) run is cached: a partial
+run resumes (same model, settings and samples per prompt).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from conceptlab.generation import generate
 from conceptlab.maps import attention_maps
 from conceptlab.masks import iou
-from conceptlab.models import load_pipeline, weights_fingerprint
+from conceptlab.models import load_pipeline
 from conceptlab.shapes import world
 from conceptlab.shapes.examples import example_spec, list_examples, load_example
 from conceptlab.shapes.identity import identity_similarity, load_pattern_net, read_pattern
 from conceptlab.shapes.judge import judge, judge_background, load_classifier
-from conceptlab.tokens import add_concept_tokens
+from conceptlab.tokens import new_concepts
 from conceptlab.train import ConceptImage, ConceptTrainer, TrainConfig
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
     "no mask": {"mask": False, "lambda_attn": 0.0},
     "masked": {"mask": True, "lambda_attn": 0.0},
@@ -147,10 +141,10 @@ def measure(pipe, c, case: Case, n: int, clf, pnet) -> list[dict]:
 
 def run_case(model, case: Case, variant: str, cfg: TrainConfig, n: int, clf, pnet,
              log=print) -> list[dict]:
-    pipe = load_pipeline(model, progress=False)   # fresh: no tokens or U-Net of earlier runs
+    pipe = load_pipeline(model, progress=False)
     v = VARIANTS[variant]
     masks = case.masks if v["mask"] else np.ones_like(case.masks)
-    c = add_concept_tokens(pipe, len(case.objects), init_words=[o.shape for o in case.objects])
+    c = new_concepts(pipe, len(case.objects), init_words=[o.shape for o in case.objects])
     lam = cfg.lambda_attn if v["lambda_attn"] is None else v["lambda_attn"]
     rows = []
     t0 = time.time()
@@ -221,8 +215,12 @@ def print_table(summary):
             f"{s[c]['mean']:>12.3f} +-{s[c]['sem']:.3f}" if c in s else f"{'':>20}" for c in cols))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+RESULT_NAME = "preset"
+QUICK = {"n": 1, "n_user": 0, "examples": ["striped-star-and-heart"],
+         "variants": "masked + attn", "steps": 2, "phase2_steps": 2}
+
+
+def add_arguments(ap):
     ap.add_argument("--model", default="shapes-ldm")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--n-user", type=int, default=10, help="generated user images")
@@ -234,18 +232,15 @@ def main(argv=None):
     ap.add_argument("--phase2-steps", type=int, default=None)
     ap.add_argument("--phase2-lr", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None, help="phase-1 steps (default: preset)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "concept_fidelity.json"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+
+
+def run(args, ctx):
     changes = {k: v for k, v in (("phase2", args.phase2), ("phase2_steps", args.phase2_steps),
                                  ("phase2_lr", args.phase2_lr), ("steps", args.steps))
                if v is not None}
     cfg = TrainConfig.for_bundled(**changes)
     pipe = load_pipeline(args.model, progress=False)
     clf, pnet = load_classifier(), load_pattern_net()
-    cmd = "python benchmarks/concept_fidelity.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
     jobs = [(case, v) for case in example_cases(args.examples)
             for v in args.variants.split(",")]
     jobs += [(case, v) for case in user_cases(args.n_user)
@@ -253,43 +248,32 @@ def main(argv=None):
     for _, v in jobs:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}: choose from {list(VARIANTS)}")
-    model_id = weights_fingerprint(pipe)
-    res = {"command": cmd.strip(), "model": model_id, "config": cfg.to_dict(),
-           "n_samples": args.n, "rows": [], "done": [], "baseline": [], "seconds": 0.0}
-    if os.path.exists(args.out):
-        old = json.loads(Path(args.out).read_text())
-        if old.get("command") == res["command"] and old.get("model") == model_id:
-            res = old
-            print(f"resuming: {len(res['done'])} of {len(jobs)} runs already done")
+    ctx.set_model(pipe, name=args.model)   # its weights fingerprint
+    res = {"config": cfg.to_dict(), "n_samples": args.n, "rows": [], "done": [],
+           "baseline": [], "seconds": 0.0}
 
-    def save():
+    def save(complete=False):
         res["summary"] = summarise(res["rows"], res["baseline"])
-        tmp = args.out + ".tmp"
-        Path(tmp).write_text(json.dumps(res, indent=1))
-        os.replace(tmp, args.out)
+        ctx.write(res, complete=complete)
 
-    t0 = time.time()
     for case, v in jobs:
-        key = f"{case.name}|{v}"
-        if key in res["done"]:
-            continue
-        res["rows"] += run_case(args.model, case, v, cfg, args.n, clf, pnet)
-        res["done"].append(key)
-        res["seconds"] = round(res["seconds"] + time.time() - t0, 1)
+        key = {"image": case.name, "variant": v, "n": args.n, "config": cfg.to_dict()}
         t0 = time.time()
+        res["rows"] += ctx.cached(key, lambda case=case, v=v: run_case(
+            args.model, case, v, cfg, args.n, clf, pnet))
+        res["done"].append(f"{case.name}|{v}")
+        res["seconds"] = round(res["seconds"] + time.time() - t0, 1)
         save()
-    if not res["baseline"]:
-        cases = example_cases(args.examples) + user_cases(args.n_user)
-        res["baseline"] = class_word_baseline(pipe, cases, args.n, clf, pnet)
-        save()
+    cases = example_cases(args.examples) + user_cases(args.n_user)
+    res["baseline"] = ctx.cached(
+        {"class_word_baseline": [c.name for c in cases], "n": args.n},
+        lambda: class_word_baseline(pipe, cases, args.n, clf, pnet))
+    save(complete=True)
     n_concepts = len({(r["image"], r["concept"]) for r in res["rows"]})
     print(f"\n{n_concepts} object concepts in {len({r['image'] for r in res['rows']})} images, "
           f"{args.n} samples per prompt; phase 1: {cfg.steps} steps, phase 2: "
           f"{cfg.phase2} {cfg.phase2_steps if cfg.phase2 != 'none' else 0} steps at lr "
           f"{cfg.phase2_lr:g}")
     print_table(res["summary"])
-    print(f"total {res['seconds']:.0f} s; written to {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"total {res['seconds']:.0f} s")
+    return res

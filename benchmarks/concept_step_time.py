@@ -1,7 +1,7 @@
-"""Seconds per concept-training step and peak memory (issue: concept tokens, performance).
+"""Seconds per concept-training step and peak memory (bundled model; SD-1.5-shaped pipeline).
 
-    python benchmarks/concept_step_time.py                  # bundled model, phases 1 and 2
-    python benchmarks/concept_step_time.py --models bundled sd15   # + SD-1.5-shaped, 512 px
+    python -m benchmarks concept_step_time                  # -> .../concept_step_time/bundled.json
+    python -m benchmarks concept_step_time --models sd15 --threads 1   # SD-1.5-shaped, 512 px
 
 Every configuration runs in its own subprocess, so its peak resident memory (ru_maxrss) is
 its own. Each trains 2 concepts on a bundled example image with ``ConceptTrainer`` and
@@ -15,12 +15,12 @@ reports the median seconds of steps 2..N (step 1 pays one-off costs).
   one 512x512 image, batch 1, fp32, CPU, phase 1 and phase 2 with LoRA (a full phase 2
   needs about 14 GB for weights, gradients and AdamW state before any activation). Its
   timings show the code scales; its losses mean nothing.
+
+Timings are measured afresh on every run (nothing is cached).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing as mp
 import resource
 import statistics
@@ -70,14 +70,15 @@ def measure(kind: str, phase: str, steps: int, threads: int, queue):
     import numpy as np
     import torch
 
-    from conceptlab.models import load_pipeline
+    from conceptlab.models import load_pipeline, weights_fingerprint
     from conceptlab.shapes.examples import load_example
-    from conceptlab.tokens import add_concept_tokens
+    from conceptlab.tokens import new_concepts
     from conceptlab.train import ConceptImage, ConceptTrainer, TrainConfig
 
     torch.set_num_threads(threads)
     ex = load_example("striped-star-and-heart")
     image, masks = ex.image, ex.masks[:2]
+    fingerprint = None
     if kind == "sd15":
         pipe = sd15_pipeline()
         image = np.asarray(__import__("PIL.Image").Image.fromarray(image).resize((512, 512)))
@@ -85,10 +86,11 @@ def measure(kind: str, phase: str, steps: int, threads: int, queue):
     else:
         pipe = load_pipeline()
         cfg = TrainConfig.for_bundled()
+        fingerprint = weights_fingerprint(pipe)   # before training changes any weight
     n1 = steps if phase == "phase 1" else 1
     cfg = cfg.replace(steps=n1, phase2="none" if phase == "phase 1" else phase.split()[-1],
                       phase2_steps=0 if phase == "phase 1" else steps)
-    c = add_concept_tokens(pipe, 2, init_words=["star", "heart"])
+    c = new_concepts(pipe, 2, init_words=["star", "heart"])
     times = []
     t = [time.perf_counter()]
 
@@ -108,10 +110,11 @@ def measure(kind: str, phase: str, steps: int, threads: int, queue):
                "seconds_per_step": statistics.median(times[1:] or times),
                "first_step_s": times[0], "batch": cfg.batch_size,
                "image": int(image.shape[0]), "threads": threads,
-               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "weights_fingerprint": fingerprint})
 
 
-def run(kind, phase, steps, threads):
+def run_job(kind, phase, steps, threads):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=measure, args=(kind, phase, steps, threads, q))
@@ -122,13 +125,19 @@ def run(kind, phase, steps, threads):
     return q.get()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+QUICK = {"steps": 3}
+
+
+def result_name(args) -> str:
+    return "+".join(args.models)
+
+
+def add_arguments(ap):
     ap.add_argument("--steps", type=int, default=12, help="steps per bundled measurement")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=["bundled"], choices=["bundled", "sd15"])
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
-    args = ap.parse_args()
+
+
+def run(args, ctx):
     try:
         import peft  # noqa: F401
         lora = True
@@ -139,6 +148,7 @@ def main():
     if "bundled" in args.models:
         jobs += [("bundled", "phase 1", args.steps), ("bundled", "phase 2 full", args.steps)]
         jobs += [("bundled", "phase 2 lora", args.steps)] if lora else []
+        ctx.set_model(name="shapes-ldm (bundled)")
     if "sd15" in args.models:
         # full phase 2 on SD 1.5 needs ~14 GB for weights, gradients and AdamW state alone;
         # on a 24 GB CPU machine LoRA is the phase 2 to measure
@@ -147,20 +157,16 @@ def main():
     print(f"{'model':>8} {'phase':>13} {'image':>6} {'batch':>6} {'s/step':>8} "
           f"{'1st step s':>11} {'peak RSS GB':>12}")
     for kind, phase, steps in jobs:
-        r = run(kind, phase, steps, args.threads)
+        r = run_job(kind, phase, steps, args.threads)
         rows.append(r)
         if "error" in r:
             print(f"{kind:>8} {phase:>13}  failed: {r['error']}")
             continue
+        if kind == "bundled" and r.get("weights_fingerprint"):
+            ctx.set_model(name="shapes-ldm (bundled)", fingerprint=r["weights_fingerprint"])
         print(f"{kind:>8} {phase:>13} {r['image']:>6} {r['batch']:>6} "
               f"{r['seconds_per_step']:>8.3f} {r['first_step_s']:>11.2f} "
               f"{r['peak_rss_gb']:>12.2f}", flush=True)
     import torch
     print(f"torch {torch.__version__}, {args.threads} threads, CPU")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+    return {"rows": rows}

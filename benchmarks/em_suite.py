@@ -1,6 +1,6 @@
-"""The paper's Figure 3 on the shapes world: mask IoU over training, EM vs fixed masks.
+"""EM vs fixed vs given masks: mask IoU over training (the paper's Figure 3).
 
-    python benchmarks/em_suite.py --n-scenes 20            # writes benchmarks/results/em_suite.*
+    python -m benchmarks em_suite --n-scenes 20   # -> benchmarks/results/em_suite/class_words.json
 
 For each held-out scene (2-3 objects, patterned objects included, plus the background as
 a concept) the concepts are learned three times through ``conceptlab.learn_concepts``:
@@ -16,45 +16,40 @@ ground truth (IoU per concept; the ground truth is never used for training excep
 Two settings (``--init``):
 
 - ``class`` (default): each object token starts from its own shape word, so the first
-  E-step already knows which object is which;
+  E-step already knows which object is which (result ``class_words``);
 - ``shape`` (the paper's setting, its Figure 2: both subjects "person"): every object token
   starts from the word "shape" and only the alternation can tell them apart; masks are
-  then scored against the objects in the order that fits best (``learn_concepts(...,
-  match_gt=True)``). ``--competition centered`` lets equal-looking maps split the
-  foreground (``MaskConfig.competition``), ``--fill-empty`` gives an empty token a
-  separate region of a token holding two, ``--temperature`` softens the CRF's unaries,
-  ``--attn-target bce`` scores the tokens' raw attention shares in the M-step. The
-  paper's setting as the README reports it: ``--init shape --competition centered
-  --temperature 0.3 --attn-target bce`` -> ``results/em_suite_shared_bce.json``;
-  ``results/em_suite_shared.json`` is the same without ``--attn-target bce`` (the paper's
-  max-normalised loss, an earlier checkpoint); the pilots are in ``results/pilots/``,
-  written up in ``results/PRESETS.md``.
+  then scored against the objects in the order that fits best (``GroundTruthIoU(...,
+  match_order=True)``; result ``shared_word``).
+
+The settings are the library's defaults for how the tokens start, as ``learn_concepts``
+chooses them (``TrainConfig.for_model``, ``MaskConfig.for_words``): class words get the
+paper's max-normalised attention loss and the "max" E-step rule; tokens that start equal
+get the BCE loss, the "centered" rule and CRF temperature 0.3. Flags change them for
+ablations: ``--competition``, ``--fill-empty`` (an empty token takes a separate region of a
+token holding two), ``--temperature`` (the CRF's unaries), ``--attn-target``. The pilots
+are in ``results/pilots/em_suite/``, written up in ``results/PRESETS.md``.
 
 The summary gives, per method, the re-estimated curve (``mean``, ``final``) and the masks
 the method itself ends with (``final_used``: EM's last E-step; fixed: its step-0 masks).
+Each (scene, method) run is cached: an interrupted suite resumes, and a partial result is
+written after every scene.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from conceptlab.em import learn_concepts
+from conceptlab.em_callbacks import GroundTruthIoU
 from conceptlab.estep import MaskConfig
-from conceptlab.fileio import atomic_write_json
-from conceptlab.models import load_pipeline, weights_fingerprint
+from conceptlab.models import load_pipeline
 from conceptlab.shapes.suites import suite_scenes
 from conceptlab.train import TrainConfig
-
-RESULTS = Path(__file__).parent / "results"
 
 # What the object tokens start from (the background token always starts from "background"):
 # "class": each object's own shape word (the first masks are already good); "shape": the
@@ -73,41 +68,52 @@ def init_words(scene, init: str = "class") -> list:
 
 
 def run_suite(pipe, scenes, methods=("em", "fixed", "given"), steps=None, seed=0,
-              progress=False, log=print, batch_size=None, after_scene=None, res=None,
+              progress=False, log=print, batch_size=None, after_scene=None, cached=None,
               changes=None, mask_config=None, em_every=None, init="class"):
     """Returns {method: {"steps": [...], "eval_iou": (n_scenes, n_eval) mean over concepts,
-    "used_iou": ..., "per_concept": ..., "seconds": ...}}. ``res``: results of an earlier,
-    interrupted run of the same suite; its scenes are skipped. ``changes``: TrainConfig
-    fields to change (ablations). ``init``: what each object token starts from (``INITS``)."""
+    "used_iou": ..., "per_concept": ..., "seconds": ...}}. ``cached(key, fn)``: the frame's
+    resume (``Context.cached``); each (scene, method) run is one item. ``changes``:
+    TrainConfig fields to change (ablations). ``init``: what each object token starts from
+    (``INITS``)."""
+    # the library's defaults for how the tokens start (the same for every scene of a suite);
     # the masks are the alternation's (phase 1): no phase 2 unless an ablation asks for it
-    cfg = TrainConfig.for_bundled(**{"phase2": "none", **(changes or {})})
+    words0 = init_words(scenes[0], init)
+    cfg = TrainConfig.for_model(pipe, "em", words0, **{"phase2": "none", **(changes or {})})
+    mask_config = mask_config or MaskConfig.for_words(words0)
     if steps is not None:
         cfg = cfg.replace(steps=steps)
     if batch_size is not None:
         cfg = cfg.replace(batch_size=batch_size)
-    res = res or {m: {"eval_iou": [], "used_iou": [], "per_concept": [], "steps": None,
-                      "seconds": 0.0} for m in methods}
-    done = min(len(res[m]["eval_iou"]) for m in methods)
-    if done:
-        log(f"resuming: {done} of {len(scenes)} scenes already done")
+    if cached is None:
+        def cached(key, fn):
+            return fn()
+    res = {m: {"eval_iou": [], "used_iou": [], "per_concept": [], "steps": None,
+               "seconds": 0.0} for m in methods}
     for i, sc in enumerate(scenes):
-        if i < done:
-            continue
         gt = np.concatenate([sc.masks[1:], sc.masks[:1]])  # objects, then background
         words = init_words(sc, init)
         for m in methods:
-            t0 = time.time()
-            # a fresh copy of the token table per run: tokens are added to the pipeline
-            c = learn_concepts(pipe, sc.image, words, method=m, config=cfg, seed=seed,
-                               masks=[gt] if m == "given" else None, gt_masks=[gt],
-                               progress=progress, token_prefix=f"s{i}{m[0]}",
-                               mask_config=mask_config, em_every=em_every,
-                               match_gt=init != "class")
-            res[m]["seconds"] += time.time() - t0
-            res[m]["steps"] = c.eval_steps
-            res[m]["eval_iou"].append([float(np.mean(r)) for r in c.eval_iou_history])
-            res[m]["per_concept"].append([[float(v) for v in r] for r in c.eval_iou_history])
-            res[m]["used_iou"].append([float(np.mean(r)) for r in c.iou_history])
+            def one(i=i, sc=sc, gt=gt, words=words, m=m):
+                t0 = time.time()
+                score = GroundTruthIoU([gt], match_order=init != "class")
+                c = learn_concepts(pipe, sc.image, words, method=m, config=cfg, seed=seed,
+                                   masks=[gt] if m == "given" else None, callbacks=[score],
+                                   progress=progress, mask_config=mask_config,
+                                   em_every=em_every)
+                return {"seconds": time.time() - t0, "steps": c.eval_steps,
+                        "eval_iou": [float(np.mean(r)) for r in c.eval_iou_history],
+                        "per_concept": [[float(v) for v in r] for r in c.eval_iou_history],
+                        "used_iou": [float(np.mean(r)) for r in c.iou_history]}
+
+            # suite scene i is the same for every --n-scenes (seed 2_000_000 + i)
+            key = {"scene": i, "method": m, "words": words, "config": cfg.to_dict(),
+                   "mask_config": dataclasses.asdict(mask_config) if mask_config else None,
+                   "em_every": em_every, "init": init, "seed": seed}
+            run = cached(key, one)
+            res[m]["seconds"] += run["seconds"]
+            res[m]["steps"] = run["steps"]
+            for k in ("eval_iou", "per_concept", "used_iou"):
+                res[m][k].append(run[k])
         log(f"scene {i + 1}/{len(scenes)} ({len(words)} concepts): "
             + ", ".join(f"{m} {res[m]['eval_iou'][-1][0]:.2f}->{res[m]['eval_iou'][-1][-1]:.2f}"
                         for m in methods))
@@ -173,8 +179,17 @@ def plot(summary, path=None, title=None):
     return fig
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+RESULT_NAMES = {"class": "class_words", "shape": "shared_word", "random": "random_init"}
+QUICK = {"n_scenes": 1, "steps": 4, "batch_size": 1, "methods": "em,fixed",
+         "n_timesteps": 4}
+
+
+def result_name(args) -> str:
+    """Named by what it measures: the setting of the object tokens' first words."""
+    return RESULT_NAMES[args.init]
+
+
+def add_arguments(ap):
     ap.add_argument("--model", default="shapes-ldm")
     ap.add_argument("--n-scenes", type=int, default=20)
     ap.add_argument("--steps", type=int, default=None, help="default: TrainConfig.for_bundled()")
@@ -190,65 +205,52 @@ def main(argv=None):
                     help="E-step CRF unary temperature (MaskConfig.temperature, default 0.1)")
     ap.add_argument("--fill-empty", action="store_true",
                     help="E-step: an empty object mask takes a region from one holding two")
-    ap.add_argument("--guard", action="store_true",
-                    help="EM keeps new masks only if they explain the image no worse")
     ap.add_argument("--lambda-attn", type=float, default=None, help="ablation: attention loss")
     ap.add_argument("--attn-target", default=None, choices=("max", "raw", "bce"),
                     help="ablation: attention loss on max-normalised maps, raw shares, or BCE")
     ap.add_argument("--no-crf", action="store_true", help="ablation: E-step without the CRF")
     ap.add_argument("--n-timesteps", type=int, default=None, help="E-step timesteps (default 50)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "em_suite"))
-    ap.add_argument("--restart", action="store_true", help="ignore an earlier partial run")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+
+
+def run(args, ctx):
     pipe = load_pipeline(args.model, device="cpu", progress=False)
-    model_id = weights_fingerprint(pipe)  # a partial run resumes only on the same model
+    ctx.set_model(pipe, name=args.model)   # cached runs are reused only on the same model
     t0 = time.time()
     scenes = suite_scenes(args.n_scenes)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/em_suite.py " + " ".join(argv if argv is not None else
-                                                      __import__("sys").argv[1:])
+
+    def result(res, done):
+        return {"n_scenes": done, "n_planned": len(scenes), "summary": summarise(res),
+                "per_scene": res}
 
     def save(res, done):  # after every scene: an interrupted suite still leaves its results
-        summary = summarise(res)
-        atomic_write_json(args.out + ".json",
-                          {"command": cmd.strip(), "model": model_id,
-                           "n_scenes": done, "n_planned": len(scenes),
-                           "summary": summary, "per_scene": res}, indent=1)
-        plot(summary, args.out + ".png",
+        r = result(res, done)
+        ctx.write(r, complete=done == len(scenes))
+        plot(r["summary"], ctx.path(".png"),
              f"{done} held-out scenes, 2-3 objects + background"
              + ("" if args.init == "class" else f"; object tokens from {args.init!r}")).clf()
-        return summary
+        return r
 
     methods = tuple(args.methods.split(","))
     changes = {} if args.lambda_attn is None else {"lambda_attn": args.lambda_attn}
     if args.attn_target:
         changes["attn_target"] = args.attn_target
-    mcfg = MaskConfig()
+    words0 = init_words(scenes[0], args.init)
+    mcfg = MaskConfig.for_words(words0)       # the library's default for this start
     if args.no_crf:
         mcfg = dataclasses.replace(mcfg, crf=False)
     if args.temperature:
         mcfg = dataclasses.replace(mcfg, temperature=args.temperature)
-    if args.guard:
-        mcfg = dataclasses.replace(mcfg, guard=True)
     if args.fill_empty:
         mcfg = dataclasses.replace(mcfg, fill_empty=True)
     if args.competition:
         mcfg = dataclasses.replace(mcfg, competition=args.competition)
     if args.n_timesteps:
         mcfg = dataclasses.replace(mcfg, n_timesteps=args.n_timesteps)
-    res = None
-    if os.path.exists(args.out + ".json") and not args.restart:
-        with open(args.out + ".json") as f:
-            old = json.load(f)
-        if old.get("command") == cmd.strip() and old.get("model") == model_id \
-                and set(old["per_scene"]) == set(methods):
-            res = old["per_scene"]
     res = run_suite(pipe, scenes, methods, args.steps, batch_size=args.batch_size,
-                    after_scene=save, res=res, changes=changes, mask_config=mcfg,
+                    after_scene=save, cached=ctx.cached, changes=changes, mask_config=mcfg,
                     em_every=args.em_every, init=args.init)
-    summary = save(res, len(scenes))
+    out = save(res, len(scenes))
+    summary = out["summary"]
     print(f"mean mask IoU over {len(scenes)} scenes (all concepts), at steps {summary[next(iter(summary))]['steps']}:")
     for m, s in summary.items():
         if m == "em_vs_fixed":
@@ -261,8 +263,5 @@ def main(argv=None):
         print(f"  {m:>6}: " + "  ".join(f"{v:.3f}" for v in s["mean"])
               + f"   final {s['final']:.3f}, its own masks {s['final_used']:.3f}, rises on "
               f"{s['rises']:.0%} of scenes  ({s['seconds_per_run']:.0f} s per run)")
-    print(f"(total {time.time() - t0:.0f} s; wrote {args.out}.json and .png)")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"(total {time.time() - t0:.0f} s)")
+    return out

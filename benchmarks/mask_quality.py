@@ -1,7 +1,7 @@
 """Mask quality: from cross-attention maps to object masks, four ways, on held-out scenes.
 
-    python benchmarks/mask_quality.py                        # bundled model, 100 scenes
-    python benchmarks/mask_quality.py --model path/to/pipeline --n-scenes 30
+    python -m benchmarks mask_quality        # bundled model, 100 scenes -> .../held_out.json
+    python -m benchmarks mask_quality --model path/to/pipeline --n-scenes 30 --name other
 
 For every held-out multi-object scene (seeds >= 1_000_000, alternately 2 and 3 objects,
 never used in training) the concept maps are each object's SHAPE-word cross-attention map
@@ -18,33 +18,33 @@ method turns them into one mask per object, scored by IoU against the ground tru
   refined by a DenseCRF on the image; default parameters).
 
 :func:`conceptlab.shapes.suites.mask_quality_table` returns the table and the per-object
-rows; notebook 02 calls it on 30 scenes, this script prints it for 100.
+rows; notebook 02 calls it on 30 scenes, this benchmark measures it on 100.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
-
-import torch
 
 from conceptlab.shapes.suites import format_table, mask_quality_table
 
+RESULT_NAME = "held_out"
+QUICK = {"n_scenes": 2, "n_timesteps": 4}
 
-def main(argv=None):
-    from conceptlab import load_pipeline
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(ap):
     ap.add_argument("--model", default="shapes-ldm")
     ap.add_argument("--n-scenes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1_000_000)
     ap.add_argument("--n-timesteps", type=int, default=50)
     ap.add_argument("--background-threshold", type=float, default=0.3)
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "pydensecrf"])
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+
+
+def run(args, ctx):
+    from conceptlab import load_pipeline
+
     pipe = load_pipeline(args.model, device="cpu", progress=False)
+    ctx.set_model(pipe, name=args.model)
     t0 = time.time()
     result = mask_quality_table(pipe, args.n_scenes, args.seed, n_timesteps=args.n_timesteps,
                                 background_threshold=args.background_threshold,
@@ -52,7 +52,3 @@ def main(argv=None):
     print(format_table(result))
     print(f"(benchmark time {time.time() - t0:.0f} s)")
     return result
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,11 @@
 """Measure the bundled model: VAE reconstruction, cross-attention localisation, generation.
 
-    python benchmarks/model_quality.py                      # the bundled model, all figures
-    python benchmarks/model_quality.py --model runs/control/model --skip-generation
+    python -m benchmarks model_quality                # the bundled model -> .../shipped_model.json
+    python -m benchmarks model_quality --model runs/control/model --skip-generation
 
 Held-out scenes are drawn with seeds >= 1_000_000 (training scenes come from one stream
-seeded 0). Prints every figure and writes them to ``--json`` if given.
+seeded 0). Prints every figure; the result file holds them all (``tools/ship_model.py``
+calls :func:`evaluate_model` for the model card's ``quality.json``).
 
 1. VAE PSNR on held-out scenes (overall, plain and textured backgrounds).
 2. Localisation: IoU between the thresholded (min-max normalised, 0.5), timestep-averaged
@@ -20,7 +21,7 @@ seeded 0). Prints every figure and writes them to ``--json`` if given.
 
 from __future__ import annotations
 
-import argparse
+import re
 import time
 
 import numpy as np
@@ -28,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from conceptlab.attention import layer_resolutions, record_attention
-from conceptlab.fileio import atomic_write_json
 from conceptlab.models import encode_prompt, load_pipeline, native_size
 from conceptlab.shapes import world
 from conceptlab.shapes.suites import held_out_scenes
@@ -195,8 +195,19 @@ def judge_validation(pipe, n: int = 280, seed: int = 0) -> dict:
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+QUICK = {"n_scenes": 4, "n_timesteps": 4, "n_generation_prompts": 2,
+         "images_per_prompt": 1, "steps": 5}
+
+
+def result_name(args) -> str:
+    """The shipped model's figures are ``shipped_model``; another model is named by its
+    path (``runs/quick/model`` -> ``runs_quick_model``; ``--name`` to choose)."""
+    if args.model == "shapes-ldm":
+        return "shipped_model"
+    return re.sub(r"[^A-Za-z0-9]+", "_", args.model).strip("_") or "model"
+
+
+def add_arguments(ap):
     ap.add_argument("--model", default="shapes-ldm")
     ap.add_argument("--n-scenes", type=int, default=100)
     ap.add_argument("--n-timesteps", type=int, default=20)
@@ -205,11 +216,31 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--skip-generation", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+
+
+def run(args, ctx):
     pipe = load_pipeline(args.model, device="cpu", progress=False)
+    ctx.set_model(pipe, name=args.model)
+    return evaluate_model(args.model, pipe=pipe, n_scenes=args.n_scenes,
+                          n_timesteps=args.n_timesteps,
+                          n_generation_prompts=args.n_generation_prompts,
+                          images_per_prompt=args.images_per_prompt, guidance=args.guidance,
+                          steps=args.steps, skip_generation=args.skip_generation)
+
+
+def evaluate_model(model: str, pipe=None, n_scenes: int = 100, n_timesteps: int = 20,
+                   n_generation_prompts: int = 40, images_per_prompt: int = 4,
+                   guidance: float = 4.0, steps: int = 25,
+                   skip_generation: bool = False) -> dict:
+    """Every figure of the model (printed as it goes); the defaults are the benchmark's."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(model=model, n_scenes=n_scenes, n_timesteps=n_timesteps,
+                           n_generation_prompts=n_generation_prompts,
+                           images_per_prompt=images_per_prompt, guidance=guidance,
+                           steps=steps, skip_generation=skip_generation)
+    if pipe is None:
+        pipe = load_pipeline(args.model, device="cpu", progress=False)
     results = {"model": args.model}
     t0 = time.time()
     scenes = held_out_scenes(args.n_scenes, size=native_size(pipe))
@@ -263,10 +294,4 @@ def main(argv=None):
             print(f"   prompts naming {k} object(s): colour {v['colour']:.3f}, shape "
                   f"{v['shape']:.3f}, both {v['both']:.3f}")
     print(f"(benchmark time {time.time() - t0:.0f} s)")
-    if args.json:
-        atomic_write_json(args.json, results, indent=1)
     return results
-
-
-if __name__ == "__main__":
-    main()

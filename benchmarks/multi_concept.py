@@ -1,6 +1,6 @@
 """Multi-concept generation, method by method: the paper's evaluation on the shapes world.
 
-    python benchmarks/multi_concept.py      # writes benchmarks/results/multi_concept.{json,npz,png}
+    python -m benchmarks multi_concept     # -> benchmarks/results/multi_concept/methods.{json,npz,png}
 
 For each image (the bundled examples, then ``--n-suite`` held-out suite scenes of
 ``em_suite.py``), its concepts (objects and background, class-word init) are learned four
@@ -20,22 +20,16 @@ both-present (those and "[vl] above [vk]"), the relation, and the final masks' I
 Table: per method the mean over images and its 95% t-interval (each image's value is the
 mean over its concepts, prompts and samples). For every bundled example, 4 samples of
 its first single-concept and first two-concept prompts are kept (``.npz``, uint8, keys
-"example|method|single" and "...|pair") for notebook 06. A partial run resumes (same
-model and samples per prompt; a smaller ``--n-suite`` keeps the runs of its scenes); results
-are written atomically after every run.
+"example|method|single" and "...|pair") for notebook 06. Each (scene, method) run is cached
+(same model, samples per prompt and preset): a partial run resumes, and a larger ``--n-suite``
+computes only the new scenes; results are written atomically after every run.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from conceptlab.em import learn_concepts
 from conceptlab.evaluate import (
@@ -46,14 +40,13 @@ from conceptlab.evaluate import (
     format_table,
     interval95,
 )
-from conceptlab.fileio import atomic_save, atomic_write_json
-from conceptlab.models import load_pipeline, weights_fingerprint
-from conceptlab.result import _savez
+from conceptlab.models import load_pipeline
 from conceptlab.shapes.examples import example_spec, list_examples, load_example
 from conceptlab.shapes.suites import suite_scenes
 from conceptlab.train import TrainConfig
 
-RESULTS = Path(__file__).parent / "results"
+from .frame import save_npz
+
 METHODS = {  # name: (learn_concepts method, phase 2)
     "none": ("none", None),
     "fixed": ("fixed", None),
@@ -65,10 +58,11 @@ GOAL_MEASURES = ("concept_fidelity", "both_present")
 N_KEPT = 4   # samples per shown prompt kept in the .npz
 
 
-def scenes(n_suite: int) -> list[tuple[str, np.ndarray, np.ndarray, list, str, list]]:
+def scenes(n_suite: int, examples=None) -> list[tuple[str, np.ndarray, np.ndarray, list, str,
+                                                     list]]:
     """(name, image, masks (objects then background), objects, background, init words)."""
     out = []
-    for name in list_examples():
+    for name in examples or list_examples():
         ex, spec = load_example(name), example_spec(name)
         out.append((name, ex.image, ex.masks, spec.objects, spec.background, ex.init_words))
     for i, sc in enumerate(suite_scenes(n_suite)):
@@ -79,18 +73,20 @@ def scenes(n_suite: int) -> list[tuple[str, np.ndarray, np.ndarray, list, str, l
     return out
 
 
-def method_config(pipe, method: str) -> TrainConfig:
+def method_config(pipe, method: str, **changes) -> TrainConfig:
     """The final preset of a method: ``TrainConfig.for_model`` (lambda_attn 0.1 for the
-    methods that estimate their own masks on the bundled model, 1.0 for given masks)."""
+    methods that estimate their own masks on the bundled model, 1.0 for given masks).
+    ``changes``: fields to change (``--steps``, ``--phase2-steps``; none by default)."""
     how, phase2 = METHODS[method]
-    return TrainConfig.for_model(pipe, how, **({} if phase2 is None else {"phase2": phase2}))
+    cfg = TrainConfig.for_model(pipe, how, **({} if phase2 is None else {"phase2": phase2}))
+    return cfg.replace(**changes) if changes else cfg
 
 
-def run_one(model, scene, method: str, n: int, seed: int = 0):
+def run_one(model, scene, method: str, n: int, seed: int = 0, changes=None):
     name, image, masks, objects, background, words = scene
     how = METHODS[method][0]
     pipe = load_pipeline(model, progress=False)   # fresh: phase 2 changes the U-Net
-    cfg = method_config(pipe, method)
+    cfg = method_config(pipe, method, **(changes or {}))
     t0 = time.time()
     c = learn_concepts(pipe, image, words, method=how, config=cfg, seed=seed,
                        masks=[masks] if how == "given" else None, progress=False)
@@ -146,51 +142,47 @@ def plot(summary, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+RESULT_NAME = "methods"
+QUICK = {"n": 1, "n_suite": 0, "examples": ["striped-star-and-heart"], "methods": "none",
+         "steps": 2, "phase2_steps": 2}
+ITEM_OPTIONS = ("n_suite", "methods", "examples")   # which runs, not what they measure
+
+
+def add_arguments(ap):
     ap.add_argument("--model", default="shapes-ldm")
     ap.add_argument("--n", type=int, default=6, help="samples per prompt")
     ap.add_argument("--n-suite", type=int, default=5, help="held-out suite scenes")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS / "multi_concept"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--examples", nargs="*", default=None,
+                    help="bundled examples (default: every one)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="phase-1 steps (default: each method's preset)")
+    ap.add_argument("--phase2-steps", type=int, default=None,
+                    help="phase-2 steps (default: each method's preset)")
+
+
+def run(args, ctx):
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}: choose from {list(METHODS)}")
+    changes = {k: v for k, v in (("steps", args.steps), ("phase2_steps", args.phase2_steps))
+               if v is not None}
     pipe = load_pipeline(args.model, progress=False)
-    model_id = weights_fingerprint(pipe)
-    cmd = ("python benchmarks/multi_concept.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])).strip()
-    res = {"command": cmd, "model": model_id, "n_samples": args.n,
-           "configs": {m: method_config(pipe, m).to_dict() for m in METHODS},
+    ctx.set_model(pipe, name=args.model)   # its weights fingerprint: cached runs need the same
+    res = {"n_samples": args.n,
+           "configs": {m: method_config(pipe, m, **changes).to_dict() for m in METHODS},
            "rows": [], "seconds": 0.0}
     samples = {}
-    if os.path.exists(args.out + ".json"):
-        old = json.loads(Path(args.out + ".json").read_text())
-        # the runs of another --n-suite are the same runs (a scene is its name and seed)
-        if old.get("model") == model_id and old.get("n_samples") == args.n:
-            res = {**old, "command": cmd}
-            if os.path.exists(args.out + ".npz"):
-                with np.load(args.out + ".npz", allow_pickle=False) as z:
-                    samples = {k: z[k] for k in z.files}
-            # a run is kept only if it was trained with the preset its method has now
-            res["rows"] = [r for r in res["rows"]
-                           if r.get("config") == method_config(pipe, r["method"]).to_dict()]
-            res["configs"] = {m: method_config(pipe, m).to_dict() for m in METHODS}
-            print(f"resuming: {len(res['rows'])} runs already done")
-    done = {(r["scene"], r["method"]) for r in res["rows"]}
-    all_scenes = scenes(args.n_suite)
-    keep = {sc[0] for sc in all_scenes}
-    res["rows"] = [r for r in res["rows"] if r["scene"] in keep and r["method"] in methods]
+    all_scenes = scenes(args.n_suite, args.examples)
     for scene in all_scenes:
         for m in methods:
-            if (scene[0], m) in done:
-                continue
             t0 = time.time()
-            row, shown = run_one(args.model, scene, m, args.n)
+            # a run is reused only if it was trained with the preset its method has now
+            key = {"scene": scene[0], "method": m, "n": args.n,
+                   "config": method_config(pipe, m, **changes).to_dict()}
+            row, shown = ctx.cached(key, lambda scene=scene, m=m: run_one(
+                args.model, scene, m, args.n, changes=changes))
             res["rows"].append(row)
             res["seconds"] = round(res["seconds"] + time.time() - t0, 1)
             if not scene[0].startswith("suite-"):
@@ -202,19 +194,16 @@ def main(argv=None):
                 f"{k} {s[k]:.2f}" for k in MEASURES if s[k] is not None)
                 + f" ({time.time() - t0:.0f} s)", flush=True)
             res["summary"] = summarise(res["rows"])
-            atomic_save(lambda p: _savez(p, samples), args.out + ".npz")
-            atomic_write_json(args.out + ".json", res, indent=1)
+            save_npz(ctx.path(".npz"), samples)
+            ctx.write(res, complete=False)
     res["summary"] = summarise(res["rows"])
-    atomic_write_json(args.out + ".json", res, indent=1)
-    plot(res["summary"], args.out + ".png")
+    plot(res["summary"], ctx.path(".png"))
     n_sc = len({r["scene"] for r in res["rows"]})
-    print(f"\n{n_sc} images ({len(list_examples())} bundled examples + {args.n_suite} suite "
-          f"scenes), {args.n} samples per prompt; mean and 95% interval over images:")
+    print(f"\n{n_sc} images ({len(args.examples or list_examples())} bundled examples + "
+          f"{args.n_suite} suite scenes), {args.n} samples per prompt; mean and 95% interval "
+          "over images:")
     print(format_table(res["summary"]))
     for line in goal_check(res["summary"]):
         print(line)
-    print(f"total {res['seconds']:.0f} s; wrote {args.out}.json, .npz and .png")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"total {res['seconds']:.0f} s")
+    return res

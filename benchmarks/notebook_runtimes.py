@@ -1,12 +1,12 @@
 """Execute every notebook, time it, and put the measured runtimes where the course states them.
 
-    python benchmarks/notebook_runtimes.py             # execute in place, time, update
-    python benchmarks/notebook_runtimes.py --dry-run   # execute copies, print the table only
+    python -m benchmarks notebook_runtimes             # execute in place, time, update
+    python -m benchmarks notebook_runtimes --dry-run   # execute copies, print the table only
 
 Each notebook runs top to bottom in a fresh kernel (nbclient), with the environment the
 tests use (offline, quiet, 2 torch threads). Run it on an IDLE machine: two heavy jobs on
-2 cores halve each other. It writes ``benchmarks/results/notebook_runtimes.json`` and,
-unless ``--dry-run``:
+2 cores halve each other. It writes ``benchmarks/results/notebook_runtimes/runtimes.json``
+(a partial run keeps the other notebooks' times) and, unless ``--dry-run``:
 
 - saves each executed notebook in place (its outputs are the ones nbval then checks);
 - rewrites the "**Runtime**: about ..." of each notebook's header (the jupytext ``.py``
@@ -16,8 +16,6 @@ unless ``--dry-run``:
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import re
@@ -28,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-RESULTS = ROOT / "benchmarks" / "results" / "notebook_runtimes.json"
+RESULT_NAME = "runtimes"
+QUICK = {"dry_run": True, "notebooks": ["00_the_shapes_world"]}
+ITEM_OPTIONS = ("notebooks", "dry_run")   # a partial run keeps the others' times
 ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
        "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
        "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
@@ -94,16 +94,18 @@ def update_course_table(py: Path, times: dict) -> None:
     py.write_text("".join(lines))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(ap):
     ap.add_argument("--dry-run", action="store_true",
                     help="execute copies; change nothing but the results file")
     ap.add_argument("notebooks", nargs="*", help="stems (default: every notebooks/NN_*.ipynb)")
-    args = ap.parse_args(argv)
+
+
+def run(args, ctx):
     os.environ.update(ENV)
     paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if args.notebooks:
         paths = [p for p in paths if p.stem in args.notebooks or p.name in args.notebooks]
+    ctx.set_model(name="shapes-ldm (the notebooks' model)")
     times = {}
     for p in paths:
         if not args.dry_run:   # the paired source wins if it is newer (jupytext --sync)
@@ -118,11 +120,10 @@ def main(argv=None):
             if update_header(p.with_suffix(".py"), seconds):
                 subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(p)],
                                check=True, capture_output=True)
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    old = {k: v for k, v in (ctx.previous() or {}).items() if k != "provenance"}
     old.update({"seconds": {**old.get("seconds", {}), **times},
                 "machine": f"{platform.processor() or platform.machine()}, "
                            f"{os.cpu_count()} CPUs, torch threads {ENV['OMP_NUM_THREADS']}"})
-    RESULTS.write_text(json.dumps(old, indent=1) + "\n")
     if not args.dry_run:
         update_readme(times)
         first = NOTEBOOKS / "00_the_shapes_world.py"
@@ -130,8 +131,5 @@ def main(argv=None):
             update_course_table(first, times)
             subprocess.run([sys.executable, "-m", "jupytext", "--sync",
                             str(first.with_suffix(".ipynb"))], check=True, capture_output=True)
-    print(f"total {sum(times.values()):.0f} s; wrote {RESULTS.relative_to(ROOT)}")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"total {sum(times.values()):.0f} s")
+    return old

@@ -6,7 +6,8 @@ The names most notebooks use are importable from the top level::
 
 Modules, lowest layer first (each imports only from the layers before it; a test checks):
 ``fileio``, ``models``, ``attention``, ``masks``, ``crf``, ``maps``, ``losses``,
-``unet_delta``, ``tokens``, ``train/``, ``estep``, ``result``, ``em``, ``generation``,
+``unet_delta``, ``tokens``, ``concept_files``, ``train/``, ``estep``, ``result``,
+``experimental``, ``em_callbacks``, ``em``, ``generation``,
 ``viz/``, ``shapes/``, ``cli``. The README has the table.
 """
 
@@ -19,8 +20,14 @@ _LAZY = {  # keep `import conceptlab` light: these load on first use
     "learn_concepts": ("em", "learn_concepts"),
     "LearnedConcepts": ("result", "LearnedConcepts"),
     "estimate_masks": ("estep", "estimate_masks"),
+    "MaskConfig": ("estep", "MaskConfig"),
     "generate": ("generation", "generate"),
     "TrainConfig": ("train", "TrainConfig"),
+    "ConceptTokens": ("tokens", "ConceptTokens"),
+    "new_concepts": ("tokens", "new_concepts"),
+    "load_concepts": ("concept_files", "load_concepts"),
+    "save_concepts": ("concept_files", "save_concepts"),
+    "GroundTruthIoU": ("em_callbacks", "GroundTruthIoU"),
 }
 
 
@@ -34,13 +41,19 @@ def __getattr__(name):
 
 
 __all__ = [
+    "ConceptTokens",
+    "GroundTruthIoU",
     "LearnedConcepts",
+    "MaskConfig",
     "TrainConfig",
     "__version__",
     "attention_maps",
     "estimate_masks",
     "generate",
     "learn_concepts",
+    "load_concepts",
     "load_pipeline",
+    "new_concepts",
     "record_attention",
+    "save_concepts",
 ]

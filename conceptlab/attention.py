@@ -1,16 +1,16 @@
 """Recording cross-attention in a diffusers U-Net.
 
 Cross-attention in one layer of the U-Net, for image features ``x`` (N pixels x C) and
-text-token embeddings ``c`` (T tokens x D)::
+text-token embeddings ``c`` (T tokens x D):
 
     Q = x W_q,  K = c W_k,  V = c W_v            # per head
     P = softmax(Q K^T / sqrt(d), over tokens)    # (N, T): for each pixel, a distribution over words
     out = P V
 
 Column ``P[:, j]`` reshaped to (h, w) is the *attention map* of token ``j``: where in the
-image the model reads word ``j``. :func:`record_attention` installs processors that compute
+image the model reads word ``j``. `record_attention` installs processors that compute
 exactly this (through ``unet.set_attn_processor``, the public API), keeps ``P`` for every
-cross-attention layer, head and call, and restores the original processors on exit::
+cross-attention layer, head and call, and restores the original processors on exit:
 
     with record_attention(pipe.unet) as store:
         pipe.unet(latents, t, text_embeddings)
@@ -35,6 +35,18 @@ class AttentionStore:
     ``max_resolution**2`` pixels are stored. With ``keep_graph=False`` maps are detached
     (cheap, for visualisation and mask estimation); with ``keep_graph=True`` they stay in
     the autograd graph (for losses on attention).
+
+    Args:
+        max_resolution: largest side length of a stored map; layers with more than
+            ``max_resolution**2`` pixels are not stored.
+        keep_graph: keep the maps in the autograd graph instead of detaching them.
+        layers: names of the layers to store (all cross-attention layers when None).
+        latent_shape: (H, W) of the latent, needed to unflatten the maps of non-square
+            latents; None for square latents.
+
+    Attributes:
+        maps: per layer name, one ``(batch, heads, h, w, tokens)`` tensor per U-Net call.
+        active: while False, nothing is stored.
     """
 
     def __init__(self, max_resolution: int = 32, keep_graph: bool = False,
@@ -47,12 +59,33 @@ class AttentionStore:
         self.active = True
 
     def wants(self, name: str, n_pixels: int) -> bool:
+        """Whether to store the map of layer ``name`` with ``n_pixels`` pixels.
+
+        Args:
+            name: the layer's processor name.
+            n_pixels: number of pixels of the flattened map.
+
+        Returns:
+            True when recording is active, the map has at most ``max_resolution**2`` pixels
+                and the layer is among the chosen ``layers`` (or no layers were chosen).
+        """
         if not self.active or n_pixels > self.max_resolution**2:
             return False
         return self.layers is None or name in self.layers
 
     def spatial(self, n_pixels: int) -> tuple[int, int]:
-        """(h, w) of a flattened map with ``n_pixels`` pixels."""
+        """(h, w) of a flattened map with ``n_pixels`` pixels.
+
+        Args:
+            n_pixels: number of pixels of the flattened map.
+
+        Returns:
+            The map's (h, w): a square for ``latent_shape=None``, else the latent's aspect
+                ratio.
+
+        Raises:
+            ValueError: ``n_pixels`` is not a square number and no ``latent_shape`` was given.
+        """
         if self.latent_shape is None:
             side = round(math.sqrt(n_pixels))
             if side * side != n_pixels:
@@ -65,25 +98,61 @@ class AttentionStore:
         return round(H / f), round(W / f)
 
     def add(self, name: str, probs: torch.Tensor, batch: int, heads: int):
+        """Store the attention probabilities of one call of layer ``name``.
+
+        Args:
+            name: the layer's processor name.
+            probs: ``(batch * heads, n_pixels, tokens)`` attention probabilities; detached
+                unless ``keep_graph``.
+            batch: batch size of the call.
+            heads: number of attention heads of the layer.
+
+        Raises:
+            ValueError: the map's shape cannot be inferred (see `spatial`).
+        """
         n, t = probs.shape[-2:]
         h, w = self.spatial(n)
         p = probs if self.keep_graph else probs.detach()
         self.maps[name].append(p.reshape(batch, heads, h, w, t))
 
     def clear(self):
+        """Forget every recorded map."""
         self.maps.clear()
 
     @property
     def layer_names(self) -> list[str]:
+        """Names of the layers recorded so far, in recording order."""
         return list(self.maps)
 
     def resolution(self, name: str) -> int:
+        """Map height of a recorded layer.
+
+        Args:
+            name: a recorded layer's name.
+
+        Returns:
+            The height ``h`` of the layer's maps (their side length for square latents).
+        """
         return self.maps[name][0].shape[2]
 
     def stacked(self, layers: list[str] | None = None, call: int | None = None,
                 resolution: int | None = None) -> torch.Tensor:
-        """Head-averaged maps of the chosen layers resized to one resolution and averaged
-        over layers: ``(batch, h, w, tokens)`` for one call, or averaged over all calls."""
+        """Head-averaged maps of the chosen layers, resized to one resolution and averaged.
+
+        Args:
+            layers: the layers to average (default: every recorded layer); names that were
+                not recorded are skipped.
+            call: index of one U-Net call, or None to average over all calls.
+            resolution: side length (or (h, w)) to resize the maps to; default: the size of
+                the largest recorded layer among ``layers``.
+
+        Returns:
+            ``(batch, h, w, tokens)`` maps averaged over heads and layers, for one call or
+                averaged over all calls.
+
+        Raises:
+            KeyError: none of the chosen layers was recorded.
+        """
         names = [n for n in (layers or self.layer_names) if n in self.maps]
         if not names:
             raise KeyError(f"no recorded layer among {layers}; recorded: {self.layer_names}")
@@ -105,11 +174,17 @@ class AttentionStore:
 
 
 class RecordingAttnProcessor:
-    """Computes attention exactly like ``diffusers.models.attention_processor.AttnProcessor``
-    and hands cross-attention probabilities to an :class:`AttentionStore`.
+    """Attention processor that records cross-attention probabilities.
+
+    Computes attention exactly like ``diffusers.models.attention_processor.AttnProcessor``
+    and hands cross-attention probabilities to an `AttentionStore`.
 
     Accepts and ignores the extra positional / keyword arguments newer diffusers versions
     pass to processors. Never modifies the probabilities in place.
+
+    Args:
+        store: the store that receives the probabilities.
+        name: the processor's layer name, under which the maps are stored.
     """
 
     def __init__(self, store: AttentionStore, name: str):
@@ -118,6 +193,20 @@ class RecordingAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
+        """Compute the attention layer's output, storing cross-attention probabilities.
+
+        Args:
+            attn: the diffusers ``Attention`` module.
+            hidden_states: the image features.
+            encoder_hidden_states: the text embeddings (None for self-attention).
+            attention_mask: optional attention mask.
+            temb: time embedding, used by spatial norms.
+            *args: ignored.
+            **kwargs: ignored.
+
+        Returns:
+            The layer's output hidden states.
+        """
         is_cross = encoder_hidden_states is not None
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -156,12 +245,28 @@ class RecordingAttnProcessor:
 
 
 def cross_attention_layers(unet) -> list[str]:
-    """Names of the U-Net's cross-attention processors (``...attn2.processor``)."""
+    """Names of the U-Net's cross-attention processors (``...attn2.processor``).
+
+    Args:
+        unet: a diffusers U-Net.
+
+    Returns:
+        The processor names, in the U-Net's order.
+    """
     return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
 
 
 def layer_resolutions(unet, sample_size: int | None = None) -> dict[str, int]:
-    """Map side length of each cross-attention layer for a latent of ``sample_size``."""
+    """Map side length of each cross-attention layer for a latent of ``sample_size``.
+
+    Args:
+        unet: a diffusers U-Net.
+        sample_size: latent side length (default: ``unet.config.sample_size``; of a pair,
+            the smaller side).
+
+    Returns:
+        Per cross-attention processor name, the side length of its attention map.
+    """
     s = sample_size or unet.config.sample_size
     s = s if isinstance(s, int) else min(s)
     n_down = len(unet.config.block_out_channels) - 1
@@ -181,13 +286,27 @@ def layer_resolutions(unet, sample_size: int | None = None) -> dict[str, int]:
 @contextlib.contextmanager
 def record_attention(unet, *, max_resolution: int = 32, keep_graph: bool = False,
                      layers: list[str] | None = None, latent_shape=None):
-    """Context manager: record cross-attention of ``unet`` into an :class:`AttentionStore`.
+    """Context manager: record cross-attention of ``unet`` into an `AttentionStore`.
 
-    Installs :class:`RecordingAttnProcessor` on cross-attention layers through
+    Installs `RecordingAttnProcessor` on cross-attention layers through
     ``unet.set_attn_processor`` and restores the original processors on exit, also when
     an exception is raised inside the block. While recording, cross-attention is computed
     by plain attention: custom processors (IP-Adapter, LoRA processors of old diffusers)
     are bypassed inside the block.
+
+    Args:
+        unet: a diffusers U-Net.
+        max_resolution: largest side length of a stored map.
+        keep_graph: keep the maps in the autograd graph (for losses on attention).
+        layers: cross-attention layers to record, with or without the ``.processor``
+            suffix (default: all of them).
+        latent_shape: (H, W) of the latent, needed for non-square latents.
+
+    Yields:
+        The `AttentionStore` that fills up while the block runs.
+
+    Raises:
+        ValueError: one of ``layers`` is not a cross-attention layer of ``unet``.
     """
     if layers is not None:
         known = cross_attention_layers(unet)

@@ -1,8 +1,14 @@
-"""The ``conceptlab`` command line. ``conceptlab --help`` lists the subcommands."""
+"""The ``conceptlab`` command line. ``conceptlab --help`` lists the subcommands.
+
+Why one module of about 450 lines: each subcommand is a small ``cmd_*`` function and its
+``_add_*`` argument parser beside it, and they share one error policy (:func:`main`: one
+line on stderr, exit 2); the work itself is in the library.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -33,24 +39,38 @@ def _int_at_least(lo):
     return parse
 
 
+def _seed(text):
+    from .models import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _float_in(lo, hi=None):
     def parse(text):
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not v >= lo or (hi is not None and not v <= hi):
+        if not math.isfinite(v) or not v >= lo or (hi is not None and not v <= hi):
             raise argparse.ArgumentTypeError(
-                f"must be in [{lo}, {hi}], got {v}" if hi is not None else f"must be >= {lo}, got {v}")
+                f"must be a finite number in [{lo}, {hi}], got {v}" if hi is not None
+                else f"must be a finite number >= {lo}, got {v}")
         return v
     return parse
 
 
 def cmd_sample(args):
+    from .fileio import check_number
     from .generation import sample_grid
-    from .models import load_pipeline
+    from .models import check_seed, load_pipeline
     from .viz.figures import save_captioned_grid
 
+    check_seed(args.seed)
+    if args.guidance is not None:
+        check_number("--guidance", args.guidance, 0)  # inf passes the parser's >= 0
     _threads(args.threads)
     pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
     prompts = args.prompt or [
@@ -62,52 +82,66 @@ def cmd_sample(args):
     ]
     t0 = time.time()
     rows, prompts = sample_grid(pipe, prompts, n_per_prompt=args.n, seed=args.seed,
-                                guidance_scale=args.guidance, num_inference_steps=args.steps)
+                                guidance_scale=args.guidance,
+                                num_inference_steps=args.inference_steps)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "samples.png")
     save_captioned_grid(rows, prompts, path)
     print(f"wrote {path} ({len(prompts)} prompts x {args.n} images, {time.time() - t0:.1f} s)")
 
 
+def _concept_words(text: str) -> list[str]:
+    words = [w.strip() for w in text.split(",")]
+    if any(not w for w in words):
+        raise ValueError(f"--concepts {text!r} has an empty entry: give one class word per "
+                         "concept, e.g. --concepts star,heart,background")
+    return words
+
+
+def _check_learn_out(args, ckpt: str):
+    """Refuse before any work: a result already in --out (without --overwrite), --resume
+    with nothing to resume, or an --out that must not be written."""
+    from .concept_files import SIDECAR, check_output_folder
+
+    check_output_folder(args.out)
+    if args.resume and not os.path.exists(os.path.join(ckpt, "run.json")):
+        raise FileNotFoundError(f"--resume: there is no run to resume in {ckpt}")
+    if os.path.exists(os.path.join(args.out, SIDECAR)) and not args.overwrite:
+        raise ValueError(f"{args.out} already holds learned concepts: pass --overwrite to "
+                         "replace them or choose another --out")
+
+
 def cmd_learn(args):
     from .em import learn_concepts
     from .estep import MaskConfig
+    from .fileio import folder_lock
     from .models import load_pipeline, native_size, to_uint8
 
     _threads(args.threads)
-    pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
-    size = native_size(pipe)
-    images = []
-    for path in args.images:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no such image: {path}")
-        img = to_uint8(path)
-        if img.shape[:2] != (size, size):
-            print(f"note: {path} is {img.shape[1]}x{img.shape[0]}; resizing to {size}x{size}")
-            img = to_uint8(img, size, resize=True)
-        images.append(img)
-    words = [w.strip() for w in args.concepts.split(",")]
-    if any(not w for w in words):
-        raise ValueError(f"--concepts {args.concepts!r} has an empty entry: give one class word "
-                         "per concept, e.g. --concepts star,heart,background")
+    words = _concept_words(args.concepts)
+    images = [to_uint8(path) for path in args.images]     # bad images: before the model load
     ckpt = os.path.join(args.out, "checkpoint")
-    if args.resume and not os.path.exists(os.path.join(ckpt, "run.json")):
-        raise FileNotFoundError(f"--resume: there is no run to resume in {ckpt}")
-    if os.path.exists(os.path.join(args.out, "em.json")) and not args.overwrite \
-            and not os.path.exists(os.path.join(ckpt, "run.json")):
-        raise ValueError(f"{args.out} already holds learned concepts: pass --overwrite to "
-                         "replace them or choose another --out")
-    concepts = learn_concepts(pipe, images, words, method=args.method, steps=args.steps,
-                              em_every=args.em_every, seed=args.seed, progress=not args.quiet,
-                              checkpoint_dir=ckpt, overwrite=args.overwrite,
-                              mask_config=MaskConfig(background_threshold=args.background_threshold))
-    if not concepts.complete:
-        raise Interrupted(f"interrupted: the run is INCOMPLETE and nothing was saved to "
-                          f"{args.out} as a result; its checkpoint is in {ckpt}: run the same "
-                          "command again to resume")
-    concepts.save(args.out)
-    fig = concepts.plot_mask_evolution()
-    fig.savefig(os.path.join(args.out, "mask_evolution.png"), dpi=100)
+    _check_learn_out(args, ckpt)
+    with folder_lock(args.out):                # one run at a time into a folder
+        pipe = load_pipeline(args.model, progress=False if args.quiet else None)
+        size = native_size(pipe)
+        for i, (path, img) in enumerate(zip(args.images, images)):
+            if img.shape[:2] != (size, size):
+                print(f"note: {path} is {img.shape[1]}x{img.shape[0]}; resizing to {size}x{size}")
+                images[i] = to_uint8(img, size, resize=True)
+        concepts = learn_concepts(pipe, images, words, method=args.method, steps=args.steps,
+                                  em_every=args.em_every, seed=args.seed,
+                                  progress=not args.quiet, checkpoint_dir=ckpt,
+                                  overwrite=args.overwrite,
+                                  mask_config=MaskConfig.for_words(
+                                      words, background_threshold=args.background_threshold))
+        if not concepts.complete:
+            raise Interrupted(f"interrupted: the run is INCOMPLETE and nothing was saved to "
+                              f"{args.out} as a result; its checkpoint is in {ckpt}: run the "
+                              "same command again to resume")
+        concepts.save(args.out)            # written whole, then switched in
+        fig = concepts.plot_mask_evolution()
+        fig.savefig(os.path.join(args.out, "mask_evolution.png"), dpi=100)
     print(f"learned {', '.join(concepts.names)} ({args.method}); saved to {args.out}")
     for w in concepts.warnings:
         print("warning:", w)
@@ -122,12 +156,10 @@ def cmd_generate(args):
 
     _threads(args.threads)
     pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
-    if not os.path.exists(os.path.join(args.concepts, "em.json")):
-        raise ValueError(f"{args.concepts} holds no learned concepts (run `conceptlab learn` "
-                         "first and pass its --out folder)")
-    concepts = LearnedConcepts.load(args.concepts, pipe)
+    concepts = LearnedConcepts.load(args.concepts)
     rows = [np.asarray(generate(pipe, concepts, p, n=args.n, seed=args.seed,
-                                guidance_scale=args.guidance, num_inference_steps=args.steps,
+                                guidance_scale=args.guidance,
+                                num_inference_steps=args.inference_steps,
                                 output_type="np")) for p in args.prompt]
     seeds = f"seeds {args.seed}-{args.seed + args.n - 1}" if args.n > 1 else f"seed {args.seed}"
     g = "" if args.guidance is None else f", guidance {args.guidance:g}"
@@ -155,7 +187,7 @@ def cmd_evaluate(args):
 
     _threads(args.threads)
     pipe = load_pipeline(args.model, progress=False)
-    concepts = LearnedConcepts.load(args.concepts, pipe)
+    concepts = LearnedConcepts.load(args.concepts)
     gt = None
     if args.example:
         if args.words:
@@ -190,6 +222,7 @@ def cmd_evaluate(args):
 def cmd_demo(args):
     """Learn the concepts of a bundled example with EM, then generate them in new prompts."""
     from .em import learn_concepts
+    from .em_callbacks import GroundTruthIoU
     from .fileio import atomic_write_json
     from .generation import generate
     from .masks import iou
@@ -204,7 +237,8 @@ def cmd_demo(args):
     os.makedirs(args.out, exist_ok=True)
     print(f"example {ex.name!r}: concepts {ex.concepts}")
     concepts = learn_concepts(pipe, ex.image, ex.init_words, method="em", steps=args.steps,
-                              seed=args.seed, progress=not args.quiet, gt_masks=ex.masks,
+                              seed=args.seed, progress=not args.quiet,
+                              callbacks=[GroundTruthIoU(ex.masks)],
                               checkpoint_dir=os.path.join(args.out, "checkpoint"),
                               overwrite=True)  # the demo always runs afresh
     if not concepts.complete:
@@ -243,11 +277,11 @@ def cmd_demo(args):
 
 
 def cmd_train_model(args):
-    from .shapes.train import TrainConfig, start_from_vae, train_model
+    from .shapes.train import ModelTrainConfig, start_from_vae, train_model
 
-    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+    kw = {f.name: getattr(args, f.name) for f in fields(ModelTrainConfig)
           if getattr(args, f.name, None) is not None}
-    cfg = TrainConfig(**kw)
+    cfg = ModelTrainConfig(**kw)  # checks every number (ValueError: exit 2, nothing written)
     if args.from_vae:
         start_from_vae(cfg, args.from_vae)
     out = train_model(cfg, progress=not args.quiet)
@@ -261,50 +295,48 @@ def cmd_make_examples(args):
     print(f"wrote {len(names)} examples: {', '.join(names)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .shapes.train import TrainConfig
+def _common(sp, out="outputs"):
+    sp.add_argument("--model", default="shapes-ldm",
+                    help="bundled model name, local diffusers folder or hub id")
+    sp.add_argument("--out", default=out, help="output folder (default: %(default)s)")
+    sp.add_argument("--seed", type=_seed, default=0)
+    sp.add_argument("--threads", type=_int_at_least(0), default=0,
+                    help="torch CPU threads (0: default)")
 
-    p = argparse.ArgumentParser(
-        prog="conceptlab",
-        description="Multi-concept personalisation of text-to-image diffusion models.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
 
-    def common(sp, out="outputs"):
-        sp.add_argument("--model", default="shapes-ldm",
-                        help="bundled model name, local diffusers folder or hub id")
-        sp.add_argument("--out", default=out, help="output folder (default: %(default)s)")
-        sp.add_argument("--seed", type=_int_at_least(0), default=0)
-        sp.add_argument("--threads", type=_int_at_least(0), default=0,
-                        help="torch CPU threads (0: default)")
-
+def _add_demo(sub):
     sp = sub.add_parser("demo", help="the main job: learn an example's concepts with EM, "
                         "write masks and generations to outputs/, print the mask IoU")
-    common(sp)
+    _common(sp)
     sp.add_argument("--example", default="striped-star-and-heart",
                     help="bundled example (data/examples)")
     sp.add_argument("--steps", type=_int_at_least(1), default=None,
-                    help="training steps (default: preset)")
+                    help="training steps in all, phases 1 and 2 (default: the preset's)")
     sp.add_argument("-n", type=_int_at_least(1), default=4, help="images per prompt")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_demo)
 
+
+def _add_sample(sub):
     sp = sub.add_parser("sample", help="write a captioned grid of generations")
-    common(sp)
+    _common(sp)
     sp.add_argument("prompt", nargs="*", help="prompts (default: a fixed set)")
     sp.add_argument("-n", type=_int_at_least(1), default=4, help="images per prompt")
-    sp.add_argument("--steps", type=_int_at_least(1), default=None,
+    sp.add_argument("--inference-steps", type=_int_at_least(1), default=None,
                     help="sampler steps (default: the model's)")
     sp.add_argument("--guidance", type=_float_in(0), default=None,
                     help="guidance scale (default: the model's)")
     sp.set_defaults(func=cmd_sample)
 
+
+def _add_learn(sub):
     sp = sub.add_parser("learn", help="learn one token (and mask) per concept from images")
     sp.add_argument("images", nargs="+", help="image files (resized to the model's size)")
     sp.add_argument("--concepts", required=True,
                     help="comma-separated class words, one per concept, e.g. shape,shape,background")
     sp.add_argument("--method", default="em", choices=["em", "fixed", "none"])
-    sp.add_argument("--steps", type=_int_at_least(1), default=None)
+    sp.add_argument("--steps", type=_int_at_least(1), default=None,
+                    help="training steps in all, phases 1 and 2 (default: the preset's)")
     sp.add_argument("--em-every", type=_int_at_least(1), default=None)
     sp.add_argument("--background-threshold", type=_float_in(0, 1), default=0.3)
     sp.add_argument("--quiet", action="store_true")
@@ -313,21 +345,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a run or result already in --out")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (an error if there is none)")
-    common(sp, out="outputs/concepts")
+    _common(sp, out="outputs/concepts")
     sp.set_defaults(func=cmd_learn)
 
+
+def _add_generate(sub):
     sp = sub.add_parser("generate", help="generate images with learned concept tokens")
     sp.add_argument("concepts", help="folder written by `conceptlab learn`")
     sp.add_argument("prompt", nargs="+", help='prompts, e.g. "a photo of [v1] next to [v2]"')
     sp.add_argument("-n", type=_int_at_least(1), default=4,
                     help="images per prompt, seeds --seed .. --seed + n - 1")
-    sp.add_argument("--steps", type=_int_at_least(1), default=None,
+    sp.add_argument("--inference-steps", type=_int_at_least(1), default=None,
                     help="sampler steps (default: the model's)")
     sp.add_argument("--guidance", type=_float_in(0), default=None,
                     help="guidance scale (default: the model's)")
-    common(sp, out="outputs")
+    _common(sp, out="outputs")
     sp.set_defaults(func=cmd_generate)
 
+
+def _add_evaluate(sub):
     sp = sub.add_parser("evaluate", help="print the paper's measures (identity, prompt "
                         "fidelity, diversity, ...) for a folder of learned concepts")
     sp.add_argument("concepts", help="folder written by `conceptlab learn` or the demo")
@@ -344,13 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", default=None, help="also write the evaluation to this file")
     sp.add_argument("--model", default="shapes-ldm",
                     help="bundled model name, local diffusers folder or hub id")
-    sp.add_argument("--seed", type=_int_at_least(0), default=0)
+    sp.add_argument("--seed", type=_seed, default=0)
     sp.add_argument("--threads", type=_int_at_least(0), default=0,
                     help="torch CPU threads (0: default)")
     sp.set_defaults(func=cmd_evaluate)
 
+
+def _add_train_model(sub):
+    from .shapes.train import ModelTrainConfig
+
     sp = sub.add_parser("train-model", help="train the bundled model from scratch (resumable)")
-    for f in fields(TrainConfig):
+    for f in fields(ModelTrainConfig):
         sp.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
                         default=None, help=f"default: {f.default}")
     sp.add_argument("--from-vae", default=None, metavar="RUN",
@@ -359,9 +399,41 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_train_model)
 
+
+def cmd_upgrade(args):
+    """Convert a result folder of conceptlab 0.1 to the standard files."""
+    from .legacy import upgrade_folder
+    from .models import load_pipeline
+
+    pipe = load_pipeline(args.model, progress=False) if args.model else None
+    result = upgrade_folder(args.folder, pipe)
+    print(f"converted {args.folder}: {', '.join(result.names)}"
+          + (f" (phase 2: {result.tokens.unet.mode})" if result.tokens.unet else ""))
+
+
+def _add_upgrade(sub):
+    sp = sub.add_parser("upgrade", help="convert a concepts folder written by conceptlab 0.1")
+    sp.add_argument("folder", help="the folder (concepts.safetensors, em.json, masks.npz)")
+    sp.add_argument("--model", default=None,
+                    help="the base model; needed when phase 2 changed the whole U-Net")
+    sp.set_defaults(func=cmd_upgrade)
+
+
+def _add_make_examples(sub):
     sp = sub.add_parser("make-examples", help="re-render the bundled example images")
     sp.add_argument("--out", default=None, help="folder (default: data/examples)")
     sp.set_defaults(func=cmd_make_examples)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="conceptlab",
+        description="Multi-concept personalisation of text-to-image diffusion models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_demo, _add_sample, _add_learn, _add_generate, _add_evaluate,
+                _add_train_model, _add_upgrade, _add_make_examples):
+        add(sub)
     return p
 
 

@@ -1,9 +1,9 @@
-"""
-Fully connected CRF (DenseCRF, Krähenbühl & Koltun, NeurIPS 2011) to snap
-attention-derived label probabilities onto the edges of the image.
+"""Fully connected CRF (DenseCRF, Krähenbühl & Koltun, NeurIPS 2011).
+
+It snaps attention-derived label probabilities onto the edges of the image.
 
 Every pixel i gets a label x_i in {0 .. L-1} (here 0 = background, k+1 =
-concept k, see conceptlab.masks). The energy is
+concept k, see `conceptlab.masks`). The energy is
 
     E(x) = sum_i psi_u(x_i) + sum_{i<j} mu(x_i, x_j) k(f_i, f_j)
 
@@ -22,27 +22,30 @@ all other pixels, weighted by kernel m.
 
 Conventions of pydensecrf (which this module mirrors exactly, apart from the
 permutohedral-lattice approximation pydensecrf uses for K_m Q):
-  * compat = w (a number) is pydensecrf's PottsCompatibility, whose matrix is
-    -w I: it *rewards* equal labels, pairwise(l) = -w (K Q)(l). Our
-    w [l != l'] gives w (sum_l' (K Q)(l') - (K Q)(l)); the two differ by a
-    per-pixel constant, which the softmax removes, so Q is identical.
-  * kernels are NORMALIZE_SYMMETRIC (pydensecrf's default): with D = diag(K 1),
-    the kernel used is D^-1/2 K D^-1/2, so a message is roughly a weighted
-    average of neighbouring beliefs and w is in nats.
-  * the self-connection is kept: K_ii = exp(0) = 1 (the lattice filter includes
-    the pixel itself). The paper's sum over j != i would set K_ii = 0; with the
-    normalisation above this only adds about w / D_ii to the current label.
+
+- compat = w (a number) is pydensecrf's PottsCompatibility, whose matrix is
+  -w I: it *rewards* equal labels, pairwise(l) = -w (K Q)(l). Our
+  w [l != l'] gives w (sum_l' (K Q)(l') - (K Q)(l)); the two differ by a
+  per-pixel constant, which the softmax removes, so Q is identical.
+- kernels are NORMALIZE_SYMMETRIC (pydensecrf's default): with D = diag(K 1),
+  the kernel used is D^-1/2 K D^-1/2, so a message is roughly a weighted
+  average of neighbouring beliefs and w is in nats.
+- the self-connection is kept: K_ii = exp(0) = 1 (the lattice filter includes
+  the pixel itself). The paper's sum over j != i would set K_ii = 0; with the
+  normalisation above this only adds about w / D_ii to the current label.
 
 Two backends:
-  "torch"      exact dense N x N kernels (N = H*W); readable, differentiable,
-               runs on GPU; fine up to 128 x 128 pixels.
-  "pydensecrf" the C++ original (pydensecrf2 package); approximate filtering
-               in O(N); any image size.
+
+- ``"torch"``: exact dense N x N kernels (N = H*W); readable, differentiable,
+  runs on GPU; fine up to 128 x 128 pixels.
+- ``"pydensecrf"``: the C++ original (pydensecrf2 package); approximate filtering
+  in O(N); any image size.
+
 They agree closely but not bit for bit: the lattice's Gaussian is ~8% wider
 than exp(-d^2 / 2 s^2) and slightly anisotropic. On the 64 x 64 test scenes
 the marginals differ by ~0.003 on average and the label maps by IoU >= 0.97.
 
-Why one module of about 400 lines: the pure-torch mean field (written out to be read) and
+Why one module of about 510 lines (almost half of it docstrings): the pure-torch mean field (written out to be read) and
 the pydensecrf backend solve the same energy and are tested against each other.
 """
 
@@ -83,7 +86,7 @@ UNARY_CLIP = 1e-5             # probabilities are clipped to this before -log (a
 
 
 def _image_uint8(image):
-    """The image as (H, W, 3) uint8 (:func:`conceptlab.models.to_uint8`, the one converter)."""
+    """The image as (H, W, 3) uint8 (`conceptlab.models.to_uint8`, the one converter)."""
     return to_uint8(image, min_side=1)
 
 
@@ -131,11 +134,17 @@ def _check_torch_size(H, W):
 
 
 def unary_from_probs(probs, clip=UNARY_CLIP):
-    """
-    Unary energy U = -log P, with P clipped to [clip, 1] so that U is finite.
+    """Unary energy U = -log P, with P clipped to [clip, 1] so that U is finite.
 
-    probs: (L, ...) float probabilities
-    Returns U of the same shape and kind (numpy / torch).
+    Args:
+        probs: (L, ...) float probabilities.
+        clip: smallest probability kept before the log.
+
+    Returns:
+        U of the same shape and kind (numpy / torch).
+
+    Raises:
+        TypeError: ``probs`` is neither a numpy array nor a torch tensor.
     """
     p, was_numpy = _masks._to_torch(probs, "probs")
     return _masks._back(-torch.log(p.clamp(clip, 1.0)), was_numpy)
@@ -155,7 +164,14 @@ def _gaussian_kernel(features):
 
 
 def symmetric_normalize(K):
-    """K (N, N) -> D^-1/2 K D^-1/2 with D = diag(K 1) (pydensecrf's NORMALIZE_SYMMETRIC)."""
+    """Symmetric kernel normalisation (pydensecrf's NORMALIZE_SYMMETRIC).
+
+    Args:
+        K: (N, N) torch kernel matrix.
+
+    Returns:
+        D^-1/2 K D^-1/2 with D = diag(K 1), (N, N).
+    """
     d = K.sum(1).rsqrt()
     return K * d[:, None] * d[None, :]
 
@@ -164,16 +180,28 @@ def pairwise_kernels(image, sxy_gaussian=DEFAULT_CRF_PARAMS["sxy_gaussian"],
                      sxy_bilateral=DEFAULT_CRF_PARAMS["sxy_bilateral"],
                      srgb=DEFAULT_CRF_PARAMS["srgb"], *, normalize=True,
                      dtype=torch.float32, device=None):
-    """
-    The two DenseCRF kernels as dense matrices over the N = H*W pixels
-    (pixel n = row-major index y * W + x, as in probs.reshape(L, N)).
+    """The two DenseCRF kernels as dense matrices over the N = H*W pixels.
+
+    Pixel n is the row-major index y * W + x, as in probs.reshape(L, N).
 
         K_gauss[i, j] = exp(-|p_i - p_j|^2 / (2 sxy_gaussian^2))
         K_bilat[i, j] = exp(-|p_i - p_j|^2 / (2 sxy_bilateral^2) - |I_i - I_j|^2 / (2 srgb^2))
 
-    image: (H, W, 3) uint8 (numpy / torch / PIL.Image)
-    normalize: apply symmetric_normalize (what mean-field uses, pydensecrf's default)
-    Returns (K_gauss, K_bilat), two (N, N) torch tensors (always torch).
+    Args:
+        image: (H, W, 3) uint8 (numpy / torch / PIL.Image); H*W <= 128*128.
+        sxy_gaussian: width in pixels of the smoothness kernel.
+        sxy_bilateral: width in pixels of the appearance kernel.
+        srgb: width in colour levels of the appearance kernel.
+        normalize: apply `symmetric_normalize` (what mean-field uses, pydensecrf's
+            default).
+        dtype: torch dtype of the kernels.
+        device: torch device of the kernels.
+
+    Returns:
+        (K_gauss, K_bilat), two (N, N) torch tensors (always torch).
+
+    Raises:
+        ValueError: the image has more than 128 x 128 pixels.
     """
     img = _image_uint8(image)
     H, W, _ = img.shape
@@ -200,20 +228,36 @@ def pairwise_kernels(image, sxy_gaussian=DEFAULT_CRF_PARAMS["sxy_gaussian"],
 
 
 def potts(w, num_labels, dtype=torch.float32, device=None):
-    """Potts compatibility mu(l, l') = w [l != l'] as an (L, L) torch matrix."""
+    """Potts compatibility mu(l, l') = w [l != l'] as an (L, L) torch matrix.
+
+    Args:
+        w: the Potts weight.
+        num_labels: the number of labels L.
+        dtype: torch dtype of the matrix.
+        device: torch device of the matrix.
+
+    Returns:
+        The (L, L) matrix: ``w`` off the diagonal, 0 on it.
+    """
     return w * (1 - torch.eye(num_labels, dtype=dtype, device=device))
 
 
 def mean_field_step(unary, Q, kernels, compats):
-    """
-    One mean-field update  Q <- softmax_l( -U - sum_m mu_m (K_m Q) ).
+    """One mean-field update  Q <- softmax_l( -U - sum_m mu_m (K_m Q) ).
 
-    unary:   (L, N) energies U = -log P   (or (L, H, W))
-    Q:       (L, N) current marginals     (same shape as unary)
-    kernels: sequence of (N, N) symmetric kernels, normalised (pairwise_kernels)
-    compats: one per kernel: a number w (Potts, mu = w [l != l']) or an (L, L)
-             compatibility matrix mu
-    Returns the new Q, same shape and kind (numpy / torch) as unary.
+    Args:
+        unary: (L, N) energies U = -log P (or (L, H, W)).
+        Q: (L, N) current marginals (same shape as unary).
+        kernels: sequence of (N, N) symmetric kernels, normalised (`pairwise_kernels`).
+        compats: one per kernel: a number w (Potts, mu = w [l != l']) or an (L, L)
+            compatibility matrix mu.
+
+    Returns:
+        The new Q, same shape and kind (numpy / torch) as unary.
+
+    Raises:
+        ValueError: ``Q`` and ``unary`` have different shapes, or ``kernels`` and
+            ``compats`` have different lengths.
     """
     U, was_numpy = _masks._to_torch(unary, "unary")
     shape = U.shape
@@ -241,15 +285,30 @@ def dense_crf_torch(image, probs, *, sxy_gaussian=DEFAULT_CRF_PARAMS["sxy_gaussi
                     srgb=DEFAULT_CRF_PARAMS["srgb"],
                     compat_bilateral=DEFAULT_CRF_PARAMS["compat_bilateral"],
                     n_iters=DEFAULT_CRF_PARAMS["n_iters"]):
-    """
-    DenseCRF mean-field inference with exact dense kernels, in torch.
+    """DenseCRF mean-field inference with exact dense kernels, in torch.
 
-    image: (H, W, 3) uint8 numpy / torch, or PIL.Image; H*W <= 128*128
-    probs: (L, H, W) float, sums to 1 over L (e.g. masks.unary_from_maps)
     A compat of 0 switches that kernel off. n_iters=0 returns softmax(-U),
     i.e. probs (after clipping at 1e-5).
-    Returns Q (L, H, W) torch float (always torch; float64 if probs is a
-    float64 tensor, else float32), on probs' device.
+
+    Args:
+        image: (H, W, 3) uint8 numpy / torch, or PIL.Image; H*W <= 128*128.
+        probs: (L, H, W) float, sums to 1 over L (e.g. `masks.unary_from_maps`).
+        sxy_gaussian: width in pixels of the smoothness kernel, > 0.
+        compat_gaussian: Potts weight of the smoothness kernel.
+        sxy_bilateral: width in pixels of the appearance kernel, > 0.
+        srgb: width in colour levels of the appearance kernel, > 0.
+        compat_bilateral: Potts weight of the appearance kernel.
+        n_iters: number of mean-field iterations, >= 0.
+
+    Returns:
+        Q (L, H, W) torch float (always torch; float64 if probs is a float64 tensor,
+            else float32), on probs' device.
+
+    Raises:
+        TypeError: ``probs`` is not float, or a compat is not a number.
+        ValueError: the image has more than 128 x 128 pixels, ``probs`` is not (L, H, W)
+            probabilities summing to 1 at the image's size, or a width or ``n_iters`` is
+            out of range.
     """
     img = _image_uint8(image)
     _check_torch_size(*img.shape[:2])
@@ -280,11 +339,28 @@ def dense_crf_pydensecrf(image, probs, *, sxy_gaussian=DEFAULT_CRF_PARAMS["sxy_g
                          srgb=DEFAULT_CRF_PARAMS["srgb"],
                          compat_bilateral=DEFAULT_CRF_PARAMS["compat_bilateral"],
                          n_iters=DEFAULT_CRF_PARAMS["n_iters"]):
-    """
-    The same inference with pydensecrf's DenseCRF2D (C++, permutohedral lattice).
+    """The same inference with pydensecrf's DenseCRF2D (C++, permutohedral lattice).
 
-    Same arguments as dense_crf_torch, any image size.
-    Returns Q (L, H, W) float32 numpy (always numpy).
+    Same arguments as `dense_crf_torch`, any image size.
+
+    Args:
+        image: (H, W, 3) uint8 numpy / torch, or PIL.Image.
+        probs: (L, H, W) float, sums to 1 over L (e.g. `masks.unary_from_maps`).
+        sxy_gaussian: width in pixels of the smoothness kernel, > 0.
+        compat_gaussian: Potts weight of the smoothness kernel.
+        sxy_bilateral: width in pixels of the appearance kernel, > 0.
+        srgb: width in colour levels of the appearance kernel, > 0.
+        compat_bilateral: Potts weight of the appearance kernel.
+        n_iters: number of mean-field iterations, >= 0.
+
+    Returns:
+        Q (L, H, W) float32 numpy (always numpy).
+
+    Raises:
+        ImportError: pydensecrf (the pydensecrf2 package) is not installed.
+        TypeError: ``probs`` is not float, or a compat is not a number.
+        ValueError: ``probs`` is not (L, H, W) probabilities summing to 1 at the image's
+            size, or a width or ``n_iters`` is out of range.
     """
     dcrf = _import_pydensecrf()
     img = _image_uint8(image)
@@ -315,9 +391,18 @@ def _import_pydensecrf():
 
 
 def crf_backend(backend="auto"):
-    """
-    Resolves a backend name: "auto" -> "pydensecrf" if it can be imported,
-    else "torch". "torch" / "pydensecrf" are checked and returned as is.
+    """Resolves a backend name.
+
+    Args:
+        backend: ``"auto"`` (``"pydensecrf"`` if it can be imported, else ``"torch"``),
+            ``"torch"`` or ``"pydensecrf"``; the last two are checked and returned as is.
+
+    Returns:
+        ``"torch"`` or ``"pydensecrf"``.
+
+    Raises:
+        ImportError: ``backend="pydensecrf"`` and pydensecrf cannot be imported.
+        ValueError: ``backend`` is not one of the three names.
     """
     if backend == "auto":
         try:
@@ -339,11 +424,13 @@ def crf_backend(backend="auto"):
 
 @dataclass
 class CRFResult:
-    """
-    probs:   (L, H, W) refined marginals Q, same kind (numpy / torch) and float
-             dtype as the probs given to dense_crf
-    labels:  (H, W) int64 argmax of probs, 0 = background, k+1 = concept k
-    backend: "torch" or "pydensecrf", the one that actually ran
+    """What `dense_crf` returns.
+
+    Attributes:
+        probs: (L, H, W) refined marginals Q, same kind (numpy / torch) and float dtype as
+            the probs given to `dense_crf`.
+        labels: (H, W) int64 argmax of probs, 0 = background, k+1 = concept k.
+        backend: "torch" or "pydensecrf", the one that actually ran.
     """
     probs: Any
     labels: Any
@@ -351,16 +438,24 @@ class CRFResult:
 
 
 def dense_crf(image, probs, *, backend="auto", **params):
-    """
-    Refines label probabilities with a DenseCRF.
+    """Refines label probabilities with a DenseCRF.
 
-    image: (H, W, 3) uint8 numpy / torch, or PIL.Image
-    probs: (L, H, W) float, sums to 1 over L; channel 0 = background when
-           built by masks.unary_from_maps
-    backend: "auto" (pydensecrf if installed, else torch), "torch", "pydensecrf"
-    params: sxy_gaussian, compat_gaussian, sxy_bilateral, srgb,
-            compat_bilateral, n_iters (defaults: DEFAULT_CRF_PARAMS)
-    Returns CRFResult(probs, labels, backend).
+    Args:
+        image: (H, W, 3) uint8 numpy / torch, or PIL.Image.
+        probs: (L, H, W) float, sums to 1 over L; channel 0 = background when built by
+            `masks.unary_from_maps`.
+        backend: "auto" (pydensecrf if installed, else torch), "torch", "pydensecrf".
+        **params: sxy_gaussian, compat_gaussian, sxy_bilateral, srgb, compat_bilateral,
+            n_iters (defaults: `DEFAULT_CRF_PARAMS`).
+
+    Returns:
+        `CRFResult` (probs, labels, backend).
+
+    Raises:
+        TypeError: an unknown CRF parameter, or as for `dense_crf_torch`.
+        ImportError: ``backend="pydensecrf"`` and pydensecrf cannot be imported.
+        ValueError: an unknown backend, or as for `dense_crf_torch` /
+            `dense_crf_pydensecrf`.
     """
     unknown = set(params) - set(DEFAULT_CRF_PARAMS)
     if unknown:
@@ -378,19 +473,28 @@ def dense_crf(image, probs, *, backend="auto", **params):
 
 def refine_masks(image, maps, *, kind="maps", background_threshold=0.3, temperature=0.1,
                  backend="auto", **params):
-    """
-    Attention maps (or label probabilities) -> K disjoint, edge-aligned bool masks.
+    """Attention maps (or label probabilities) -> K disjoint, edge-aligned bool masks.
 
-    image: (H, W, 3) uint8 numpy / torch, or PIL.Image
-    maps:  kind="maps":  (K, h, w) non-negative concept attention maps; they
-                         are turned into probabilities with
-                         masks.unary_from_maps(maps, background_threshold,
-                         temperature) and, if (h, w) != (H, W), upsampled
-                         bilinearly (masks.resize_map) to the image size.
-           kind="probs": (K+1, H, W) label probabilities, channel 0 = background.
-    backend, params: as for dense_crf.
-    Returns masks (K, H, W) bool with masks[k] = (labels == k + 1), the same
-    label convention as masks.assign_labels; same kind as `maps`.
+    Args:
+        image: (H, W, 3) uint8 numpy / torch, or PIL.Image.
+        maps: with ``kind="maps"``, (K, h, w) non-negative concept attention maps; they
+            are upsampled bilinearly (`masks.resize_map`) to the image size if
+            (h, w) != (H, W) and turned into probabilities with
+            ``masks.unary_from_maps(maps, background_threshold, temperature)``. With
+            ``kind="probs"``, (K+1, H, W) label probabilities, channel 0 = background.
+        kind: ``"maps"`` or ``"probs"``, what ``maps`` holds.
+        background_threshold: for ``kind="maps"``, as for `masks.unary_from_maps`.
+        temperature: for ``kind="maps"``, as for `masks.unary_from_maps`.
+        backend: as for `dense_crf`.
+        **params: as for `dense_crf`.
+
+    Returns:
+        Masks (K, H, W) bool with masks[k] = (labels == k + 1), the same label convention
+            as `masks.assign_labels`; same kind as `maps`.
+
+    Raises:
+        ValueError: ``kind`` is unknown, ``maps`` is not (K, h, w) for ``kind="maps"``,
+            or as for `dense_crf`.
     """
     img = _image_uint8(image)
     m, was_numpy = _masks._to_torch(maps, "maps")

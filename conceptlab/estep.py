@@ -1,6 +1,6 @@
 """The E-step: masks of the concepts in an image, from their tokens' cross-attention.
 
-    est = estimate_masks(pipe, image, ["[v1]", "[v2]", "[v3]"], background=2)
+    est = estimate_masks(pipe, image, ["[v1]", "[v2]", "[v3]"], background=2, concepts=learned)
     est.masks          # (K, H, W) bool, disjoint
     est.maps           # (K, h, w) the timestep-averaged attention they came from
 
@@ -108,9 +108,6 @@ class MaskConfig:
     # that holds two or more (the region where its own score is highest): no token is left
     # without a region while another holds two objects (``fill_empty_concepts``)
     fill_empty: bool = False
-    # EM's guard (``assignment_error``): new masks are kept only if the concepts' own
-    # prompts explain the image's pixels under them no worse than under the previous masks
-    guard: bool = False
 
     def __post_init__(self):
         if not isinstance(self.n_timesteps, int) or self.n_timesteps < 1:
@@ -131,6 +128,26 @@ class MaskConfig:
             raise ValueError(f"unknown crf_params {unknown}; the keys are "
                              f"{sorted(_crf.DEFAULT_CRF_PARAMS)}")
 
+    @classmethod
+    def for_words(cls, init_words, **changes) -> MaskConfig:
+        """The E-step's defaults for how the tokens start.
+
+        When the object tokens start equal (one repeated word or random rows: the paper's
+        setting; :func:`conceptlab.train.config.tokens_start_equal`) the maps compete by
+        the "centered" rule, where "max" lets the broadest map take every pixel, and the
+        CRF's unaries are softer (temperature 0.3): the setting measured best there
+        (``docs/results.md``). Class words keep "max" and temperature 0.1.
+
+        Args:
+            init_words: one word (or None) per concept.
+            **changes: fields to set explicitly; they win over the defaults.
+        """
+        from .train.config import tokens_start_equal
+
+        if tokens_start_equal(init_words, changes.get("background_word") or "background"):
+            changes = {"competition": "centered", "temperature": 0.3, **changes}
+        return cls(**changes)
+
     def replace(self, **changes) -> MaskConfig:
         """A copy with ``changes`` (an unknown field is a TypeError)."""
         import dataclasses
@@ -149,18 +166,33 @@ class MaskEstimate:
 
 def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
                    config: MaskConfig | None = None, seed: int = 0,
-                   background: int | None = None, resize: bool = False) -> MaskEstimate:
+                   background: int | None = None, resize: bool = False,
+                   concepts=None) -> MaskEstimate:
     """E-step for one image: masks of the concepts whose tokens are ``tokens``.
 
-    image       a path, PIL image, (H, W, 3) array or tensor at the pipeline's native size
-                (another size: an error, or resized with a warning if ``resize=True``)
-    tokens      the concept tokens present in the image, e.g. ["[v1]", "[v2]"]
-    prompt      default: "a photo of [v1] and [v2]"
-    background  index (into ``tokens``) of the concept that is the image's background: the
-                other concepts are assigned (and CRF-refined) against the background
-                channel, and this concept gets what that channel keeps. None: every
-                concept is assigned from its own map, unclaimed pixels belong to no one.
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        image: a path, PIL image, (H, W, 3) array or tensor at the pipeline's native size
+            (another size: an error, or resized with a warning if ``resize=True``).
+        tokens: the concept tokens shown in the image, e.g. ``["[v1]", "[v2]"]``.
+        prompt: default ``"a photo of [v1] and [v2]"``.
+        config: the E-step's settings (default ``MaskConfig()``).
+        seed: seeds the timesteps and noise of the attention maps.
+        background: index (into ``tokens``) of the concept that is the image's background:
+            the other concepts are assigned (and CRF-refined) against the background
+            channel, and this one gets what that channel keeps. None: every concept is
+            assigned from its own map, and unclaimed pixels belong to no one.
+        resize: resize an image of another size instead of refusing it.
+        concepts: learned concepts (ConceptTokens, LearnedConcepts) applied for this call
+            only, so that ``tokens`` may name theirs.
+
+    Returns:
+        MaskEstimate: the masks, the maps they came from, the masks before the CRF.
     """
+    if concepts is not None:
+        with getattr(concepts, "tokens", concepts).applied(pipe):
+            return estimate_masks(pipe, image, tokens, prompt=prompt, config=config, seed=seed,
+                                  background=background, resize=resize)
     cfg = config or MaskConfig()
     if isinstance(tokens, str) or not tokens:
         raise ValueError(f"tokens must be a non-empty list of concept tokens, got {tokens!r}")
@@ -208,54 +240,6 @@ def estimate_masks(pipe, image, tokens: list[str], *, prompt: str | None = None,
     return MaskEstimate(refined, maps.numpy(), hard, prompt, backend)
 
 
-@torch.no_grad()
-def concept_errors(pipe, image, tokens: list[str], *, n_timesteps: int = 8,
-                   seed: int = 0) -> torch.Tensor:
-    """(K, h, w): for each token k, the squared error of "a photo of [vk]"'s prediction
-    of the diffusion target of ``n_timesteps`` noised copies of the image (the same t and
-    noise for every token), per latent pixel, averaged over channels and copies."""
-    from diffusers import DDPMScheduler
-
-    from .models import encode_image, encode_prompt
-    from .train.trainer import diffusion_target
-
-    z0 = encode_image(pipe, image).float()
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    g = torch.Generator().manual_seed(seed)
-    n_train = sched.config.num_train_timesteps
-    t = torch.linspace(0, n_train - 1, n_timesteps + 2)[1:-1].round().long()
-    noise = torch.randn((n_timesteps, *z0.shape[1:]), generator=g)
-    z0n = z0.expand(n_timesteps, -1, -1, -1).to(noise)
-    zt = sched.add_noise(z0n, noise, t)
-    target = diffusion_target(sched, z0n, noise, t)
-    unet = pipe.unet
-    emb = encode_prompt(pipe, [f"a photo of {tok}" for tok in tokens])       # (K, T, D)
-    errs = []
-    for k in range(len(tokens)):
-        e = emb[k:k + 1].expand(n_timesteps, -1, -1).to(unet.dtype)
-        pred = unet(zt.to(unet.device, unet.dtype), t.to(unet.device), e).sample.float().cpu()
-        errs.append(((pred - target) ** 2).mean((0, 1)))                   # (h, w)
-    return torch.stack(errs)
-
-
-def assignment_error(pipe, image, tokens: list[str], masks, *, n_timesteps: int = 8,
-                     seed: int = 0, errors: torch.Tensor | None = None) -> float:
-    """How well each concept's own prompt explains the pixels its mask gives it.
-
-    With ``err_k(p)`` from :func:`concept_errors` (pass ``errors`` to score several mask
-    sets of one image without recomputing them), returns
-    ``sum_k sum_p M_k(p) err_k(p) / sum_p sum_k M_k(p)`` with the masks area-downsampled to
-    the latent grid: the masked diffusion loss of the M-step, read as a function of the
-    masks. Lower is better; EM's guard (``MaskConfig.guard``) keeps an E-step's masks only
-    if this does not rise (hard EM: the M-step lowers it for fixed masks, so the loop is
-    then monotone in it)."""
-    err = errors if errors is not None else concept_errors(
-        pipe, image, tokens, n_timesteps=n_timesteps, seed=seed)
-    m = torch.as_tensor(np.asarray(masks, np.float32))[None]
-    w = torch.nn.functional.adaptive_avg_pool2d(m, err.shape[-2:])[0]       # (K, h, w)
-    return float((w * err).sum() / w.sum().clamp_min(1e-8))
-
-
 def check_masks(new, old, names, step, warn_list, cfg: MaskConfig):
     """Keep the previous mask of a concept whose new mask is empty or covers everything."""
     out = new.copy()
@@ -271,6 +255,52 @@ def check_masks(new, old, names, step, warn_list, cfg: MaskConfig):
             if old is not None:
                 out[k] = old[k]
     return out
+
+
+def estimate_all_masks(pipe, images, tokens, words, config: MaskConfig, *, step: int,
+                       previous=None, seed: int = 0, warn_list=None) -> list[np.ndarray]:
+    """EM's E-step over every image: masks from the current tokens' attention.
+
+    Args:
+        pipe: a pipeline with the concept tokens applied.
+        images: (H, W, 3) uint8 arrays.
+        tokens: per image, the concept tokens it shows.
+        words: per image, their init words (the background concept is found by its word).
+        config: the E-step's settings.
+        step: the training step (it seeds the noise: ``seed + 1000 * step + i``).
+        previous: the masks so far; an empty or full new mask keeps its previous one
+            (:func:`check_masks`). At the first E-step (None) such a mask is the
+            attention above its mean instead.
+        seed: the run's seed.
+        warn_list: a list that collects the warnings.
+
+    Returns:
+        Per image, (K_i, H, W) bool masks.
+    """
+    warn_list = [] if warn_list is None else warn_list
+    out = []
+    for i, img in enumerate(images):
+        bg = background_index(words[i], config.background_word)
+        est = estimate_masks(pipe, img, tokens[i], config=config, seed=seed + 1000 * step + i,
+                             background=bg)
+        m = check_masks(est.masks, None if previous is None else previous[i], tokens[i], step,
+                        warn_list, config)
+        area = m.reshape(len(m), -1).mean(1)
+        bad = (area < config.min_fraction) | (area > config.max_fraction)
+        if previous is None and bad.any():  # nothing to keep: each map above its mean
+            m = np.where(bad[:, None, None], fallback_masks(est, *img.shape[:2]), m)
+        out.append(m)
+    return out
+
+
+def e_step_schedule(total: int, em_every: int | None, method: str) -> list[int]:
+    """Steps at which the masks are (re-)estimated: every ``em_every`` steps (default: a
+    quarter of ``total``) for "em", and once at step 0 for "fixed". EM also does one at
+    ``total``."""
+    if method != "em":
+        return [0]
+    every = em_every or max(1, total // 4)
+    return list(range(0, total, every))
 
 
 def fallback_masks(est: MaskEstimate, H, W):
@@ -291,31 +321,13 @@ def background_index(words, background_word: str | None = "background") -> int |
     return hits[0] if len(hits) == 1 else None
 
 
-def evaluate_masks(pipe, concepts, gt_masks, *, mask_config: MaskConfig | None = None,
-                   seed: int = 0) -> list[float]:
-    """IoU per concept of masks re-estimated from the CURRENT tokens' attention (whatever
-    masks were used for training): how well the learned tokens localise their concepts."""
-    gt = gt_masks if isinstance(gt_masks, (list, tuple)) else [gt_masks]
-    K = len(concepts.names)
-    ious, count = np.zeros(K), np.zeros(K)
-    for i, img in enumerate(concepts.images):
-        cs = concepts.concept_ids[i]
-        bg = background_index([concepts.tokens.init_words[c] for c in cs],
-                              (mask_config or MaskConfig()).background_word)
-        est = estimate_masks(pipe, img, [concepts.names[c] for c in cs],
-                             config=mask_config, seed=seed + i, background=bg)
-        for j, c in enumerate(concepts.concept_ids[i]):
-            ious[c] += float(_masks.iou(est.masks[j], np.asarray(gt[i][j], bool)))
-            count[c] += 1
-    return (ious / np.maximum(count, 1)).tolist()
-
-
 __all__ = [
     "MaskConfig",
     "MaskEstimate",
     "background_index",
     "check_masks",
+    "e_step_schedule",
+    "estimate_all_masks",
     "estimate_masks",
-    "evaluate_masks",
     "fallback_masks",
 ]

@@ -12,12 +12,12 @@ The paper (and Break-a-Scene) judge generations by three numbers:
 
 Two judges give them behind the same calls:
 
-- :class:`ShapesJudge` (offline, the default): the shapes world's judge
-  (:mod:`conceptlab.shapes.judge`) and pattern reader (:mod:`conceptlab.shapes.identity`).
+- `ShapesJudge` (offline, the default): the shapes world's judge
+  (`conceptlab.shapes.judge`) and pattern reader (`conceptlab.shapes.identity`).
   It can also say whether a concept is *present* (its colour and shape, by the judge's
   pair head), whether it shows all its attributes (colour AND shape AND pattern), and
   where it is (for "[v2] above [v1]").
-- :class:`ClipJudge` (a local CLIP folder, e.g. ``openai/clip-vit-base-patch32`` saved with
+- `ClipJudge` (a local CLIP folder, e.g. ``openai/clip-vit-base-patch32`` saved with
   ``save_pretrained``): ``transformers.CLIPModel`` image and text embeddings. It has no
   attributes: ``present`` and friends return None and the table leaves them blank.
 
@@ -31,9 +31,9 @@ over positions and two depths, no learned weights).
     ev["summary"]  # {'concept_fidelity': .., 'identity': .., 'prompt_fidelity': .., ...}
 
 Every sample uses ``torch.Generator("cpu").manual_seed(seed + i)`` (see
-:func:`conceptlab.generation.generate`), so an evaluation repeats exactly.
+`conceptlab.generation.generate`), so an evaluation repeats exactly.
 
-Why one module of about 580 lines: everything here serves one call, ``evaluate``: the
+Why one module of about 840 lines (almost half of it docstrings): everything here serves one call, ``evaluate``: the
 concept specs it reads, the prompts it generates, the two judges behind its measures (they
 must keep one interface, so they live side by side) and the tables of its results.
 """
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .generation import concept_tokens_in, ensure_concepts, generate
+from .generation import concept_sets, concept_tokens_in, generate
 from .masks import iou
 from .shapes import world
 from .shapes.judge import as_uint8_batch
@@ -61,14 +61,15 @@ RELATIONS = ("above", "below", "left of", "right of", "next to")
 class ConceptSpec:
     """What a judge needs to know about one learned concept.
 
-    name      its token, e.g. "[v1]"
-    words     its class words WITH the article, e.g. "a blue striped star" or
-              "a dotted background": what the token stands for in a prompt
-    image     (H, W, 3) uint8, the source image it was learned from
-    mask      (H, W) bool, its true region in that image (for identity: the source,
-              masked; never used for learning)
-    attributes  for the shapes judge: {"colour", "shape", "pattern"} of an object, or
-              {"background": name} of a background; empty for other worlds
+    Attributes:
+        name: its token, e.g. "[v1]".
+        words: its class words WITH the article, e.g. "a blue striped star" or
+            "a dotted background": what the token stands for in a prompt.
+        image: (H, W, 3) uint8, the source image it was learned from.
+        mask: (H, W) bool, its true region in that image (for identity: the source,
+            masked; never used for learning).
+        attributes: for the shapes judge: {"colour", "shape", "pattern"} of an object, or
+            {"background": name} of a background; empty for other worlds.
     """
     name: str
     words: str
@@ -78,6 +79,7 @@ class ConceptSpec:
 
     @property
     def is_background(self) -> bool:
+        """Whether the concept is a background (by its attributes or its words)."""
         return "background" in self.attributes or self.words.endswith(" background")
 
 
@@ -86,8 +88,22 @@ def _article(noun: str) -> str:
 
 
 def concept_specs(image, masks, objects, background: str, names) -> list[ConceptSpec]:
-    """Specs for a shapes-world image: ``objects`` (world.ShapeObject, one per object
-    mask) then, if ``names`` is one longer, the background as the last concept."""
+    """Specs for a shapes-world image: its objects, then possibly its background.
+
+    Args:
+        image: (H, W, 3) uint8, the source image.
+        masks: (K, H, W) bool, one true mask per concept (objects, then the background).
+        objects: the image's ``world.ShapeObject``, one per object mask.
+        background: the image's background name.
+        names: the concept tokens: one per object and, if one longer, the background's as
+            the last concept.
+
+    Returns:
+        One `ConceptSpec` per name.
+
+    Raises:
+        ValueError: ``names`` does not fit ``objects``, or ``masks`` does not fit ``names``.
+    """
     masks = np.asarray(masks, bool)
     objects = list(objects)
     names = list(names)
@@ -106,7 +122,18 @@ def concept_specs(image, masks, objects, background: str, names) -> list[Concept
 
 
 def concept_specs_of_example(example, names) -> list[ConceptSpec]:
-    """Specs for a bundled example (:func:`conceptlab.shapes.examples.load_example`)."""
+    """Specs for a bundled example (`conceptlab.shapes.examples.load_example`).
+
+    Args:
+        example: a loaded example.
+        names: the concept tokens, as for `concept_specs`.
+
+    Returns:
+        One `ConceptSpec` per name.
+
+    Raises:
+        ValueError: as for `concept_specs`.
+    """
     from .shapes.examples import example_spec
 
     sc = example_spec(example.name)
@@ -114,9 +141,16 @@ def concept_specs_of_example(example, names) -> list[ConceptSpec]:
 
 
 def attributes_of(words: str) -> dict:
-    """What the shapes judge can read from class words: "a blue striped star" ->
-    {"colour": "blue", "pattern": "striped", "shape": "star"}; "a dotted background" ->
-    {"background": "dotted"}; {} when the words name no colour-and-shape or background."""
+    """What the shapes judge can read from class words.
+
+    Args:
+        words: class words, e.g. "a blue striped star" or "a dotted background".
+
+    Returns:
+        ``{"colour": "blue", "pattern": "striped", "shape": "star"}`` for "a blue striped
+            star"; ``{"background": "dotted"}`` for "a dotted background"; ``{}`` when the
+            words name no colour-and-shape or background.
+    """
     m = re.search(r"\b(\w+) background\b", words)
     if m and m.group(1) in world.BACKGROUNDS:
         return {"background": m.group(1)}
@@ -128,10 +162,23 @@ def attributes_of(words: str) -> dict:
 
 
 def specs_from_result(result, words=None, image: int = 0) -> list[ConceptSpec]:
-    """Specs for the concepts of ``result`` (a LearnedConcepts) shown in image ``image``,
-    with its LEARNED masks as the sources' masks (no ground truth needed). ``words``: the
-    class words per concept of that image ("a blue striped star", "a dotted background");
-    default: the init words ("star" -> "a star"; the shapes judge then reads no colour)."""
+    """Specs for the concepts of ``result`` shown in image ``image``.
+
+    The LEARNED masks serve as the sources' masks (no ground truth needed).
+
+    Args:
+        result: a LearnedConcepts.
+        words: the class words per concept of that image ("a blue striped star", "a
+            dotted background"); default: the init words ("star" -> "a star"; the shapes
+            judge then reads no colour).
+        image: index of the image.
+
+    Returns:
+        One `ConceptSpec` per concept of the image.
+
+    Raises:
+        ValueError: ``words`` does not give one entry per concept of the image.
+    """
     ids = result.concept_ids[image]
     names = [result.names[k] for k in ids]
     words = list(words) if words is not None else [
@@ -144,9 +191,20 @@ def specs_from_result(result, words=None, image: int = 0) -> list[ConceptSpec]:
 
 
 def class_prompt(prompt: str, specs) -> str:
-    """The prompt with each learned token replaced by its class words:
+    """The prompt with each learned token replaced by its class words.
+
     "a photo of [v1] on [v3]" -> "a photo of a blue striped star on a dotted background".
-    A token not in ``specs`` is an error."""
+
+    Args:
+        prompt: a prompt with learned tokens.
+        specs: `ConceptSpec` of the tokens.
+
+    Returns:
+        The class-word prompt, whitespace collapsed.
+
+    Raises:
+        ValueError: a token of the prompt is not in ``specs``.
+    """
     by_name = {s.name: s for s in specs}
     out = prompt
     for tok in concept_tokens_in(prompt):
@@ -157,8 +215,14 @@ def class_prompt(prompt: str, specs) -> str:
 
 
 def objects_named(prompt: str) -> list[tuple[str, str]]:
-    """The (colour, shape) pairs a shapes-world prompt names: "a red star and a blue
-    striped heart" -> [("red", "star"), ("blue", "heart")]."""
+    """The (colour, shape) pairs a shapes-world prompt names.
+
+    Args:
+        prompt: e.g. "a red star and a blue striped heart".
+
+    Returns:
+        The pairs in order, e.g. ``[("red", "star"), ("blue", "heart")]``.
+    """
     colours = "|".join(world.COLOURS)
     shapes = "|".join(world.SHAPES)
     pats = "|".join(p for p in world.PATTERNS if p != "solid")
@@ -168,7 +232,12 @@ def objects_named(prompt: str) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- judges
 class ShapesJudge:
-    """The offline judge of the shapes world (see the module doc)."""
+    """The offline judge of the shapes world (see the module doc).
+
+    Args:
+        classifier: the shapes judge's classifier (default: ``load_classifier()``).
+        pattern_net: the pattern reader (default: ``load_pattern_net()``).
+    """
 
     name = "shapes"
 
@@ -181,9 +250,18 @@ class ShapesJudge:
 
     # the paper's three measures --------------------------------------------------------
     def identity(self, spec: ConceptSpec, images) -> np.ndarray:
-        """(N,) identity similarity of the main object of each image with the masked
-        source (:func:`conceptlab.shapes.identity.identity_similarity`); for a background
-        concept, 1.0 where the image shows that background, else 0.0."""
+        """Identity similarity of the main object of each image with the masked source.
+
+        See `conceptlab.shapes.identity.identity_similarity`.
+
+        Args:
+            spec: the concept.
+            images: N generated images.
+
+        Returns:
+            (N,) similarities; for a background concept, 1.0 where the image shows that
+                background, else 0.0 (NaN when the spec has no attributes).
+        """
         from .shapes.identity import identity_similarity
         from .shapes.judge import judge_background
 
@@ -196,8 +274,18 @@ class ShapesJudge:
                                    judge_model=self.clf)
 
     def prompt_fidelity(self, images, prompt: str) -> np.ndarray:
-        """(N,) fraction of what the class-word prompt names that each image shows: each
-        named (colour, shape) by the judge's pair head, and the named background."""
+        """Fraction of what the class-word prompt names that each image shows.
+
+        Each named (colour, shape) is checked by the judge's pair head, and the named
+        background too.
+
+        Args:
+            images: N generated images.
+            prompt: the class-word prompt.
+
+        Returns:
+            (N,) fractions (NaN when the prompt names nothing this judge can check).
+        """
         from .shapes.judge import judge, judge_background, named_background
 
         images = as_uint8_batch(images)
@@ -215,9 +303,20 @@ class ShapesJudge:
 
     @torch.no_grad()
     def diversity(self, images) -> float:
-        """Mean pairwise LPIPS-style distance on the judge's feature maps (16x16 and
-        8x8: each position's channels unit-normalised, squared difference summed over
-        channels, averaged over positions and the two depths); 0 = identical images."""
+        """Mean pairwise LPIPS-style distance on the judge's feature maps.
+
+        On the 16x16 and 8x8 maps: each position's channels unit-normalised, squared
+        difference summed over channels, averaged over positions and the two depths.
+
+        Args:
+            images: N >= 2 generated images of one prompt.
+
+        Returns:
+            The mean distance; 0 = identical images.
+
+        Raises:
+            ValueError: fewer than 2 images.
+        """
         from .shapes.judge import to_tensor
 
         images = as_uint8_batch(images)
@@ -250,8 +349,17 @@ class ShapesJudge:
                                    self.clf)
 
     def concept_fidelity(self, spec: ConceptSpec, images) -> np.ndarray:
-        """(N,) bool: the image shows the concept's colour AND shape AND pattern (objects),
-        or its background (backgrounds)."""
+        """Whether each image shows the whole concept.
+
+        Args:
+            spec: the concept.
+            images: N generated images.
+
+        Returns:
+            (N,) bool: the image shows the concept's colour AND shape AND pattern
+                (objects), or its background (backgrounds); None when the spec has no
+                attributes this judge can check.
+        """
         from .shapes.identity import read_pattern
 
         images, bg, rec = self._judged(spec, images)
@@ -262,15 +370,34 @@ class ShapesJudge:
                          for r, p in zip(rec, pat)])
 
     def present(self, spec: ConceptSpec, images) -> np.ndarray:
-        """(N,) bool: the concept is in the image (objects: the pair head sees its
-        colour-and-shape; backgrounds: the background is shown)."""
+        """Whether the concept is in each image.
+
+        Args:
+            spec: the concept.
+            images: N generated images.
+
+        Returns:
+            (N,) bool (objects: the pair head sees its colour-and-shape; backgrounds: the
+                background is shown); None when the spec has no attributes this judge can
+                check.
+        """
         _, bg, rec = self._judged(spec, images)
         return bg if rec is None else np.array([r["both_ok"] for r in rec])
 
     def position(self, spec: ConceptSpec, images, min_pixels: int = 12) -> list:
-        """Per image, the (y, x) centroid (fractions of the image) of the pixels nearest to
-        the object's colour among the world's colours and within 60 RGB of it, or None
-        where fewer than ``min_pixels`` such pixels are found."""
+        """Where the object is in each image.
+
+        Args:
+            spec: the concept (an object with a colour).
+            images: N generated images.
+            min_pixels: fewest pixels of the object's colour for a position.
+
+        Returns:
+            Per image, the (y, x) centroid (fractions of the image) of the pixels nearest
+                to the object's colour among the world's colours and within 60 RGB of it,
+                or None where fewer than ``min_pixels`` such pixels are found; None
+                (instead of a list) when the spec has no colour.
+        """
         images = as_uint8_batch(images)
         if "colour" not in spec.attributes:
             return None
@@ -290,8 +417,17 @@ class ShapesJudge:
 
 
 class ClipJudge:
-    """CLIP-I, CLIP-T and an embedding-distance diversity from a LOCAL CLIP folder
-    (``transformers.CLIPModel`` + ``CLIPProcessor``; nothing is downloaded)."""
+    """CLIP-I, CLIP-T and an embedding-distance diversity from a LOCAL CLIP folder.
+
+    Uses ``transformers.CLIPModel`` + ``CLIPProcessor``; nothing is downloaded.
+
+    Args:
+        folder: a folder saved with ``save_pretrained`` (model and processor).
+        device: torch device of the model.
+
+    Raises:
+        ValueError: ``folder`` has no ``config.json``.
+    """
 
     name = "clip"
 
@@ -310,29 +446,71 @@ class ClipJudge:
 
     @torch.no_grad()
     def image_embeddings(self, images) -> torch.Tensor:
+        """Unit-normalised CLIP image embeddings.
+
+        Args:
+            images: N images.
+
+        Returns:
+            (N, D) float tensor on the CPU.
+        """
         x = self.processor(images=list(as_uint8_batch(images)), return_tensors="pt")
         e = self.model.get_image_features(pixel_values=x["pixel_values"].to(self.device))
         return F.normalize(_tensor(e).float(), dim=-1).cpu()
 
     @torch.no_grad()
     def text_embeddings(self, texts) -> torch.Tensor:
+        """Unit-normalised CLIP text embeddings.
+
+        Args:
+            texts: N strings.
+
+        Returns:
+            (N, D) float tensor on the CPU.
+        """
         x = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
         e = self.model.get_text_features(**{k: v.to(self.device) for k, v in x.items()})
         return F.normalize(_tensor(e).float(), dim=-1).cpu()
 
     def identity(self, spec: ConceptSpec, images) -> np.ndarray:
-        """CLIP-I: cosine of each image with the source, non-concept pixels black."""
+        """CLIP-I: cosine of each image with the source, non-concept pixels black.
+
+        Args:
+            spec: the concept.
+            images: N generated images.
+
+        Returns:
+            (N,) cosines.
+        """
         src = (spec.image * np.asarray(spec.mask, bool)[..., None]).astype(np.uint8)
         ref = self.image_embeddings([src])[0]
         return (self.image_embeddings(images) @ ref).numpy()
 
     def prompt_fidelity(self, images, prompt: str) -> np.ndarray:
-        """CLIP-T: cosine of each image with the class-word prompt."""
+        """CLIP-T: cosine of each image with the class-word prompt.
+
+        Args:
+            images: N generated images.
+            prompt: the class-word prompt.
+
+        Returns:
+            (N,) cosines.
+        """
         t = self.text_embeddings([prompt])[0]
         return (self.image_embeddings(images) @ t).numpy()
 
     def diversity(self, images) -> float:
-        """Mean pairwise 1 - cosine of the image embeddings."""
+        """Mean pairwise 1 - cosine of the image embeddings.
+
+        Args:
+            images: N >= 2 generated images of one prompt.
+
+        Returns:
+            The mean distance.
+
+        Raises:
+            ValueError: fewer than 2 images.
+        """
         e = self.image_embeddings(images)
         if len(e) < 2:
             raise ValueError("diversity needs at least 2 images of one prompt")
@@ -341,13 +519,31 @@ class ClipJudge:
         return float((1 - s[iu[0], iu[1]]).mean())
 
     def concept_fidelity(self, spec, images):
-        return None
+        """CLIP reads no attributes: always None (the table leaves it blank).
+
+        Args:
+            spec: the concept.
+            images: generated images.
+        """
+        return None  # noqa: RET501 (the interface: None means "cannot say")
 
     def present(self, spec, images):
-        return None
+        """CLIP reads no attributes: always None (the table leaves it blank).
+
+        Args:
+            spec: the concept.
+            images: generated images.
+        """
+        return None  # noqa: RET501 (the interface: None means "cannot say")
 
     def position(self, spec, images):
-        return None
+        """CLIP reads no positions: always None (the table leaves it blank).
+
+        Args:
+            spec: the concept.
+            images: generated images.
+        """
+        return None  # noqa: RET501 (the interface: None means "cannot say")
 
 
 def _tensor(out):
@@ -363,8 +559,20 @@ def _tensor(out):
 
 # ----------------------------------------------------------------------------- relations
 def relation_holds(relation: str, a, b) -> bool | None:
-    """Does "a {relation} b" hold for centroids (y, x) (fractions, y down)? None if
-    either object was not found. "next to": side by side more than above each other."""
+    """Does "a {relation} b" hold for centroids (y, x) (fractions, y down)?
+
+    Args:
+        relation: one of `RELATIONS`; "next to" means side by side more than above each
+            other.
+        a: the (y, x) centroid of the first object, or None.
+        b: the (y, x) centroid of the second object, or None.
+
+    Returns:
+        Whether the relation holds; None if either object was not found.
+
+    Raises:
+        ValueError: ``relation`` is not one of `RELATIONS`.
+    """
     if relation not in RELATIONS:
         raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
     if a is None or b is None:
@@ -376,7 +584,21 @@ def relation_holds(relation: str, a, b) -> bool | None:
 
 def interaction_prompt(a: ConceptSpec, b: ConceptSpec, relation: str,
                        background: ConceptSpec | str | None = None) -> str:
-    """"a photo of [v2] above [v1]" (optionally "... on [v3]" or "... on a red background")."""
+    """The prompt "a photo of [v2] above [v1]" of two concepts and a relation.
+
+    Args:
+        a: the first concept ("[v2]").
+        b: the second concept ("[v1]").
+        relation: one of `RELATIONS`.
+        background: optionally a learned background ("... on [v3]") or a background name
+            ("... on a red background").
+
+    Returns:
+        The prompt.
+
+    Raises:
+        ValueError: ``relation`` is not one of `RELATIONS`.
+    """
     if relation not in RELATIONS:
         raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
     p = f"a photo of {a.name} {relation} {b.name}"
@@ -389,7 +611,9 @@ def interaction_prompt(a: ConceptSpec, b: ConceptSpec, relation: str,
 
 # ----------------------------------------------------------------------------- evaluation
 def default_prompts(specs, new_background: str | None = None, relation: str = "above") -> dict:
-    """The evaluation prompts for one image's concepts (objects k, l in consecutive pairs):
+    """The evaluation prompts for one image's concepts.
+
+    Objects k, l are taken in consecutive pairs:
 
     - ``single``: "a photo of [vk]" per object: fidelity, identity, diversity;
     - ``pair``: "a photo of [vk] and [vl]": both present, prompt fidelity;
@@ -400,6 +624,16 @@ def default_prompts(specs, new_background: str | None = None, relation: str = "a
 
     With one object, ``recombined`` puts it on the new and the learned background and
     there is no pair. "both present" means: every concept the prompt names is present.
+
+    Args:
+        specs: `ConceptSpec` of the image's concepts.
+        new_background: the plain background of the ``recombined`` prompts (default: the
+            first plain background no learned background shows).
+        relation: the relation of the ``interaction`` prompts, one of `RELATIONS`.
+
+    Returns:
+        ``{"single", "pair", "recombined", "interaction"}`` -> lists of (prompt, [specs])
+            entries; ``interaction`` entries are (prompt, [specs], relation).
     """
     objs = [s for s in specs if not s.is_background]
     bgs = [s for s in specs if s.is_background]
@@ -437,18 +671,31 @@ def evaluate(pipe, concepts, specs, *, judge=None, n: int = 8, seed: int = 0,
              **generate_kwargs) -> dict:
     """Generate and judge: the paper's measures for one set of learned concepts.
 
-    concepts  what :func:`conceptlab.generation.generate` takes (the LearnedConcepts of
-              ``learn_concepts``, ConceptTokens or a saved folder)
-    specs     one :class:`ConceptSpec` per concept to judge (their ``name`` must be tokens
-              of ``concepts``)
-    judge     :class:`ShapesJudge` (default) or :class:`ClipJudge`
-    prompts   :func:`default_prompts` of ``specs`` unless given (same layout)
-    gt_masks  per image, true (K, H, W) masks: ``mask_iou`` of ``concepts.masks``
-    Returns {"summary": {...}, "prompts": [per-prompt records], "images": {prompt: uint8}
-    (with ``return_images``)}. Summary keys: concept_fidelity, identity, diversity (over
-    the single prompts), prompt_fidelity (pair and recombined), both_present (pair,
-    recombined, interaction), relation (interaction, where both objects were found),
-    mask_iou; None where the judge cannot say.
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        concepts: what `conceptlab.generation.generate` takes (the LearnedConcepts of
+            ``learn_concepts``, ConceptTokens or a saved folder).
+        specs: one `ConceptSpec` per concept to judge (their ``name`` must be tokens of
+            ``concepts``).
+        judge: `ShapesJudge` (default) or `ClipJudge`.
+        n: samples per prompt, >= 2.
+        seed: sample i of every prompt uses seed + i.
+        prompts: `default_prompts` of ``specs`` unless given (same layout).
+        gt_masks: per image, true (K, H, W) masks: ``mask_iou`` of ``concepts.masks``.
+        return_images: also return the generated images.
+        **generate_kwargs: go to `conceptlab.generation.generate`.
+
+    Returns:
+        ``{"judge", "n", "seed", "summary": {...}, "prompts": [per-prompt records],
+            "images": {prompt: uint8}}`` (``images`` with ``return_images`` only). Summary
+            keys: concept_fidelity, identity, diversity (over the single prompts),
+            prompt_fidelity (pair and recombined), both_present (pair, recombined,
+            interaction), relation (interaction, where both objects were found),
+            mask_iou; None where the judge cannot say.
+
+    Raises:
+        ValueError: ``specs`` is empty, ``n`` is not an integer >= 2, or ``gt_masks`` is
+            given for concepts that hold no masks.
     """
     judge = judge or ShapesJudge()
     specs = list(specs)
@@ -456,56 +703,18 @@ def evaluate(pipe, concepts, specs, *, judge=None, n: int = 8, seed: int = 0,
         raise ValueError("specs is empty: give one ConceptSpec per concept to evaluate")
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an integer >= 2 (diversity compares samples), got {n!r}")
-    ensure_concepts(pipe, concepts)
+    sets = concept_sets(concepts)  # a folder is read once, applied per generate call
     prompts = prompts or default_prompts(specs)
     records, images = [], {}
-
-    def sample(prompt):
-        imgs = generate(pipe, concepts, prompt, n=n, seed=seed, output_type="np",
-                        **generate_kwargs)
-        if return_images:
-            images[prompt] = imgs
-        return imgs
-
-    for prompt, (spec,) in prompts.get("single", []):
-        imgs = sample(prompt)
-        cf = judge.concept_fidelity(spec, imgs)
-        records.append({"kind": "single", "prompt": prompt, "concept": spec.name,
-                        "identity": _mean(judge.identity(spec, imgs).tolist()),
-                        "concept_fidelity": None if cf is None else float(np.mean(cf)),
-                        "diversity": judge.diversity(imgs)})
-    for kind in ("pair", "recombined", "interaction"):
+    for kind in ("single", "pair", "recombined", "interaction"):
         for item in prompts.get(kind, []):
-            prompt, group = item[0], item[1]
-            imgs = sample(prompt)
-            rec = {"kind": kind, "prompt": prompt, "class_prompt": class_prompt(prompt, specs)}
-            if kind != "interaction":
-                rec["prompt_fidelity"] = _mean(judge.prompt_fidelity(
-                    imgs, rec["class_prompt"]).tolist())
-            pres = [judge.present(s, imgs) for s in group]
-            rec["both_present"] = None if any(p is None for p in pres) else \
-                float(np.mean(np.all(np.stack(pres), 0)))
-            if kind == "interaction":
-                a, b = group
-                pa, pb = judge.position(a, imgs), judge.position(b, imgs)
-                held = None if pa is None or pb is None else \
-                    [relation_holds(item[2], x, y) for x, y in zip(pa, pb)]
-                rec["relation"] = None if held is None else _mean(
-                    [float(h) for h in held if h is not None])
-                rec["relation_measured"] = None if held is None else \
-                    sum(h is not None for h in held)
-            records.append(rec)
-    summary = {
-        "concept_fidelity": _mean(r.get("concept_fidelity") for r in records
-                                  if r["kind"] == "single"),
-        "identity": _mean(r["identity"] for r in records if r["kind"] == "single"),
-        "diversity": _mean(r["diversity"] for r in records if r["kind"] == "single"),
-        "prompt_fidelity": _mean(r.get("prompt_fidelity") for r in records
-                                 if r["kind"] in ("pair", "recombined")),
-        "both_present": _mean(r.get("both_present") for r in records if r["kind"] != "single"),
-        "relation": _mean(r.get("relation") for r in records if r["kind"] == "interaction"),
-        "mask_iou": None,
-    }
+            imgs = generate(pipe, sets, item[0], n=n, seed=seed, output_type="np",
+                            **generate_kwargs)
+            if return_images:
+                images[item[0]] = imgs
+            records.append(_judge_single(judge, item, imgs) if kind == "single" else
+                           _judge_group(judge, kind, item, imgs, specs))
+    summary = _summary(records)
     if gt_masks is not None:
         learned = getattr(concepts, "masks", None)
         if learned is None:
@@ -519,12 +728,62 @@ def evaluate(pipe, concepts, specs, *, judge=None, n: int = 8, seed: int = 0,
     return out
 
 
+def _judge_single(judge, item, imgs) -> dict:
+    prompt, (spec,) = item
+    cf = judge.concept_fidelity(spec, imgs)
+    return {"kind": "single", "prompt": prompt, "concept": spec.name,
+            "identity": _mean(judge.identity(spec, imgs).tolist()),
+            "concept_fidelity": None if cf is None else float(np.mean(cf)),
+            "diversity": judge.diversity(imgs)}
+
+
+def _judge_group(judge, kind, item, imgs, specs) -> dict:
+    prompt, group = item[0], item[1]
+    rec = {"kind": kind, "prompt": prompt, "class_prompt": class_prompt(prompt, specs)}
+    if kind != "interaction":
+        rec["prompt_fidelity"] = _mean(judge.prompt_fidelity(imgs, rec["class_prompt"]).tolist())
+    pres = [judge.present(s, imgs) for s in group]
+    rec["both_present"] = None if any(p is None for p in pres) else \
+        float(np.mean(np.all(np.stack(pres), 0)))
+    if kind == "interaction":
+        a, b = group
+        pa, pb = judge.position(a, imgs), judge.position(b, imgs)
+        held = None if pa is None or pb is None else \
+            [relation_holds(item[2], x, y) for x, y in zip(pa, pb)]
+        rec["relation"] = None if held is None else _mean(
+            [float(h) for h in held if h is not None])
+        rec["relation_measured"] = None if held is None else sum(h is not None for h in held)
+    return rec
+
+
+def _summary(records) -> dict:
+    def over(key, kinds):
+        return _mean(r.get(key) for r in records if r["kind"] in kinds)
+
+    groups = ("pair", "recombined", "interaction")
+    return {"concept_fidelity": over("concept_fidelity", ("single",)),
+            "identity": over("identity", ("single",)),
+            "diversity": over("diversity", ("single",)),
+            "prompt_fidelity": over("prompt_fidelity", ("pair", "recombined")),
+            "both_present": over("both_present", groups),
+            "relation": over("relation", ("interaction",)),
+            "mask_iou": None}
+
+
 MEASURES = ("concept_fidelity", "identity", "prompt_fidelity", "diversity", "both_present",
             "relation", "mask_iou")
 
 
 def interval95(values) -> dict:
-    """Mean and 95% t-interval half-width of per-unit values (None and NaN dropped)."""
+    """Mean and 95% t-interval half-width of per-unit values (None and NaN dropped).
+
+    Args:
+        values: per-unit values.
+
+    Returns:
+        ``{"mean", "ci95", "n"}``; ``ci95`` is None for fewer than 2 values, ``mean`` too
+            for none.
+    """
     from scipy import stats
 
     v = np.asarray([x for x in values if x is not None and not np.isnan(x)], float)
@@ -538,7 +797,15 @@ def interval95(values) -> dict:
 
 
 def format_table(rows: dict, measures=MEASURES) -> str:
-    """rows: {method: {measure: {"mean", "ci95"}}} -> a fixed-width text table."""
+    """A fixed-width text table of summarised measures.
+
+    Args:
+        rows: ``{method: {measure: {"mean", "ci95"}}}``.
+        measures: the columns, in order.
+
+    Returns:
+        The table, one line per method under a header line.
+    """
     head = f"{'method':<22}" + "".join(f"{m.replace('_', ' '):>18}" for m in measures)
     lines = [head]
     for method, r in rows.items():

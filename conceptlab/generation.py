@@ -6,91 +6,119 @@
 
 Image i uses ``torch.Generator("cpu").manual_seed(seed + i)``, so it is the same picture
 whether you ask for 1 or 4 images (the same call repeats bit for bit; across batch sizes
-float rounding may move a pixel by a grey level or two). Default sampler settings depend on the model
-(:data:`GENERATION_DEFAULTS`, a dict you may edit): the bundled shapes model (latent side
+float rounding may move a pixel by a grey level or two). Default sampler settings depend on
+the model (`GENERATION_DEFAULTS`, a dict you may edit): the bundled shapes model (latent side
 <= 32) uses guidance 4.0 and 25 DDIM steps, Stable-Diffusion-sized models 7.5 and 50.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 
 import numpy as np
 import torch
 
-from .models import CONCEPT_TOKEN_RE, check_prompt, model_kind
-from .tokens import ConceptTokens, _add_tokens, load_concepts, single_token_id
+from .concept_files import load_concepts
+from .models import CONCEPT_TOKEN_RE, check_prompt, check_seed, model_kind
+from .tokens import ConceptTokens
 
-#: default sampler settings; tunable (e.g. ``GENERATION_DEFAULTS["bundled"]["guidance_scale"] = 5``)
 GENERATION_DEFAULTS = {
     "bundled": {"guidance_scale": 4.0, "num_inference_steps": 25},
     "stable-diffusion": {"guidance_scale": 7.5, "num_inference_steps": 50},
 }
+"""Default sampler settings per model kind; tunable
+(e.g. ``GENERATION_DEFAULTS["bundled"]["guidance_scale"] = 5``)."""
 
+
+
+#: the largest guidance scale accepted (SD is used at 1-15; far above, images saturate to black)
+MAX_GUIDANCE = 100.0
 
 
 def generation_defaults(pipe) -> dict:
+    """The default sampler settings of ``pipe``'s model kind.
+
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+
+    Returns:
+        A copy of its entry of `GENERATION_DEFAULTS` (``guidance_scale``,
+            ``num_inference_steps``).
+    """
     return dict(GENERATION_DEFAULTS[model_kind(pipe)])
 
 
 def concept_tokens_in(prompt: str) -> list[str]:
-    """Every ``[...]``-looking word of a prompt (e.g. '[v1]')."""
+    """Every ``[...]``-looking word of a prompt (e.g. '[v1]').
+
+    Args:
+        prompt: a prompt (None counts as empty).
+
+    Returns:
+        The ``[...]`` words, in order.
+    """
     return CONCEPT_TOKEN_RE.findall(prompt or "")
 
 
-def _as_list(concepts):
+def concept_sets(concepts) -> list[ConceptTokens]:
+    """The `ConceptTokens` of ``concepts``.
+
+    Args:
+        concepts: ConceptTokens, a LearnedConcepts (what ``learn_concepts`` returns), a
+            saved folder or embedding file, a list of those, or None.
+
+    Returns:
+        One `ConceptTokens` per set (an empty list for None).
+
+    Raises:
+        TypeError: an entry is none of these.
+    """
     if concepts is None:
         return []
-    if isinstance(concepts, (ConceptTokens, str, os.PathLike)) or _is_result(concepts):
-        return [concepts]
-    return list(concepts)
-
-
-def _is_result(obj) -> bool:
-    """A :class:`conceptlab.result.LearnedConcepts` (or anything holding ``.tokens``)."""
-    return isinstance(getattr(obj, "tokens", None), ConceptTokens)
-
-
-def ensure_concepts(pipe, concepts) -> list[ConceptTokens]:
-    """Make sure the concept tokens are in ``pipe``: a ConceptTokens whose tokens are missing
-    is written in (tokens added, rows set from its ``embeddings``; present tokens are left
-    as they are, they hold the live trained values); a saved folder is always loaded
-    (its rows overwrite the pipeline's)."""
+    if isinstance(concepts, (ConceptTokens, str, os.PathLike)) or hasattr(concepts, "tokens"):
+        concepts = [concepts]
     out = []
-    for c in _as_list(concepts):
-        if _is_result(c):
-            c = c.tokens
-        if isinstance(c, ConceptTokens):
-            if not c.present_in(pipe):
-                vocab = pipe.tokenizer.get_vocab()
-                missing = [n for n in c.names if n not in vocab]
-                D = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-                if missing and c.embeddings.shape[1] != D:
-                    raise ValueError(f"these concepts were trained on {c.base_model!r} (hidden "
-                                     f"size {c.embeddings.shape[1]}), this pipeline has {D}")
-                if missing:
-                    _add_tokens(pipe, missing)
-                ids = [single_token_id(pipe.tokenizer, n) for n in c.names]
-                c = dataclasses.replace(c, token_ids=ids)  # the caller's object is not changed
-                w = pipe.text_encoder.get_input_embeddings().weight
-                with torch.no_grad():
-                    for k, name in enumerate(c.names):
-                        if name in missing:
-                            w[ids[k]] = c.embeddings[k].to(w)
-            out.append(c)
-        elif isinstance(c, (str, os.PathLike)):
-            out.append(load_concepts(pipe, c))
-        else:
+    for c in concepts:
+        c = getattr(c, "tokens", c)
+        if isinstance(c, (str, os.PathLike)):
+            c = load_concepts(c)
+        if not isinstance(c, ConceptTokens):
             raise TypeError(f"concepts must be ConceptTokens, LearnedConcepts (what "
                             f"learn_concepts returns) or a saved folder, got {type(c).__name__}")
+        out.append(c)
     return out
 
 
+@contextlib.contextmanager
+def concepts_applied(pipe, concepts):
+    """Every set of ``concepts`` applied to ``pipe`` for the block, removed after.
+
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        concepts: as for `concept_sets`.
+
+    Yields:
+        ``pipe``, with the concepts applied.
+    """
+    with contextlib.ExitStack() as stack:
+        for c in concept_sets(concepts):
+            stack.enter_context(c.applied(pipe))
+        yield pipe
+
+
 def check_concept_prompt(pipe, prompt: str) -> None:
-    """ValueError if the prompt is longer than the text encoder takes, or names a ``[...]``
-    token that is not a concept token of ``pipe`` (:func:`conceptlab.models.check_prompt`)."""
+    """Checks that ``pipe`` can read ``prompt``.
+
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        prompt: the prompt to check.
+
+    Raises:
+        ValueError: the prompt is longer than the text encoder takes, or names a ``[...]``
+            token that is not a concept token of ``pipe``
+            (`conceptlab.models.check_prompt`).
+    """
     n = len(pipe.tokenizer(prompt).input_ids)
     if n > pipe.tokenizer.model_max_length:
         raise ValueError(f"the prompt has {n} tokens, the text encoder takes "
@@ -111,17 +139,38 @@ def _progress(pipe, show: bool):
 def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
              guidance_scale: float | None = None, num_inference_steps: int | None = None,
              negative_prompt: str | None = None, output_type: str = "pil",
-             progress: bool = False, **pipe_kwargs):
+             progress: bool = False, batch_size: int = 16, **pipe_kwargs):
     """Sample ``n`` images of ``prompt``.
 
-    concepts     ConceptTokens, the LearnedConcepts of ``learn_concepts``, a folder saved
-                 by either, a list of those, or None; loaded into ``pipe`` if not yet present (see :func:`ensure_concepts`)
-    prompt       may mix concept tokens and words; every ``[...]`` token must be a known
-                 concept token (ValueError listing the known ones otherwise)
-    seed         image i uses ``torch.Generator('cpu').manual_seed(seed + i)``
-    guidance_scale, num_inference_steps  default per model (:data:`GENERATION_DEFAULTS`)
-    output_type  "pil" -> list of PIL images; "np" -> (n, H, W, 3) uint8 array
-    Extra keyword arguments go to the pipeline call (e.g. ``height``, ``eta``).
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        concepts: ConceptTokens, the LearnedConcepts of ``learn_concepts``, a folder saved
+            by either or an embedding file, a list of those, or None; applied to ``pipe``
+            for this call only (the pipeline is left as it was).
+        prompt: may mix concept tokens and words; every ``[...]`` token must be a known
+            concept token (ValueError listing the known ones otherwise).
+        n: number of images, >= 1.
+        seed: image i uses ``torch.Generator('cpu').manual_seed(seed + i)``.
+        guidance_scale: classifier-free guidance scale, >= 0; default per model
+            (`GENERATION_DEFAULTS`).
+        num_inference_steps: sampler steps, >= 1; default per model
+            (`GENERATION_DEFAULTS`).
+        negative_prompt: optional negative prompt, checked like ``prompt``.
+        output_type: ``"pil"`` -> list of PIL images; ``"np"`` -> (n, H, W, 3) uint8
+            array.
+        progress: show the pipeline's progress bar.
+        batch_size: images per pipeline call (memory does not grow with ``n``); image i is
+            the same picture whatever the batch, up to float rounding.
+        **pipe_kwargs: go to the pipeline call (e.g. ``height``, ``eta``).
+
+    Returns:
+        ``n`` PIL images, or an (n, H, W, 3) uint8 array for ``output_type="np"``.
+
+    Raises:
+        ValueError: an argument is out of range, or a prompt is too long or names an
+            unknown ``[...]`` token.
+        TypeError: ``prompt`` is not a string, or ``concepts`` is not one of the kinds
+            above.
     """
     if output_type not in ("pil", "np"):
         raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -129,25 +178,34 @@ def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
-    if guidance_scale is not None and not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
+    if guidance_scale is not None and (isinstance(guidance_scale, bool)
+                                       or not 0 <= guidance_scale <= MAX_GUIDANCE):
+        raise ValueError(f"guidance_scale must be a number in [0, {MAX_GUIDANCE:g}], got "
+                         f"{guidance_scale!r} (larger values only saturate the images)")
+    check_seed(seed)
+    check_seed(int(seed) + n - 1)   # image i uses seed + i
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if num_inference_steps is not None and (not isinstance(num_inference_steps, int)
                                             or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps must be an integer >= 1, got "
                          f"{num_inference_steps!r}")
-    ensure_concepts(pipe, concepts)  # first: its tokens are then known to check_prompt
-    check_concept_prompt(pipe, prompt)
-    if negative_prompt:
-        check_concept_prompt(pipe, negative_prompt)
     d = generation_defaults(pipe)
     gs = d["guidance_scale"] if guidance_scale is None else guidance_scale
     steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-    gens = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(n)]
-    with _progress(pipe, progress), torch.no_grad():
-        out = pipe([prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt
-                   else None, generator=gens, guidance_scale=gs, num_inference_steps=steps,
-                   output_type="np", **pipe_kwargs)
-    arr = (np.asarray(out.images) * 255).round().clip(0, 255).astype(np.uint8)
+    chunks = []
+    with concepts_applied(pipe, concepts), _progress(pipe, progress), torch.no_grad():
+        check_concept_prompt(pipe, prompt)  # the concepts' tokens are known here
+        if negative_prompt:
+            check_concept_prompt(pipe, negative_prompt)
+        for start in range(0, n, batch_size):   # memory flat in n
+            k = min(batch_size, n - start)
+            gens = [torch.Generator("cpu").manual_seed(int(seed) + start + i) for i in range(k)]
+            out = pipe([prompt] * k, negative_prompt=[negative_prompt] * k if negative_prompt
+                       else None, generator=gens, guidance_scale=gs,
+                       num_inference_steps=steps, output_type="np", **pipe_kwargs)
+            chunks.append((np.asarray(out.images) * 255).round().clip(0, 255).astype(np.uint8))
+    arr = np.concatenate(chunks)
     if output_type == "np":
         return arr
     from PIL import Image
@@ -157,12 +215,28 @@ def generate(pipe, concepts, prompt: str, *, n: int = 4, seed: int = 0,
 def sample_grid(pipe, prompts, *, n_per_prompt: int = 4, seed: int = 0,
                 guidance_scale: float | None = None, num_inference_steps: int | None = None,
                 concepts=None):
-    """``n_per_prompt`` images per prompt (the model's default sampler settings, as
-    :func:`generate`); returns (rows of (n, H, W, 3) uint8 arrays, prompts).
+    """``n_per_prompt`` images per prompt (the model's default sampler settings, as `generate`).
 
     Image j of a prompt uses ``torch.Generator().manual_seed(seed + j)``: deterministic,
     and the same picture however many images are requested (up to float rounding, which
     depends on the batch size).
+
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        prompts: one prompt or a list of prompts.
+        n_per_prompt: images per prompt.
+        seed: seed of the first image of every prompt.
+        guidance_scale: as for `generate`.
+        num_inference_steps: as for `generate`.
+        concepts: as for `generate`.
+
+    Returns:
+        (rows of (n, H, W, 3) uint8 arrays, prompts): one row per prompt, and the prompts
+            as a list.
+
+    Raises:
+        ValueError: as for `generate`.
+        TypeError: as for `generate`.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     rows = [generate(pipe, concepts, p, n=n_per_prompt, seed=seed, guidance_scale=guidance_scale,
@@ -174,8 +248,9 @@ def sample_grid(pipe, prompts, *, n_per_prompt: int = 4, seed: int = 0,
 __all__ = [
     "GENERATION_DEFAULTS",
     "check_concept_prompt",
+    "concept_sets",
     "concept_tokens_in",
-    "ensure_concepts",
+    "concepts_applied",
     "generate",
     "generation_defaults",
     "sample_grid",

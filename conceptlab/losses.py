@@ -1,11 +1,12 @@
-"""The two losses of the M-step (the paper's Eq. 3 and Eq. 4; their scales:
-``docs/cheatsheet.md``).
+"""The two losses of the M-step (the paper's Eq. 3 and Eq. 4).
 
-masked_diffusion_loss   || M_s * (eps - eps_theta(z_t, t, prompt_s)) ||^2
-cross_attention_loss    sum_i || A_i / max(A_i) - M_i ||^2   (averaged, see below)
-concept_attention_maps  A_i of the concept tokens out of an AttentionStore, in the graph
+Their scales: ``docs/cheatsheet.md``.
 
-Written as plain tensor code so a notebook can re-derive each one in three lines::
+    masked_diffusion_loss   || M_s * (eps - eps_theta(z_t, t, prompt_s)) ||^2
+    cross_attention_loss    sum_i || A_i / max(A_i) - M_i ||^2   (averaged, see below)
+    concept_attention_maps  A_i of the concept tokens out of an AttentionStore, in the graph
+
+Written as plain tensor code so a notebook can re-derive each one in three lines:
 
     m = mask.any(1, keepdim=True).float()                 # union of the concepts in s
     m = F.interpolate(m, size=pred.shape[-2:], mode="nearest-exact")
@@ -25,7 +26,14 @@ def _as_float_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def union_mask(mask: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) bool/float -> (B, 1, H, W) float: pixel-wise max over the K concepts."""
+    """Pixel-wise max over the K concepts.
+
+    Args:
+        mask: (B, K, H, W) bool/float.
+
+    Returns:
+        (B, 1, H, W) float.
+    """
     m = _as_float_mask(mask)
     return m.amax(1, keepdim=True)
 
@@ -34,18 +42,26 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.
                           normalize: str = "all") -> torch.Tensor:
     """Masked denoising loss ``|| M * (pred - target) ||^2`` (a scalar).
 
-    pred, target  (B, C, h, w): the U-Net's prediction and its target (the noise for
-                  epsilon-prediction).
-    mask          (B, 1 or K, H, W) bool or float, at any resolution (image or latent);
-                  (B, H, W) is read as (B, 1, H, W). The union (max) over the K rows is
-                  resized to (h, w) by nearest neighbour at pixel centres
-                  (``nearest-exact``: a latent pixel takes the mask value at its centre).
-    normalize     "all"  (Break-a-Scene): mean over all B*C*h*w elements, so a small
-                         mask gives a small loss;
-                  "mask": sum / (C * sum of the mask), the mean squared error inside the
-                         mask (0 when every mask is empty).
     A float mask enters squared (the mask multiplies the error before squaring, as in the
     formula and in Break-a-Scene's code); for a binary mask this makes no difference.
+
+    Args:
+        pred: (B, C, h, w) the U-Net's prediction.
+        target: (B, C, h, w) its target (the noise for epsilon-prediction).
+        mask: (B, 1 or K, H, W) bool or float, at any resolution (image or latent);
+            (B, H, W) is read as (B, 1, H, W). The union (max) over the K rows is
+            resized to (h, w) by nearest neighbour at pixel centres
+            (``nearest-exact``: a latent pixel takes the mask value at its centre).
+        normalize: ``"all"`` (Break-a-Scene): mean over all B*C*h*w elements, so a small
+            mask gives a small loss; ``"mask"``: sum / (C * sum of the mask), the mean
+            squared error inside the mask (0 when every mask is empty).
+
+    Returns:
+        The loss, a scalar tensor.
+
+    Raises:
+        ValueError: ``pred`` and ``target`` differ in shape or are not 4-D, ``mask`` is not
+            (B, K, H, W) with the batch size of ``pred``, or ``normalize`` is unknown.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} "
@@ -72,8 +88,17 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.
 
 
 def resize_soft_mask(mask: torch.Tensor, size) -> torch.Tensor:
-    """(..., H, W) bool/float -> (..., h, w) float by area averaging (the fraction of each
-    output pixel that the mask covers). Upsampling falls back to nearest-exact."""
+    """Resizes masks by area averaging: the fraction of each output pixel that the mask covers.
+
+    Upsampling falls back to nearest-exact.
+
+    Args:
+        mask: (..., H, W) bool/float.
+        size: int or (h, w).
+
+    Returns:
+        (..., h, w) float.
+    """
     m = _as_float_mask(mask)
     size = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(m.shape[-2:]) == size:
@@ -89,30 +114,39 @@ def cross_attention_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.T
                          target: str = "max") -> torch.Tensor:
     """Attention loss: MSE between each concept's max-normalised map and its mask.
 
-    maps      (B, K, h, w) non-negative attention of the K concept tokens.
-    masks     (B, K, H, W) bool or float masks of the same concepts, any resolution; each is
-              resized to (h, w) by AREA averaging and kept as a soft float target (edge
-              pixels get the covered fraction; no binarisation). Break-a-Scene's code
-              resizes with nearest neighbour, i.e. a binary target.
-    valid     optional (B, K) bool: which concepts are named in each sample's prompt;
-              the others are left out.
-    reduction "mean": average of the per-concept MSEs over the valid (sample, concept)
-              pairs; "sum": sum over concepts, mean over the batch (the paper's Eq. 4 and
-              Break-a-Scene's code).
-    target    "max": the map divided by its maximum (the paper's Eq. 4). The loss is then
-              blind to the map's scale: a token that receives almost none of a pixel's
-              attention (softmax share ~0.001) but in the right shape pays nothing.
-              "raw": the softmax shares themselves, ``mean_pixels((A - M)^2)``: inside its
-              mask a token is pushed to take the attention from the other prompt tokens
-              (for tokens that start from one shared word, where one of them takes most of
-              the attention; ``benchmarks/results/PRESETS.md``). Its gradient vanishes
-              where a share is already near 0 (softmax saturation).
-              "bce": per-pixel binary cross-entropy of the shares against the mask,
-              ``-mean_pixels(M log A + (1 - M) log(1 - A))``, whose gradient does not
-              vanish for a token that has lost its attention (the grounding loss the
-              bundled model was trained with uses the same term).
-    Per concept (target "max"): ``mean_pixels((A / max(A) - M)^2)``. Returns a scalar (0 if
-    nothing is valid), differentiable w.r.t. ``maps``.
+    Per concept (target "max"): ``mean_pixels((A / max(A) - M)^2)``.
+
+    Args:
+        maps: (B, K, h, w) non-negative attention of the K concept tokens.
+        masks: (B, K, H, W) bool or float masks of the same concepts, any resolution; each
+            is resized to (h, w) by AREA averaging and kept as a soft float target (edge
+            pixels get the covered fraction; no binarisation). Break-a-Scene's code
+            resizes with nearest neighbour, i.e. a binary target.
+        valid: optional (B, K) bool: which concepts are named in each sample's prompt;
+            the others are left out.
+        reduction: ``"mean"``: average of the per-concept MSEs over the valid (sample,
+            concept) pairs; ``"sum"``: sum over concepts, mean over the batch (the paper's
+            Eq. 4 and Break-a-Scene's code).
+        eps: floor of a map's maximum before dividing by it (target "max").
+        target: ``"max"``: the map divided by its maximum (the paper's Eq. 4). The loss is
+            then blind to the map's scale: a token that receives almost none of a pixel's
+            attention (softmax share ~0.001) but in the right shape pays nothing.
+            ``"raw"``: the softmax shares themselves, ``mean_pixels((A - M)^2)``: inside
+            its mask a token is pushed to take the attention from the other prompt tokens
+            (for tokens that start from one shared word, where one of them takes most of
+            the attention; ``benchmarks/results/PRESETS.md``). Its gradient vanishes
+            where a share is already near 0 (softmax saturation).
+            ``"bce"``: per-pixel binary cross-entropy of the shares against the mask,
+            ``-mean_pixels(M log A + (1 - M) log(1 - A))``, whose gradient does not
+            vanish for a token that has lost its attention (the grounding loss the
+            bundled model was trained with uses the same term).
+
+    Returns:
+        A scalar (0 if nothing is valid), differentiable w.r.t. ``maps``.
+
+    Raises:
+        ValueError: ``maps``, ``masks`` or ``valid`` has the wrong shape, or
+            ``reduction`` or ``target`` is unknown.
     """
     if maps.ndim != 4:
         raise ValueError(f"maps must be (B, K, h, w), got shape {tuple(maps.shape)}")
@@ -149,16 +183,24 @@ def cross_attention_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.T
 
 def concept_attention_maps(store, token_indices, layers=None, resolution: int | None = None,
                            call: int = -1) -> torch.Tensor:
-    """Attention maps of the concept tokens from an :class:`~conceptlab.attention.AttentionStore`.
+    """Attention maps of the concept tokens from an `conceptlab.attention.AttentionStore`.
 
-    store          recorded with ``keep_graph=True`` to train through the maps.
-    token_indices  (B, K) ints: position of concept k's token in sample b's prompt, or -1
-                   where concept k is not in that prompt (its map is all zeros).
-    layers         layer names to average (default: every recorded layer).
-    resolution     common side the layers are resized to (bilinear; default: the largest
-                   recorded among ``layers``).
-    call           which U-Net call (default the last one; None averages all calls).
-    Returns (B, K, h, w): averaged over heads and layers, still in the autograd graph.
+    Args:
+        store: recorded with ``keep_graph=True`` to train through the maps.
+        token_indices: (B, K) ints: position of concept k's token in sample b's prompt, or
+            -1 where concept k is not in that prompt (its map is all zeros).
+        layers: layer names to average (default: every recorded layer).
+        resolution: common side the layers are resized to (bilinear; default: the largest
+            recorded among ``layers``).
+        call: which U-Net call (default the last one; None averages all calls).
+
+    Returns:
+        (B, K, h, w): averaged over heads and layers, still in the autograd graph.
+
+    Raises:
+        ValueError: ``token_indices`` is not (B, K) with the store's batch size, or an
+            index is outside the prompt length.
+        KeyError: none of ``layers`` was recorded.
     """
     idx = torch.as_tensor(token_indices, dtype=torch.long)
     if idx.ndim != 2:
@@ -177,9 +219,18 @@ def concept_attention_maps(store, token_indices, layers=None, resolution: int | 
 
 
 def embedding_norm_penalty(rows: torch.Tensor, reference_norm: float) -> torch.Tensor:
-    """``mean_k relu(|v_k| / ref - 1)^2``: penalises concept embeddings whose norm exceeds the
-    vocabulary's mean norm ``ref`` (learned tokens tend to grow to 2.5-4x it and then
-    override the rest of the prompt). Scale-free, so one weight fits every model."""
+    """``mean_k relu(|v_k| / ref - 1)^2``: penalises rows whose norm exceeds ``ref``.
+
+    ``ref`` is the vocabulary's mean norm: learned tokens tend to grow to 2.5-4x it and then
+    override the rest of the prompt. Scale-free, so one weight fits every model.
+
+    Args:
+        rows: (K, D) concept embeddings.
+        reference_norm: ``ref``, the vocabulary's mean embedding norm.
+
+    Returns:
+        The penalty, a scalar tensor.
+    """
     n = rows.float().norm(dim=-1) / max(float(reference_norm), 1e-8)
     return F.relu(n - 1).pow(2).mean()
 

@@ -1,9 +1,9 @@
 """Cross-attention maps of a real image: where the model reads each word of a prompt.
 
-Given an image and its caption, :func:`attention_maps` encodes the image with the VAE,
+Given an image and its caption, `attention_maps` encodes the image with the VAE,
 noises the latent at ``n_timesteps`` random timesteps, runs the U-Net on all of them in
-one batch while :func:`conceptlab.attention.record_attention` keeps the cross-attention
-probabilities, and returns an :class:`AttentionMaps` object (in the spirit of DAAM)::
+one batch while `conceptlab.attention.record_attention` keeps the cross-attention
+probabilities, and returns an `AttentionMaps` object (in the spirit of DAAM):
 
     >>> maps = attention_maps(pipe, image, "a blue star and a red heart on a beige background")
     >>> maps.words                       # ['a', 'blue', 'star', 'and', ...]
@@ -11,7 +11,7 @@ probabilities, and returns an :class:`AttentionMaps` object (in the spirit of DA
     >>> maps.for_word("star", size=(64, 64))    # upsampled to the image
     >>> maps.concept_maps(["star", "heart"])    # (K, h, w) raw maps, for mask estimation
 
-Computation, for image ``x`` and prompt tokens ``c``::
+Computation, for image ``x`` and prompt tokens ``c``:
 
     z0  = VAE.encode(x).latent_dist.mean * scaling_factor
     t_i ~ U{t_lo, ..., t_hi - 1},  eps_i ~ N(0, I)        i = 1..n  (torch.Generator(seed))
@@ -30,11 +30,11 @@ Which layers and which timestep range give the best maps depends on the model:
 - Otherwise: all cross-attention layers at the largest resolution <= 16, ``t`` in
   ``[0, 1000)``.
 
-:func:`default_attention_config` returns this choice. Everything here works for any
+`default_attention_config` returns this choice. Everything here works for any
 ``StableDiffusionPipeline``-like object (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
 ``scheduler``) with a CLIP-style tokenizer.
 
-Shapes of :class:`AttentionMaps` (``n`` timesteps, ``L`` layers, ``T`` tokens =
+Shapes of `AttentionMaps` (``n`` timesteps, ``L`` layers, ``T`` tokens =
 ``tokenizer.model_max_length``, ``h x w`` the largest resolution among the layers):
 
 - ``.timesteps``       (n,) int64, sorted ascending
@@ -44,9 +44,9 @@ Shapes of :class:`AttentionMaps` (``n`` timesteps, ``L`` layers, ``T`` tokens =
 - ``.for_token(i)`` / ``.for_word(w)`` (h, w) (or ``size``); ``.per_timestep(w)`` (n, h, w);
   ``.concept_maps([...])`` (K, h, w)
 
-Why one module of about 550 lines: computing the maps and reading them (``AttentionMaps``)
+Why one module of about 750 lines: computing the maps and reading them (``AttentionMaps``)
 share the token positions, layer selection and model defaults; split, each half would
-import the other's private parts. About a third of it is docstrings and argument checks.
+import the other's private parts. About half of it is docstrings and argument checks.
 """
 
 from __future__ import annotations
@@ -93,12 +93,24 @@ def _is_special(tok: str) -> bool:
 
 # ----------------------------------------------------------------------------- layers
 def select_layers(names: list[str], resolution_of: dict, layers=None) -> list[str]:
-    """The entries of ``names`` (in order) chosen by ``layers``: ``None`` or ``"all"`` (all),
-    an int (a resolution: every layer whose map is that many pixels wide, e.g. 16), a string
-    ``"resolution:16"``, a full processor name (the ``".processor"`` suffix is optional), a
-    dotted prefix (``"up_blocks.1"``, ``"mid_block"``), or a list mixing these.
-    ``resolution_of[name]`` is each layer's map side. Raises ValueError if an entry matches
-    nothing (listing what exists)."""
+    """The entries of ``names`` (in order) chosen by ``layers``.
+
+    Args:
+        names: cross-attention processor names, in U-Net order.
+        resolution_of: ``resolution_of[name]`` is each layer's map side.
+        layers: ``None`` or ``"all"`` (all), an int (a resolution: every layer whose map is
+            that many pixels wide, e.g. 16), a string ``"resolution:16"``, a full processor
+            name (the ``".processor"`` suffix is optional), a dotted prefix
+            (``"up_blocks.1"``, ``"mid_block"``), or a list mixing these.
+
+    Returns:
+        The chosen names, in the order of ``names``.
+
+    Raises:
+        ValueError: an entry matches nothing (the message lists what exists), ``layers`` is
+            an empty list, or a ``"resolution:"`` selector is malformed.
+        TypeError: an entry is neither a string nor an int.
+    """
     if layers is None:
         return list(names)
     items = [layers] if isinstance(layers, (str, int)) else list(layers)
@@ -137,8 +149,19 @@ def select_layers(names: list[str], resolution_of: dict, layers=None) -> list[st
 
 
 def resolve_layers(unet, layers=None) -> list[str]:
-    """Cross-attention processor names of ``unet`` selected by ``layers`` (see
-    :func:`select_layers`), in U-Net order. ``None`` means all layers."""
+    """Cross-attention processor names of ``unet`` selected by ``layers``, in U-Net order.
+
+    Args:
+        unet: a diffusers U-Net.
+        layers: a selection as for `select_layers`; ``None`` means all layers.
+
+    Returns:
+        The chosen processor names.
+
+    Raises:
+        ValueError: the U-Net has no cross-attention layers, or as for `select_layers`.
+        TypeError: as for `select_layers`.
+    """
     names = cross_attention_layers(unet)
     if not names:
         raise ValueError("this U-Net has no cross-attention layers")
@@ -155,6 +178,16 @@ def default_attention_config(pipe) -> dict:
     2. Stable-Diffusion-sized U-Nets (latent >= 64): the 16x16 cross-attention layers
        (Break-a-Scene's choice), ``t`` in ``[0, num_train_timesteps)``.
     3. Otherwise all cross-attention layers at the largest resolution <= 16, same ``t``.
+
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+
+    Returns:
+        ``{"layers": [processor names], "t_range": (lo, hi)}``.
+
+    Raises:
+        ValueError: the U-Net has no cross-attention layers, or the folder's
+            ``attention_layers`` select none (as for `resolve_layers`).
     """
     unet = pipe.unet
     n_train = num_train_timesteps(pipe)
@@ -193,7 +226,18 @@ def word_occurrences(tokenizer, prompt: str, word: str) -> list[list[int]]:
     (BOS at 0). A word that the tokenizer splits into several pieces ("zebra" -> z, e, br,
     a) gives several positions per occurrence; ``word`` may also be a phrase ("red star").
     An occurrence must start at a word boundary, so "a" does not match the last piece of
-    "zebra". Returns ``[]`` if the word is absent.
+    "zebra".
+
+    Args:
+        tokenizer: a CLIP-style tokenizer.
+        prompt: the prompt.
+        word: a word or phrase.
+
+    Returns:
+        One list of token positions per occurrence; ``[]`` if the word is absent.
+
+    Raises:
+        ValueError: ``word`` contains no token.
     """
     target = _word_ids(tokenizer, word)
     if not target:
@@ -216,8 +260,20 @@ def word_token_indices(tokenizer, prompt: str, word: str, occurrence: int | None
                        ) -> list[int]:
     """Positions (in the padded input ids, BOS at 0) of the tokens forming ``word``.
 
-    All occurrences by default (flattened), or only the ``occurrence``-th (0-based).
-    Returns ``[]`` if the word is absent (``AttentionMaps.for_word`` raises instead).
+    Args:
+        tokenizer: a CLIP-style tokenizer.
+        prompt: the prompt.
+        word: a word or phrase.
+        occurrence: only the ``occurrence``-th occurrence (0-based; negative counts from
+            the end); all occurrences (flattened) by default.
+
+    Returns:
+        The token positions; ``[]`` if the word is absent (``AttentionMaps.for_word``
+            raises instead).
+
+    Raises:
+        ValueError: ``word`` contains no token, or there is no ``occurrence``-th
+            occurrence.
     """
     occ = word_occurrences(tokenizer, prompt, word)
     if occurrence is None:
@@ -229,8 +285,18 @@ def word_token_indices(tokenizer, prompt: str, word: str, occurrence: int | None
 
 
 def encode_prompt_with_ids(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeddings (1, T, D), input_ids (T,)) padded to ``model_max_length``; warns when the
-    prompt is truncated. (``conceptlab.models.encode_prompt`` returns the embeddings only.)"""
+    """Prompt embeddings and token ids, padded to ``model_max_length``.
+
+    Warns when the prompt is truncated. (``conceptlab.models.encode_prompt`` returns the
+    embeddings only.)
+
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        prompt: the prompt.
+
+    Returns:
+        ``(embeddings (1, T, D), input_ids (T,))``.
+    """
     tok = pipe.tokenizer
     check_prompt(pipe, prompt)
     ids = torch.tensor(_prompt_ids(tok, prompt))
@@ -263,6 +329,17 @@ class AttentionMaps:
     See the module docstring for shapes. Normalised maps (``normalize=True``) are min-max
     scaled to [0, 1] after averaging over heads, layers and timesteps (and after resizing
     to ``size``); a constant map becomes all zeros.
+
+    Attributes:
+        prompt: the prompt.
+        input_ids: (T,) token ids of the padded prompt.
+        tokens: T token strings, "</w>" stripped, specials kept.
+        timesteps: (n,) timesteps, sorted ascending.
+        layers: processor names, U-Net order.
+        layer_maps: name -> (n, h_l, w_l, T) head-averaged maps.
+        layer_resolution: name -> h_l.
+        t_range: (lo, hi) the timesteps were drawn from, hi exclusive.
+        seed: the seed of the timesteps and noise (None when a generator was given).
     """
 
     prompt: str
@@ -290,8 +367,10 @@ class AttentionMaps:
 
     @property
     def raw(self) -> torch.Tensor:
-        """(n_timesteps, n_layers, h, w, tokens) head-averaged probabilities on the common
-        grid (lower-resolution layers upsampled bilinearly)."""
+        """(n_timesteps, n_layers, h, w, tokens) head-averaged probabilities on the common grid.
+
+        Lower-resolution layers are upsampled bilinearly.
+        """
         if self._raw is None:
             self._raw = torch.stack([self._resized(n) for n in self.layers], 1)
         return self._raw
@@ -311,8 +390,10 @@ class AttentionMaps:
     # --------------------------------------------------------------- words
     @property
     def words(self) -> list[str]:
-        """Words of the prompt as tokenised (specials and padding excluded; pieces of a
-        split word joined)."""
+        """Words of the prompt as tokenised.
+
+        Specials and padding are excluded; the pieces of a split word are joined.
+        """
         out, cur = [], ""
         for tok, raw in zip(self.tokens, self._raw_tokens()):
             if _is_special(raw):
@@ -335,7 +416,19 @@ class AttentionMaps:
 
     def word_indices(self, word: str, occurrence: int | None = None) -> list[int]:
         """Token positions of ``word`` (all occurrences, or the ``occurrence``-th).
-        Raises ValueError listing the prompt's words if absent."""
+
+        Args:
+            word: a word or phrase of the prompt.
+            occurrence: only this occurrence (0-based); all occurrences by default.
+
+        Returns:
+            The token positions.
+
+        Raises:
+            ValueError: the word is absent (the message lists the prompt's words), or
+                there is no ``occurrence``-th occurrence.
+            RuntimeError: no tokenizer is attached.
+        """
         if self._tokenizer is None:
             raise RuntimeError("no tokenizer attached; use for_token with indices")
         idx = word_token_indices(self._tokenizer, self.prompt, word, occurrence)
@@ -405,24 +498,70 @@ class AttentionMaps:
     # --------------------------------------------------------------- maps
     def for_token(self, index, size=None, layers=None, timesteps=None, *, t_range=None,
                   normalize: bool = True) -> torch.Tensor:
-        """(h, w) map of token position(s) ``index`` (an int or a list, averaged), averaged
-        over heads, ``layers`` (None = all recorded; names, resolutions, "all") and
-        ``timesteps`` (indices into ``.timesteps``) / ``t_range`` (values), upsampled to
-        ``size=(H, W)`` and min-max normalised to [0, 1] unless ``normalize=False``."""
+        """(h, w) map of token position(s) ``index``.
+
+        The map is averaged over heads, the chosen layers, timesteps and tokens, upsampled
+        to ``size`` and min-max normalised to [0, 1] unless ``normalize=False``.
+
+        Args:
+            index: a token position or a list of positions (averaged).
+            size: (H, W) (or an int side) to upsample to; the common grid by default.
+            layers: None = all recorded; names, resolutions, "all" (as for
+                `select_layers`).
+            timesteps: indices into ``.timesteps`` (int / slice / list / bool mask).
+            t_range: (lo, hi) timestep values, lo <= t < hi.
+            normalize: min-max normalise to [0, 1].
+
+        Returns:
+            The (h, w) (or ``size``) map.
+
+        Raises:
+            IndexError: a token position is out of range.
+            ValueError: no timestep or no layer is selected.
+        """
         m = self._average(index, layers, timesteps, t_range).mean(0)
         return self._finish(m, size, normalize)
 
     def for_word(self, word: str, size=None, layers=None, timesteps=None, *, occurrence=None,
                  t_range=None, normalize: bool = True) -> torch.Tensor:
-        """(h, w) map of ``word`` (or phrase): mean over its tokens and, unless
-        ``occurrence`` is given, over all its occurrences. Same options as ``for_token``."""
+        """(h, w) map of ``word`` (or phrase).
+
+        The mean over its tokens and, unless ``occurrence`` is given, over all its
+        occurrences. Same options as `for_token`.
+
+        Args:
+            word: a word or phrase of the prompt.
+            size: as for `for_token`.
+            layers: as for `for_token`.
+            timesteps: as for `for_token`.
+            occurrence: only this occurrence (0-based).
+            t_range: as for `for_token`.
+            normalize: as for `for_token`.
+
+        Returns:
+            The (h, w) (or ``size``) map.
+
+        Raises:
+            ValueError: the word is absent, or as for `for_token`.
+        """
         return self.for_token(self.word_indices(word, occurrence), size, layers, timesteps,
                               t_range=t_range, normalize=normalize)
 
     def per_layer(self, word, size=None, timesteps=None, *, occurrence=None, t_range=None,
                   normalize: bool = True) -> dict:
-        """{layer name: (h_l, w_l) map at the layer's own resolution (or ``size``)}, averaged
-        over the chosen timesteps. ``word`` may be a word or token position(s)."""
+        """One map per recorded layer, at the layer's own resolution (or ``size``).
+
+        Args:
+            word: a word or token position(s).
+            size: (H, W) (or an int side) to resize every map to.
+            timesteps: as for `for_token`.
+            occurrence: only this occurrence of ``word`` (0-based).
+            t_range: as for `for_token`.
+            normalize: min-max normalise each map to [0, 1].
+
+        Returns:
+            ``{layer name: (h_l, w_l) map}``, averaged over the chosen timesteps.
+        """
         idx = self._indices(word, occurrence)
         ti = self._time_sel(timesteps, t_range)
         tok = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
@@ -431,16 +570,42 @@ class AttentionMaps:
 
     def per_timestep(self, word, size=None, layers=None, *, occurrence=None,
                      normalize: bool = False) -> torch.Tensor:
-        """(n_timesteps, h, w) raw maps (layer- and token-averaged), one per entry of
-        ``.timesteps``; ``normalize=True`` scales each to [0, 1]."""
+        """Raw maps (layer- and token-averaged), one per entry of ``.timesteps``.
+
+        Args:
+            word: a word or token position(s).
+            size: (H, W) (or an int side) to upsample to.
+            layers: as for `for_token`.
+            occurrence: only this occurrence of ``word`` (0-based).
+            normalize: scale each map to [0, 1].
+
+        Returns:
+            (n_timesteps, h, w) maps.
+        """
         return self._finish(self._average(self._indices(word, occurrence), layers), size,
                             normalize)
 
     def concept_maps(self, words_or_indices, size=None, layers=None, timesteps=None, *,
                      t_range=None, normalize: bool = False) -> torch.Tensor:
-        """(K, h, w) stacked maps, raw (not normalised) by default, e.g. for
-        ``conceptlab.masks.assign_labels``. Each entry: a word / phrase, a token position,
-        or a list of positions (averaged)."""
+        """(K, h, w) stacked maps, raw (not normalised) by default.
+
+        For example for ``conceptlab.masks.assign_labels``.
+
+        Args:
+            words_or_indices: one entry per concept: a word / phrase, a token position, or
+                a list of positions (averaged); a single word or position is one entry.
+            size: (H, W) (or an int side) to upsample to.
+            layers: as for `for_token`.
+            timesteps: as for `for_token`.
+            t_range: as for `for_token`.
+            normalize: min-max normalise each map to [0, 1].
+
+        Returns:
+            (K, h, w) maps.
+
+        Raises:
+            ValueError: no entry was given, or a word is absent.
+        """
         if isinstance(words_or_indices, (str, int)):
             words_or_indices = [words_or_indices]
         out = [self._average(self._indices(w), layers, timesteps, t_range).mean(0)
@@ -464,19 +629,38 @@ def _check_t_range(t_range, n_train) -> tuple[int, int]:
 
 def attention_maps(pipe, image, prompt: str, *, n_timesteps: int = 50, seed: int = 0,
                    layers=None, t_range=None, batch_size: int | None = None,
-                   generator: torch.Generator | None = None, resize: bool = False
-                   ) -> AttentionMaps:
+                   generator: torch.Generator | None = None, resize: bool = False,
+                   concepts=None) -> AttentionMaps:
     """Cross-attention maps of ``prompt`` on ``image`` (see the module docstring).
 
-    image: PIL image or (H, W, 3) uint8 array / tensor at the pipeline's native size
-        (ValueError otherwise, unless ``resize=True``: resized with a warning).
-    n_timesteps: number of noised copies, t ~ U[t_range) (sorted ascending).
-    seed / generator: timesteps and noise come from ``generator`` if given, else from
-        ``torch.Generator().manual_seed(seed)``: same seed -> identical maps.
-    layers: see :func:`resolve_layers`; ``None`` -> :func:`default_attention_config`.
-    t_range: (lo, hi), hi exclusive; ``None`` -> :func:`default_attention_config`.
-    batch_size: U-Net batch (timesteps per forward); default ``min(n_timesteps, 64)``.
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        image: PIL image or (H, W, 3) uint8 array / tensor at the pipeline's native size
+            (ValueError otherwise, unless ``resize=True``).
+        prompt: the caption whose words are mapped.
+        n_timesteps: number of noised copies, t ~ U[t_range) (sorted ascending).
+        seed: timesteps and noise come from ``torch.Generator().manual_seed(seed)`` unless
+            a ``generator`` is given: same seed -> identical maps.
+        layers: see `resolve_layers`; ``None`` -> `default_attention_config`.
+        t_range: (lo, hi), hi exclusive; ``None`` -> `default_attention_config`.
+        batch_size: U-Net batch (timesteps per forward); default ``min(n_timesteps, 64)``.
+        generator: if given, the source of the timesteps and noise instead of ``seed``.
+        resize: resize an image of another size (with a warning) instead of refusing it.
+        concepts: learned concepts (``ConceptTokens`` or ``LearnedConcepts``) applied for
+            this call only, so that ``prompt`` may name their tokens.
+
+    Returns:
+        The `AttentionMaps`.
+
+    Raises:
+        ValueError: the image has the wrong size (without ``resize``), or
+            ``n_timesteps``, ``batch_size``, ``t_range`` or ``layers`` is invalid.
     """
+    if concepts is not None:
+        with getattr(concepts, "tokens", concepts).applied(pipe):
+            return attention_maps(pipe, image, prompt, n_timesteps=n_timesteps, seed=seed,
+                                  layers=layers, t_range=t_range, batch_size=batch_size,
+                                  generator=generator, resize=resize)
     return _compute(pipe, image, prompt, n_timesteps=n_timesteps, seed=seed, layers=layers,
                     t_range=t_range, batch_size=batch_size, generator=generator, resize=resize)
 
@@ -485,8 +669,25 @@ def sequential_attention_maps(pipe, image, prompt: str, *, n_timesteps: int = 50
                               seed: int = 0, layers=None, t_range=None,
                               generator: torch.Generator | None = None, resize: bool = False
                               ) -> AttentionMaps:
-    """:func:`attention_maps` computed one timestep per U-Net call (reference for the
-    batched path and its speed-up; same inputs, equal results up to float rounding)."""
+    """`attention_maps` computed one timestep per U-Net call.
+
+    The reference for the batched path and its speed-up: same inputs, equal results up to
+    float rounding.
+
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        image: as for `attention_maps`.
+        prompt: the caption whose words are mapped.
+        n_timesteps: number of noised copies.
+        seed: as for `attention_maps`.
+        layers: as for `attention_maps`.
+        t_range: as for `attention_maps`.
+        generator: as for `attention_maps`.
+        resize: as for `attention_maps`.
+
+    Returns:
+        The `AttentionMaps`.
+    """
     return _compute(pipe, image, prompt, n_timesteps=n_timesteps, seed=seed, layers=layers,
                     t_range=t_range, batch_size=1, generator=generator, resize=resize)
 

@@ -1,5 +1,4 @@
-"""
-Masks from cross-attention maps.
+"""Masks from cross-attention maps.
 
 A text-to-image diffusion model gives, for every concept token k (e.g. "<cat>",
 "<dog>"), a cross-attention map A_k of shape (H, W): how strongly each latent
@@ -15,13 +14,17 @@ per-concept masks:
     iou            intersection over union of bool masks
     resize_mask / resize_map   nearest/area and bilinear resizing
 
-Label convention (used here and in conceptlab.crf):
+Label convention (used here and in `conceptlab.crf`):
+
     label 0     = background
     label k + 1 = concept k   (k = 0 .. K-1, in the order of the maps)
 
 Every function accepts a numpy array or a torch tensor and returns the same
 kind (numpy in -> numpy out, torch in -> torch out) unless its docstring says
 otherwise. Internally everything is computed with torch.
+
+Why one module of about 450 lines (about half of it docstrings): every function shares the
+label convention above and the numpy <-> torch plumbing.
 """
 
 import numpy as np
@@ -82,15 +85,23 @@ def _size_2d(size):
 
 
 def normalize(attn, mode="max"):
-    """
-    Rescales every map to [0, 1], each one independently.
+    """Rescales every map to [0, 1], each one independently.
 
-    attn: (..., H, W) float; every (H, W) slice is one map.
-    mode: "max"    -> A / max(A)                    (needs A >= 0)
-          "minmax" -> (A - min(A)) / (max(A) - min(A))
-          "none"   -> A unchanged (maps already in [0, 1], e.g. E-step scores)
-    Returns (..., H, W) float. Degenerate maps (all zero for "max", constant for
-    "minmax") come back as all zeros instead of nan.
+    Args:
+        attn: (..., H, W) float; every (H, W) slice is one map.
+        mode: ``"max"``: A / max(A) (needs A >= 0); ``"minmax"``:
+            (A - min(A)) / (max(A) - min(A)); ``"none"``: A unchanged (maps already in
+            [0, 1], e.g. E-step scores).
+
+    Returns:
+        (..., H, W) float. Degenerate maps (all zero for "max", constant for "minmax")
+            come back as all zeros instead of nan.
+
+    Raises:
+        TypeError: ``attn`` is neither a numpy array nor a torch tensor.
+        ValueError: ``attn`` has fewer than 2 dimensions, ``mode`` is unknown, or the
+            maps break the mode's requirement (negative values for "max", values outside
+            [0, 1] for "none").
     """
     a, was_numpy = _to_torch(attn, "attn")
     _check_ndim(a, 2, "attn", "(..., H, W)")
@@ -115,19 +126,28 @@ def normalize(attn, mode="max"):
 
 
 def otsu_threshold(attn, bins=256):
-    """
-    Otsu's threshold (1979) of every (H, W) map, by hand.
+    """Otsu's threshold (1979) of every (H, W) map, by hand.
 
     The values of one map are histogrammed into `bins` equal bins over
     [min, max]. Splitting after bin k gives two classes with weights w0, w1 and
     means m0, m1; Otsu picks the k that maximises the between-class variance
+
         sigma_b^2(k) = w0 w1 (m0 - m1)^2 = (m_T w0 - m(k))^2 / (w0 (1 - w0))
+
     (m(k) = cumulative first moment, m_T = overall mean); the threshold is the
     upper edge of bin k. Ties go to the smallest k (as in skimage).
 
-    attn: (..., H, W) float
-    Returns (...) float thresholds (a python float for a single (H, W) map).
-    A constant map has no split; its threshold is its value (so `> t` is empty).
+    Args:
+        attn: (..., H, W) float.
+        bins: number of histogram bins.
+
+    Returns:
+        (...) float thresholds (a python float for a single (H, W) map). A constant map
+            has no split; its threshold is its value (so `> t` is empty).
+
+    Raises:
+        TypeError: ``attn`` is neither a numpy array nor a torch tensor.
+        ValueError: ``attn`` has fewer than 2 dimensions.
     """
     a, was_numpy = _to_torch(attn, "attn")
     _check_ndim(a, 2, "attn", "(..., H, W)")
@@ -154,15 +174,20 @@ def otsu_threshold(attn, bins=256):
 
 
 def binarize(attn, method="threshold", threshold=0.5):
-    """
-    Turns every (H, W) map into a bool mask, each map on its own.
+    """Turns every (H, W) map into a bool mask, each map on its own.
 
-    attn: (..., H, W) float, usually normalised to [0, 1] first.
-    method: "threshold" -> A > threshold
-            "mean"      -> A > mean(A)              (per map)
-            "otsu"      -> A > otsu_threshold(A)    (per map, see otsu_threshold)
-    threshold: only used by method="threshold".
-    Returns (..., H, W) bool.
+    Args:
+        attn: (..., H, W) float, usually normalised to [0, 1] first.
+        method: ``"threshold"``: A > threshold; ``"mean"``: A > mean(A) (per map);
+            ``"otsu"``: A > otsu_threshold(A) (per map, see `otsu_threshold`).
+        threshold: only used by method="threshold".
+
+    Returns:
+        (..., H, W) bool.
+
+    Raises:
+        TypeError: ``attn`` is neither a numpy array nor a torch tensor.
+        ValueError: ``attn`` has fewer than 2 dimensions or ``method`` is unknown.
     """
     a, was_numpy = _to_torch(attn, "attn")
     _check_ndim(a, 2, "attn", "(..., H, W)")
@@ -198,18 +223,28 @@ def _concept_scores(maps, background_threshold, normalize_mode):
 
 
 def assign_labels(maps, background_threshold=0.3, normalize_mode="max"):
-    """
-    One label per pixel from K concept attention maps.
+    """One label per pixel from K concept attention maps.
 
-    Every map is normalised to [0, 1] (see normalize), a constant background
+    Every map is normalised to [0, 1] (see `normalize`), a constant background
     channel of value `background_threshold` is put in front, and each pixel
     takes the argmax over these K+1 channels. So a pixel is background unless
     some concept's normalised attention beats the threshold; otherwise it
     belongs to the concept that attends to it most. Ties go to the lower label
     (a pixel exactly at the threshold is background).
 
-    maps: (K, H, W) non-negative (any leading dims (..., K, H, W) also work)
-    Returns labels (H, W) int64 in [0, K]: 0 = background, k+1 = concept k.
+    Args:
+        maps: (K, H, W) non-negative (any leading dims (..., K, H, W) also work).
+        background_threshold: score of the background channel, in [0, 1].
+        normalize_mode: how each map is normalised (the ``mode`` of `normalize`).
+
+    Returns:
+        Labels (H, W) int64 in [0, K]: 0 = background, k+1 = concept k.
+
+    Raises:
+        TypeError: ``maps`` is neither a numpy array nor a torch tensor.
+        ValueError: ``maps`` has fewer than 3 dimensions or K = 0 maps,
+            ``background_threshold`` is outside [0, 1], or the maps do not suit
+            ``normalize_mode``.
     """
     _, was_numpy = _to_torch(maps, "maps")
     scores = _concept_scores(maps, background_threshold, normalize_mode)
@@ -217,20 +252,37 @@ def assign_labels(maps, background_threshold=0.3, normalize_mode="max"):
 
 
 def assign_masks(maps, background_threshold=0.3, normalize_mode="max"):
-    """
-    Same as assign_labels, returned as K disjoint bool masks.
+    """Same as `assign_labels`, returned as K disjoint bool masks.
 
-    maps: (K, H, W) non-negative
-    Returns (K, H, W) bool, masks[k] = (labels == k + 1); no pixel is in two masks.
+    Args:
+        maps: (K, H, W) non-negative.
+        background_threshold: score of the background channel, in [0, 1].
+        normalize_mode: how each map is normalised (the ``mode`` of `normalize`).
+
+    Returns:
+        (K, H, W) bool, masks[k] = (labels == k + 1); no pixel is in two masks.
+
+    Raises:
+        TypeError: ``maps`` is neither a numpy array nor a torch tensor.
+        ValueError: as for `assign_labels`.
     """
     labels = assign_labels(maps, background_threshold, normalize_mode)
     return labels_to_masks(labels, maps.shape[-3])
 
 
 def labels_to_masks(labels, num_concepts):
-    """
-    labels (..., H, W) int in [0, K] (0 = background) -> masks (..., K, H, W) bool,
-    masks[k] = (labels == k + 1).
+    """Label maps to one bool mask per concept.
+
+    Args:
+        labels: (..., H, W) int in [0, K] (0 = background).
+        num_concepts: the number of concepts K.
+
+    Returns:
+        Masks (..., K, H, W) bool, masks[k] = (labels == k + 1).
+
+    Raises:
+        TypeError: ``labels`` is not an integer array or tensor.
+        ValueError: ``labels`` has fewer than 2 dimensions or values outside [0, K].
     """
     l, was_numpy = _to_torch(labels, "labels")
     _check_ndim(l, 2, "labels", "(..., H, W)")
@@ -245,9 +297,17 @@ def labels_to_masks(labels, num_concepts):
 
 
 def masks_to_labels(masks):
-    """
-    masks (..., K, H, W) bool, disjoint -> labels (..., H, W) int64,
-    0 where no mask is set, k+1 where masks[k] is set.
+    """Disjoint bool masks to one label map.
+
+    Args:
+        masks: (..., K, H, W) bool, disjoint.
+
+    Returns:
+        Labels (..., H, W) int64: 0 where no mask is set, k+1 where masks[k] is set.
+
+    Raises:
+        TypeError: ``masks`` is not a bool array or tensor.
+        ValueError: ``masks`` has fewer than 3 dimensions or the masks overlap.
     """
     m, was_numpy = _to_torch(masks, "masks")
     _check_ndim(m, 3, "masks", "(K, H, W)")
@@ -260,21 +320,31 @@ def masks_to_labels(masks):
 
 
 def unary_from_maps(maps, background_threshold=0.3, temperature=0.1, normalize_mode="max"):
-    """
-    Soft version of assign_labels: label probabilities for a DenseCRF.
+    """Soft version of `assign_labels`: label probabilities for a DenseCRF.
 
     With s_0 = background_threshold and s_{k+1} = normalize(A_k) in [0, 1]
-    (the same K+1 scores that assign_labels takes the argmax of),
+    (the same K+1 scores that `assign_labels` takes the argmax of),
+
         P(label l at pixel i) = softmax_l( s_l(i) / temperature ).
+
     We use a softmax with a temperature (rather than clamping and dividing by
-    the sum) because it keeps the argmax identical to assign_labels, is never
+    the sum) because it keeps the argmax identical to `assign_labels`, is never
     exactly 0 (so -log P is finite), and `temperature` has a plain meaning: a
     score gap of `temperature` is one nat of unary energy. The CRF's unary
-    energy is U = -log P (see conceptlab.crf.unary_from_probs).
+    energy is U = -log P (see `conceptlab.crf.unary_from_probs`).
 
-    maps: (K, H, W) non-negative concept attention maps
-    temperature: > 0; small = confident unaries, large = let the CRF decide.
-    Returns probs (K+1, H, W) float, summing to 1 over dim 0; channel 0 = background.
+    Args:
+        maps: (K, H, W) non-negative concept attention maps.
+        background_threshold: score s_0 of the background channel, in [0, 1].
+        temperature: > 0; small = confident unaries, large = let the CRF decide.
+        normalize_mode: how each map is normalised (the ``mode`` of `normalize`).
+
+    Returns:
+        Probs (K+1, H, W) float, summing to 1 over dim 0; channel 0 = background.
+
+    Raises:
+        TypeError: ``maps`` is neither a numpy array nor a torch tensor.
+        ValueError: ``temperature`` is not > 0, or as for `assign_labels`.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -288,13 +358,20 @@ def unary_from_maps(maps, background_threshold=0.3, temperature=0.1, normalize_m
 
 
 def iou(pred, target):
-    """
-    Intersection over union |pred & target| / |pred | target| of bool masks.
+    """Intersection over union |pred & target| / |pred | target| of bool masks.
 
-    pred, target: (..., H, W) bool, same shape.
-    Returns a python float for a single (H, W) pair, else (...) float64 array
-    or tensor, one IoU per leading index. Two empty masks agree perfectly, so
-    their IoU is defined as 1.0.
+    Args:
+        pred: (..., H, W) bool.
+        target: (..., H, W) bool, the same shape as ``pred``.
+
+    Returns:
+        A python float for a single (H, W) pair, else (...) float64 array or tensor, one
+            IoU per leading index. Two empty masks agree perfectly, so their IoU is
+            defined as 1.0.
+
+    Raises:
+        TypeError: ``pred`` or ``target`` is not a bool array or tensor.
+        ValueError: ``pred`` has fewer than 2 dimensions or the shapes differ.
     """
     p, was_numpy = _to_torch(pred, "pred")
     t, _ = _to_torch(target, "target")
@@ -324,16 +401,22 @@ def _interpolate(t, size, **kwargs):
 
 
 def resize_mask(mask, size, mode="nearest"):
-    """
-    Resizes bool masks.
+    """Resizes bool masks.
 
-    mask: (..., H, W) bool
-    size: int or (h, w)
-    mode: "nearest" -> pixel-centre nearest neighbour (torch 'nearest-exact',
-                       the same as PIL / skimage)
-          "area"    -> a pixel is set if more than half of the area it covers
-                       is set (meant for downsampling)
-    Returns (..., h, w) bool.
+    Args:
+        mask: (..., H, W) bool.
+        size: int or (h, w).
+        mode: ``"nearest"``: pixel-centre nearest neighbour (torch 'nearest-exact', the
+            same as PIL / skimage); ``"area"``: a pixel is set if more than half of the
+            area it covers is set (meant for downsampling).
+
+    Returns:
+        (..., h, w) bool.
+
+    Raises:
+        TypeError: ``mask`` is not a bool array or tensor.
+        ValueError: ``mask`` has fewer than 2 dimensions, ``size`` is not a positive int
+            or pair of positive ints, or ``mode`` is unknown.
     """
     m, was_numpy = _to_torch(mask, "mask")
     _check_bool(m, "mask")
@@ -349,13 +432,20 @@ def resize_mask(mask, size, mode="nearest"):
 
 
 def resize_map(attn, size):
-    """
-    Resizes float maps bilinearly (pixel centres aligned, antialiased when
-    downsampling).
+    """Resizes float maps bilinearly (pixel centres aligned, antialiased when downsampling).
 
-    attn: (..., H, W) float
-    size: int or (h, w)
-    Returns (..., h, w) float, same dtype.
+    Args:
+        attn: (..., H, W) float.
+        size: int or (h, w).
+
+    Returns:
+        (..., h, w) float, same dtype.
+
+    Raises:
+        TypeError: ``attn`` is a bool mask (use `resize_mask`) or neither a numpy array
+            nor a torch tensor.
+        ValueError: ``attn`` has fewer than 2 dimensions or ``size`` is not a positive
+            int or pair of positive ints.
     """
     a, was_numpy = _to_torch(attn, "attn")
     _check_ndim(a, 2, "attn", "(..., H, W)")

@@ -14,11 +14,16 @@ Everything else in conceptlab asks this module, and only this module, about the 
 - :func:`encode_image`: ``z0 = (VAE.encode(x).mean - shift_factor) * scaling_factor``
   (diffusers' convention; ``shift_factor`` is absent, i.e. 0, for SD 1.x/2.x);
 - :func:`prompt_ids` (padded tokenisation, the only place it is done) and
-  :func:`encode_prompt`.
+  :func:`encode_prompt`;
+- the checks: :func:`check_prompt` (concept tokens, characters the tokenizer cannot
+  represent, length), :func:`check_seed` (integers in [0, 2**32 - 1]), and
+  :func:`resolve_model` (bundled name, folder or hub id; a mistyped path is never sent to
+  the hub). Files are opened only after ``fileio.check_regular_file`` (no folder, FIFO or
+  device); ``fileio.check_number`` checks any numeric setting.
 
-Why one module of about 430 lines: it is the only place that asks the model anything (kind,
-sizes, folder defaults, the image and prompt conventions); split, each question would need
-the others' checks. A third of it is docstrings and error messages.
+Why one module of about 600 lines: it is the only place that asks the model anything (kind,
+sizes, folder defaults, the image, prompt and seed conventions); split, each question would
+need the others' checks. A third of it is docstrings and error messages.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+from .fileio import check_number, check_regular_file
 
 BUNDLED_MODEL = "shapes-ldm"
 CONFIG_FILE = "conceptlab.json"  # per-model defaults in a pipeline folder
@@ -60,11 +67,41 @@ def bundled_models() -> list[str]:
         if root.is_dir() else []
 
 
+#: a Hugging Face hub id: "owner/name" (letters, digits, '-', '_', '.')
+HUB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for a string that can only be meant as a local path, never a hub id: it starts
+    with ./ ../ / or ~, holds a backslash (Windows) or more than one '/', ends in a
+    separator, is "." or "..", or has a '/' but characters no hub id has (a space)."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return (name.startswith(("./", "../", "/", "~")) or name in (".", "..")
+            or any(sep in name for sep in seps - {"/"}) or name.count("/") > 1
+            or name.endswith(tuple(seps)) or ("/" in name and not HUB_ID_RE.fullmatch(name)))
+
+
 def resolve_model(name_or_path: str) -> str:
-    """Bundled name -> folder; folder -> checked folder; anything else returned unchanged."""
-    if name_or_path in bundled_models():
-        return str(data_dir() / "models" / name_or_path)
-    p = Path(name_or_path).expanduser()
+    """Where to load a model from: a bundled name, a local folder or a hub id.
+
+    Args:
+        name_or_path: a bundled model's name (``"shapes-ldm"``), a local diffusers pipeline
+            folder, or a Hugging Face hub id ``"owner/name"``.
+
+    Returns:
+        The bundled model's folder, the checked local folder, or the hub id unchanged.
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` looks like a local path (starts with ./ ../ / ~,
+            holds more than one '/', ends in '/') and nothing is there; it is never sent to
+            the hub.
+        ValueError: the folder is not a complete pipeline folder, or the name is neither a
+            bundled model, a folder nor a hub id.
+    """
+    name = os.fspath(name_or_path)
+    if name in bundled_models():
+        return str(data_dir() / "models" / name)
+    p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "model_index.json").exists():
             raise ValueError(
@@ -73,10 +110,14 @@ def resolve_model(name_or_path: str) -> str:
                 "`pipe.save_pretrained(...)` such as a Stable Diffusion 1.5 / 2.1 download.")
         _check_component_folders(p)
         return str(p)
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        return name_or_path  # a hub id
+    if _looks_like_path(name):
+        raise FileNotFoundError(
+            f"no model folder at {p.absolute()}: check the path (a hub id is 'owner/name'; "
+            f"bundled models: {bundled_models()})")
+    if HUB_ID_RE.fullmatch(name):
+        return name  # a hub id
     raise ValueError(
-        f"unknown model {name_or_path!r}: pass one of the bundled models "
+        f"unknown model {name!r}: pass one of the bundled models "
         f"{bundled_models()}, a local diffusers folder, or a Hugging Face hub id "
         "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
 
@@ -84,8 +125,13 @@ def resolve_model(name_or_path: str) -> str:
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+#: the largest JSON config read whole (model_index.json, conceptlab.json are < 1 KiB)
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _json_object(path, fix: str) -> dict:
     """The JSON object in ``path``, or a ValueError saying what is wrong and ``fix``."""
+    check_regular_file(path, max_bytes=MAX_CONFIG_BYTES, what="JSON config")
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -110,6 +156,11 @@ def _check_component_folders(folder: Path):
         raise ValueError(f"the model folder {folder} is incomplete: no {', '.join(missing)} "
                          "folder. Copy the whole folder written by "
                          "`pipe.save_pretrained(folder)`.")
+    for k in named:  # diffusers / transformers open these: a FIFO among them would hang
+        with os.scandir(folder / k) as entries:
+            for e in entries:
+                if not e.is_dir():
+                    check_regular_file(e.path, what="model file")
 
 
 def default_device() -> str:
@@ -210,7 +261,7 @@ def pipeline_folder(pipe) -> str | None:
 def model_folder_config(pipe) -> dict:
     """The pipeline folder's ``conceptlab.json`` (attention defaults), or {}."""
     folder = pipeline_folder(pipe)
-    if folder is None or not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+    if folder is None or not os.path.lexists(os.path.join(folder, CONFIG_FILE)):
         return {}
     return _json_object(os.path.join(folder, CONFIG_FILE), "fix or delete it")
 
@@ -244,18 +295,25 @@ def num_train_timesteps(pipe) -> int:
 MIN_IMAGE_SIDE = 8
 
 
+def _single_frame(img, name: str):
+    """ValueError for an animated GIF / multi-page TIFF (which frame is meant is not
+    guessed). An MPO (a camera JPEG with extra pictures) is its primary picture, frame 0."""
+    n = getattr(img, "n_frames", 1)
+    if n > 1 and img.format != "MPO":
+        raise ValueError(
+            f"{name} has {n} frames (an animated or multi-page image): pick one frame k in "
+            f"0..{n - 1} with im = Image.open(path); im.seek(k); and pass im.copy()")
+
+
 def _pil_to_array(img) -> np.ndarray:
     """Any PIL mode -> (H, W, 3) uint8, warning where information is dropped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        warnings.warn(f"a {img.mode} (16/32-bit) image is scaled to 8 bits per channel "
-                      f"and treated as grayscale", stacklevel=4)
-        a = np.round(a / hi * 255).clip(0, 255).astype(np.uint8)
-        return np.repeat(a[..., None], 3, -1)
-    if img.mode == "F":
-        a = np.asarray(img, dtype=np.float32)
-        return _array_to_uint8(np.repeat(a[..., None], 3, -1))
+    if img.mode.startswith("I;16"):  # I;16, I;16B, I;16L (unsigned), I;16S (signed)
+        a = np.asarray(img)
+        return _gray(_array_to_uint8(a.astype(a.dtype.newbyteorder("=")),
+                                     f"a 16-bit image (PIL mode {img.mode})"))
+    if img.mode in ("I", "F"):
+        bits = "32-bit integer" if img.mode == "I" else "32-bit float"
+        return _gray(_array_to_uint8(np.asarray(img), f"a {bits} image (PIL mode {img.mode})"))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"))
         if (rgba[..., 3] < 255).any():
@@ -266,7 +324,13 @@ def _pil_to_array(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+def _gray(a: np.ndarray) -> np.ndarray:
+    return np.repeat(a[..., None], 3, -1)
+
+
+def _array_to_uint8(arr: np.ndarray, what: str | None = None) -> np.ndarray:
+    """The documented conversions of :func:`to_uint8` (``what`` names the image in errors)."""
+    what = what or f"a {arr.dtype} image"
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == bool:
@@ -279,72 +343,120 @@ def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
             raise ValueError("the image contains NaN or infinite values")
         if arr.min() < 0 or arr.max() > 1:
             raise ValueError(
-                f"a float image must lie in [0, 1] (got values in [{arr.min():.3g}, "
+                f"{what} must lie in [0, 1] (got values in [{arr.min():.3g}, "
                 f"{arr.max():.3g}]): convert it with (img * 255).round().astype(np.uint8) if "
-                "it is 0-255, or (img + 1) / 2 if it is in [-1, 1]")
+                "it is 0-255, (img + 1) / 2 if it is in [-1, 1], or img / img.max()")
         return (arr * 255).round().astype(np.uint8)  # documented: [0, 1] -> 0-255
-    if np.issubdtype(arr.dtype, np.integer):
-        if arr.min() < 0:
-            raise ValueError(f"a {arr.dtype} image has negative values: pass uint8 (0-255)")
-        if arr.max() <= 255:
-            return arr.astype(np.uint8)
-        if arr.max() <= 65535:
-            warnings.warn(f"a {arr.dtype} image with values above 255 is read as 16-bit and "
-                          "scaled to 8 bits (x / 257)", stacklevel=4)
-            return np.round(arr / 257.0).astype(np.uint8)
-        raise ValueError(f"a {arr.dtype} image has values up to {arr.max()}: pass uint8")
-    raise ValueError(f"unsupported image dtype {arr.dtype}: pass uint8 (0-255) or float in [0, 1]")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"unsupported image dtype {arr.dtype}: pass uint8 (0-255) or float "
+                         "in [0, 1]")
+    lo, hi = int(arr.min()), int(arr.max())
+    if arr.dtype == np.uint16:  # 16-bit: 0-65535 by convention, whatever the values
+        low = (" (all its values are <= 255: if they are 8-bit values, convert it to uint8 "
+               "first)") if hi <= 255 else ""
+        warnings.warn(f"{what} is read as 16-bit (0-65535; its values span {lo}-{hi}) and "
+                      f"scaled to 8 bits (x / 257){low}", stacklevel=4)
+        return np.round(arr / 257.0).astype(np.uint8)
+    if lo >= 0 and hi <= 255:
+        return arr.astype(np.uint8)  # 8-bit values in a wider integer type
+    fix = f"a / {hi}" if lo == 0 else f"(a - {lo}) / {hi - lo}"
+    raise ValueError(
+        f"{what} has values in [{lo}, {hi}]: only 8-bit (0-255) and 16-bit (uint16, 0-65535) "
+        "integer images have a known white level, so this one is not guessed; scale it to "
+        f"uint8 yourself, e.g. np.round({fix} * 255).astype(np.uint8)")
+
+
+def _read_image_file(path: str) -> np.ndarray:
+    check_regular_file(path, what="image")  # a folder, a FIFO, a device: refused at once
+    try:
+        with Image.open(path) as im:
+            _single_frame(im, "the file")
+            im.load()
+            return _pil_to_array(ImageOps.exif_transpose(im))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read the image {path}: {e}") from None
+
+
+def _tensor_or_array(image) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
+            t = t.permute(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+        arr = t.numpy()
+    else:
+        arr = image
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        hint = (" It looks channel-first: use image.transpose(1, 2, 0)."
+                if arr.ndim == 3 and arr.shape[0] in (1, 3) else "")
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got shape "
+                         f"{tuple(arr.shape)}.{hint}")
+    if arr.shape[-1] == 4:
+        warnings.warn("the array has 4 channels: the 4th (alpha) is dropped", stacklevel=3)
+        arr = arr[..., :3]
+    arr = _array_to_uint8(np.asarray(arr))
+    return np.repeat(arr, 3, -1) if arr.shape[-1] == 1 else arr
+
+
+def _fit(arr: np.ndarray, size, resize: bool) -> np.ndarray:
+    h, w = arr.shape[:2]
+    H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if (h, w) == (H, W):
+        return arr
+    if not resize:
+        raise ValueError(
+            f"image is {w}x{h} but the model works at {W}x{H}: resize it first "
+            f"(PIL: img.resize(({W}, {H}))) or pass resize=True")
+    note = "" if abs(w / h - W / H) < 0.01 else \
+        f" (the aspect ratio changes from {w / h:.2f} to {W / H:.2f}: crop first to avoid distortion)"
+    warnings.warn(f"resizing the image from {w}x{h} to {W}x{H}{note}", stacklevel=3)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((W, H), Image.BICUBIC))
 
 
 def to_uint8(image, size: int | tuple | None = None, resize: bool = False, *,
              min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
     """Any supported image -> (H, W, 3) uint8 numpy array (C-contiguous, writeable).
 
-    Accepted: a path (any format PIL reads), a PIL image of any mode, an (H, W, 3),
-    (H, W, 1) or (H, W) array or tensor, or a (3, H, W) tensor. Conversions, each
-    documented and (where something is lost) warned: grayscale -> RGB; float in [0, 1]
-    -> x * 255 (floats outside [0, 1] are an error); 16-bit -> x / 257 (warned); alpha
-    channels dropped (warned when some pixel is transparent). Rejected with a ValueError
-    that says what to do: boolean arrays (masks), other shapes, NaN, negative values,
-    images smaller than 8 px.
+    Images are read as a viewer shows them: the EXIF orientation of a file or PIL image is
+    applied. Conversions, each documented and (where something is lost) warned:
 
-    With ``size`` (an int or (H, W)) the image must have that size; another size is an
-    error unless ``resize=True`` (then it is resized, bicubic, with a warning that also
-    says when the aspect ratio changes).
+    - grayscale -> RGB; alpha channels dropped (warned when some pixel is transparent);
+    - float (arrays, PIL mode F): must lie in [0, 1], then x * 255;
+    - 16-bit integers (uint16 arrays, PIL modes I;16*): the convention is that 65535 is
+      white, so x / 257, always (warned, with the image's own range: a 16-bit image that
+      holds 8-bit values comes out dark, and the warning says so);
+    - other integer types (int32 arrays, 32-bit PIL mode I, int64, ...): values within 0-255
+      are 8-bit values, kept; any other range (0-1000, 0-65535, negatives) has no known
+      white level, so it is refused with its range named (scale it to uint8 yourself).
+
+    Args:
+        image: a path (any format PIL reads; not a folder, FIFO or device), a PIL image of
+            any mode, an (H, W, 3), (H, W, 1) or (H, W) array or tensor, or a (3, H, W)
+            tensor. One picture: an animated GIF or multi-page TIFF is refused (pick a frame
+            with ``im.seek(k)`` and pass ``im.copy()``).
+        size: an int or (H, W): the image must have that size.
+        resize: resize (bicubic, warned, also when the aspect ratio changes) to ``size``
+            instead of refusing another size.
+        min_side: the smallest side accepted, in pixels.
+
+    Returns:
+        (H, W, 3) uint8 array.
+
+    Raises:
+        FileNotFoundError: no file at the path. IsADirectoryError: the path is a folder.
+        ValueError: not a regular file, unreadable, several frames, boolean arrays (masks),
+            other shapes, NaN, values out of the ranges above, images smaller than
+            ``min_side``, another size without ``resize``.
+        TypeError: not an image type.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such image file: {path}")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                arr = _pil_to_array(im)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read the image {path}: {e}") from None
+        arr = _read_image_file(os.fspath(image))
     elif isinstance(image, Image.Image):
-        arr = _pil_to_array(image)
+        _single_frame(image, "the PIL image")
+        arr = _pil_to_array(ImageOps.exif_transpose(image))
     elif isinstance(image, (np.ndarray, torch.Tensor)):
-        if isinstance(image, torch.Tensor):
-            t = image.detach().cpu()
-            if t.ndim == 3 and t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
-                t = t.permute(1, 2, 0)  # (3, H, W) -> (H, W, 3)
-            arr = t.numpy()
-        else:
-            arr = image
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-            hint = (" It looks channel-first: use image.transpose(1, 2, 0)."
-                    if arr.ndim == 3 and arr.shape[0] in (1, 3) else "")
-            raise ValueError(f"expected an RGB image of shape (H, W, 3), got shape "
-                             f"{tuple(arr.shape)}.{hint}")
-        if arr.shape[-1] == 4:
-            warnings.warn("the array has 4 channels: the 4th (alpha) is dropped", stacklevel=2)
-            arr = arr[..., :3]
-        arr = _array_to_uint8(np.asarray(arr))
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, -1)
+        arr = _tensor_or_array(image)
     else:
         raise TypeError(f"an image must be a path, a PIL image, a numpy array or a torch "
                         f"tensor, got {type(image).__name__}")
@@ -352,17 +464,7 @@ def to_uint8(image, size: int | tuple | None = None, resize: bool = False, *,
     if min(h, w) < min_side:
         raise ValueError(f"the image is {w}x{h} pixels: at least {min_side} px a side")
     if size is not None:
-        H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        if (h, w) != (H, W):
-            if not resize:
-                raise ValueError(
-                    f"image is {w}x{h} but the model works at {W}x{H}: resize it first "
-                    f"(PIL: img.resize(({W}, {H}))) or pass resize=True")
-            note = "" if abs(w / h - W / H) < 0.01 else \
-                f" (the aspect ratio changes from {w / h:.2f} to {W / H:.2f}: crop first to avoid distortion)"
-            warnings.warn(f"resizing the image from {w}x{h} to {W}x{H}{note}", stacklevel=2)
-            arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize((W, H),
-                                                                               Image.BICUBIC))
+        arr = _fit(arr, size, resize)
     return np.require(arr, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
 
 
@@ -388,19 +490,18 @@ def encode_image(pipe, image, resize: bool = False) -> torch.Tensor:
 
 #: a concept-token-looking word of a prompt: ``[v1]``, ``[dog1]`` (brackets, no spaces)
 CONCEPT_TOKEN_RE = re.compile(r"\[[^\[\]\s]+\]")
+#: a bracketed group with whitespace inside (``[ v1 ]``): never a concept token
+SPACED_BRACKETS_RE = re.compile(r"\[[^\[\]]*\s[^\[\]]*\]")
 
 
-def check_prompt(pipe, prompt: str) -> str:
-    """Check a prompt before it reaches the text encoder (every prompt in conceptlab does).
-
-    - a ``[...]`` word (``[v1]``) must be a token added to this pipeline's tokenizer: the
-      tokenizer would otherwise split an unlearned ``[v9]`` into '[', 'v', '9', ']' and the
-      result would mean nothing (ValueError naming the known concept tokens);
-    - a prompt longer than the tokenizer allows warns and says how much is cut.
-    """
-    if not isinstance(prompt, str):
-        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
-    tok = pipe.tokenizer
+def _check_brackets(tok, prompt: str):
+    spaced = SPACED_BRACKETS_RE.findall(prompt)
+    if spaced:
+        inner = "".join(spaced[0][1:-1].split())
+        fix = f"write [{inner}]" if f"[{inner}]" in tok.get_added_vocab() else \
+            "write concept tokens without spaces ([v1]), or drop the brackets"
+        raise ValueError(f"{spaced[0]!r} in {prompt!r} has spaces inside its brackets, so it "
+                         f"is not read as a concept token: {fix}")
     added = set(tok.get_added_vocab())
     unknown = [w for w in CONCEPT_TOKEN_RE.findall(prompt) if w not in added]
     if unknown:
@@ -408,6 +509,52 @@ def check_prompt(pipe, prompt: str) -> str:
         raise ValueError(f"unknown concept token(s) {unknown} in {prompt!r}; known concept "
                          f"tokens: {known or 'none'}. Learn them first, or load saved ones "
                          "(load_concepts, or pass the concepts to generate)")
+
+
+def unrepresentable_characters(tokenizer, text: str) -> list[str]:
+    """The characters of ``text`` that ``tokenizer`` turns into its unknown token (emoji,
+    accents or symbols outside a small vocabulary such as the bundled model's), in order of
+    first appearance; [] when every character is represented (always, for Stable
+    Diffusion's byte-level CLIP tokenizer)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk not in tokenizer(text, add_special_tokens=False).input_ids:
+        return []
+    return list(dict.fromkeys(
+        c for c in text if not c.isspace()
+        and unk in tokenizer(c, add_special_tokens=False).input_ids))
+
+
+def check_prompt(pipe, prompt: str) -> str:
+    """Check a prompt before it reaches the text encoder (every prompt in conceptlab does).
+
+    - a ``[...]`` word (``[v1]``) must be a token added to this pipeline's tokenizer: the
+      tokenizer would otherwise split an unlearned ``[v9]`` into '[', 'v', '9', ']' and the
+      result would mean nothing; a bracketed group with spaces (``[ v1 ]``) is never one;
+    - every character must be one the tokenizer represents: an emoji or accent outside
+      the vocabulary would silently become the unknown (end-of-text) token;
+    - a prompt longer than the tokenizer allows warns and says how much is cut.
+
+    Args:
+        pipe: the pipeline whose tokenizer reads the prompt.
+        prompt: the prompt.
+
+    Returns:
+        ``prompt``, unchanged.
+
+    Raises:
+        TypeError: ``prompt`` is not a str.
+        ValueError: an unknown or spaced concept token, or characters the tokenizer cannot
+            represent (named).
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    tok = pipe.tokenizer
+    _check_brackets(tok, prompt)
+    bad = unrepresentable_characters(tok, prompt)
+    if bad:
+        raise ValueError(f"the prompt {prompt!r} has characters this model's tokenizer cannot "
+                         f"represent: {' '.join(bad)} ({', '.join(map(ascii, bad))}); they "
+                         "would become its unknown token: remove or replace them")
     n = len(tok(prompt).input_ids)
     if n > tok.model_max_length:
         kept = tok.decode(tok(prompt, truncation=True, max_length=tok.model_max_length,
@@ -415,6 +562,35 @@ def check_prompt(pipe, prompt: str) -> str:
         warnings.warn(f"prompt has {n} tokens but the text encoder takes "
                       f"{tok.model_max_length}: it is truncated to {kept!r}", stacklevel=2)
     return prompt
+
+
+#: the seeds accepted: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed) -> int:
+    """A random seed, checked: an integer in [0, 2**32 - 1].
+
+    Why this range: every sample in conceptlab draws its noise from
+    ``torch.Generator("cpu").manual_seed(seed)``, whose Mersenne Twister keeps only the low
+    32 bits of the seed, so seed 2**32 silently gives the pictures of seed 0 (and
+    ``manual_seed`` itself accepts negative seeds as 2**64 + seed, and overflows at 2**64).
+    numpy's ``RandomState`` takes the same range.
+
+    Args:
+        seed: a Python or numpy integer (not a bool or a float).
+
+    Returns:
+        ``seed`` as a Python int.
+
+    Raises:
+        ValueError: ``seed`` is not an integer in [0, 2**32 - 1] (the message gives the range).
+    """
+    try:
+        return check_number("seed", seed, 0, MAX_SEED, integer=True)
+    except ValueError as e:
+        raise ValueError(f"{e} (2**32 - 1: torch's CPU generator keeps only 32 bits of a "
+                         "seed, so a larger one would repeat a smaller one's pictures)") from None
 
 
 def prompt_ids(tokenizer, prompts) -> torch.Tensor:

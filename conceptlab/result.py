@@ -1,34 +1,56 @@
 """What :func:`conceptlab.em.learn_concepts` returns: tokens, masks, and how they got there.
 
 :class:`LearnedConcepts` holds the learned :class:`~conceptlab.tokens.ConceptTokens`, the
-images, the final masks, the masks at every E-step (and their IoU when ground truth was
-given for evaluation), the training history and the warnings. It round-trips through a
-folder (:meth:`LearnedConcepts.save` / :meth:`LearnedConcepts.load`; safetensors, npz
-without pickle and JSON) and :func:`conceptlab.generation.generate` accepts it directly.
+images, the final masks, the masks at every E-step (and their IoU when a
+:class:`~conceptlab.em_callbacks.GroundTruthIoU` callback measured them), the training
+history and the warnings. :func:`conceptlab.generation.generate` accepts it directly.
+
+:meth:`LearnedConcepts.save` writes the concepts' standard files
+(:mod:`conceptlab.concept_files`) and, beside them, files any tool reads: the images and
+the final masks as PNG (``images/image0.png``, ``masks/image0_v1.png``), the masks of every
+E-step in ``mask_history.npz`` (numpy, no pickle) and the training history as JSON.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import os
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import masks as _masks
-from .fileio import atomic_save, atomic_write_json
-from .tokens import CONCEPTS_FILE, UNET_DELTA_FILE, ConceptTokens, load_concepts, save_concepts
+from .concept_files import load_concepts, read_sidecar, save_concepts, token_file_name
+from .fileio import atomic_save
+from .tokens import ConceptTokens
 from .train.history import TrainingHistory
 
-
-def _savez(path, arrays):
-    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez_compressed(f, **arrays)
+HISTORY_FILE = "history.json"
+MASK_HISTORY_FILE = "mask_history.npz"
 
 
-RESULT_FILES = ("em.json", "masks.npz", "history.json", CONCEPTS_FILE, UNET_DELTA_FILE)
+def _png_bytes(array) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_bytes(folder, name, data: bytes) -> str:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_save(write, os.path.join(folder, name))
+    return name
+
+
+def _read_png(path, mode) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert(mode))
 
 
 @dataclass
@@ -43,10 +65,10 @@ class LearnedConcepts:
     history: TrainingHistory | None = None
     e_steps: list = field(default_factory=list)  # steps at which masks were (re)estimated
     mask_history: list = field(default_factory=list)  # per E-step: list per image of masks
-    iou_history: list = field(default_factory=list)  # per E-step: (K,) IoU per concept
+    iou_history: list = field(default_factory=list)  # per E-step: (K,) IoU (GroundTruthIoU)
     warnings: list = field(default_factory=list)
-    # evaluation only (gt_masks given): IoU of masks re-estimated from the CURRENT tokens'
-    # attention at the E-step schedule, for every method (for "em" they are the masks used)
+    # GroundTruthIoU only: IoU of masks re-estimated from the CURRENT tokens at the E-step
+    # schedule, for every method (for "em" they are the masks used)
     eval_steps: list = field(default_factory=list)
     eval_iou_history: list = field(default_factory=list)
     complete: bool = True  # False: the run was interrupted (resume it with the same call)
@@ -59,82 +81,79 @@ class LearnedConcepts:
     def embeddings(self) -> torch.Tensor:
         return self.tokens.embeddings
 
+    def applied(self, pipe):
+        """``with learned.applied(pipe):`` the concepts in ``pipe`` for the block."""
+        return self.tokens.applied(pipe)
+
     def latent_masks(self, pipe_or_factor=4) -> list:
         """Masks at latent resolution (nearest), per image: (K_i, H/f, W/f) bool."""
         f = pipe_or_factor if isinstance(pipe_or_factor, int) else pipe_or_factor.vae_scale_factor
         return [np.asarray(_masks.resize_mask(m, (m.shape[1] // f, m.shape[2] // f)), bool)
                 for m in self.masks]
 
-    def mean_iou(self, step: int = -1) -> float:
-        return float(np.mean(self.iou_history[step])) if self.iou_history else float("nan")
-
     # ------------------------------------------------------------------ persistence
-    def save(self, directory) -> str:
-        """Write the result into ``directory``: every file atomically, and the files of an
-        earlier result that this one does not have (a history, a U-Net delta) removed, so
-        the folder never pairs this result with pieces of another."""
-        directory = str(directory)
-        os.makedirs(directory, exist_ok=True)
-        save_concepts(self.tokens, directory)  # removes a stale unet_delta itself
-        arrays = {f"image_{i}": im for i, im in enumerate(self.images)}
-        arrays.update({f"masks_{i}": m for i, m in enumerate(self.masks)})
-        for s, per_image in enumerate(self.mask_history):
-            for i, m in enumerate(per_image):
-                arrays[f"history_{s}_{i}"] = m
-        atomic_save(lambda tmp: _savez(tmp, arrays), os.path.join(directory, "masks.npz"))
-        meta = {"method": self.method, "concept_ids": self.concept_ids, "e_steps": self.e_steps,
-                "iou_history": self.iou_history, "warnings": self.warnings,
-                "eval_steps": self.eval_steps, "eval_iou_history": self.eval_iou_history,
-                "names": self.names, "n_images": len(self.images),
-                "complete": self.complete}
-        hist = os.path.join(directory, "history.json")
+    def _mask_name(self, i: int, j: int) -> str:
+        name = self.names[self.concept_ids[i][j]]
+        return f"masks/image{i}_{token_file_name(name).removesuffix('.safetensors')}.png"
+
+    def save(self, folder) -> str:
+        """Write the concepts' standard files, the images and masks as PNG, the E-step
+        masks and the history (see the module doc). The folder is written whole and then
+        switched in (:func:`conceptlab.concept_files.save_concepts`): it holds the old
+        result or the new one, never a mix, and its manifest lists every file."""
+        learned = {"method": self.method, "concept_ids": self.concept_ids,
+                   "n_images": len(self.images), "e_steps": self.e_steps,
+                   "iou_history": self.iou_history, "warnings": self.warnings,
+                   "eval_steps": self.eval_steps, "eval_iou_history": self.eval_iou_history,
+                   "complete": self.complete}
+        cfg = self.history.config if self.history is not None else None
+        return save_concepts(self.tokens, folder, extra={"learned": learned, "config": cfg},
+                             write_more=self._write_files)
+
+    def _write_files(self, folder) -> list[str]:
+        files = []
+        for i, im in enumerate(self.images):
+            files.append(_write_bytes(folder, f"images/image{i}.png", _png_bytes(im)))
+            for j in range(len(self.masks[i])):
+                m = (np.asarray(self.masks[i][j], bool) * 255).astype(np.uint8)
+                files.append(_write_bytes(folder, self._mask_name(i, j), _png_bytes(m)))
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **{f"step{s}_image{i}": m for s, per in
+                                    enumerate(self.mask_history) for i, m in enumerate(per)})
+        files.append(_write_bytes(folder, MASK_HISTORY_FILE, buf.getvalue()))
         if self.history is not None:
-            self.history.to_json(hist)
-        elif os.path.exists(hist):
-            os.remove(hist)  # an earlier result's history would load paired with this one
-        atomic_write_json(os.path.join(directory, "em.json"), meta, indent=1)
-        return directory
+            files.append(_write_bytes(folder, HISTORY_FILE, self.history.to_json().encode()))
+        return files
 
     @classmethod
-    def load(cls, directory, pipe) -> LearnedConcepts:
-        """Load saved concepts and add their tokens to ``pipe`` (ready to generate).
-        FileNotFoundError / ValueError with what is missing or broken in the folder."""
-        directory = str(directory)
-        path = os.path.join(directory, "em.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} holds no learned concepts (no em.json): "
-                                    "write one with `conceptlab learn --out FOLDER`")
-        try:
-            with open(path) as f:
-                meta = json.load(f)
-            n = int(meta["n_images"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} is truncated or corrupt ({e}): learn the concepts "
-                             "again") from None
-        # read every array before touching ``pipe``: a broken folder adds no tokens
-        try:
-            with np.load(os.path.join(directory, "masks.npz"), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise ValueError(f"{directory}/masks.npz is missing, truncated or corrupt ({e}): "
-                             "learn the concepts again") from None
-        missing = [k for k in [f"image_{i}" for i in range(n)] + [f"masks_{i}" for i in
-                                                                    range(n)] if k not in arrays]
-        if missing:
-            raise ValueError(f"{directory}/masks.npz is partial: {missing} missing")
-        z = arrays
-        hist = []
-        for s in range(len(meta["e_steps"])):
-            hist.append([z[f"history_{s}_{i}"] for i in range(n) if f"history_{s}_{i}" in z])
-        tokens = load_concepts(pipe, directory, load_unet=os.path.exists(
-            os.path.join(directory, UNET_DELTA_FILE)))
-        h = os.path.join(directory, "history.json")
-        return cls(tokens, meta["method"], [z[f"image_{i}"] for i in range(n)],
-                   meta["concept_ids"], [z[f"masks_{i}"] for i in range(n)],
-                   TrainingHistory.from_json(h) if os.path.exists(h) else None,
-                   meta["e_steps"], hist, meta["iou_history"], meta["warnings"],
-                   meta.get("eval_steps", []), meta.get("eval_iou_history", []),
-                   meta.get("complete", True))
+    def load(cls, folder) -> LearnedConcepts:
+        """Read a folder written by :meth:`save` (no pipeline needed).
+
+        Raises:
+            FileNotFoundError: no learned concepts there.
+            ValueError: a file is missing, corrupt or from another result.
+        """
+        folder = str(folder)
+        side = read_sidecar(folder)
+        meta = side.get("learned")
+        if "learned" not in side or not hasattr(meta, "get"):
+            raise ValueError(f"{folder} holds concepts but no learning record: load them with "
+                             "load_concepts instead")
+        tokens = load_concepts(folder)
+        n = int(meta["n_images"])
+        obj = cls(tokens, meta["method"], [], meta["concept_ids"], [], None, meta["e_steps"],
+                  [], meta["iou_history"], meta["warnings"], meta.get("eval_steps", []),
+                  meta.get("eval_iou_history", []), meta.get("complete", True))
+        obj.images = [_read_png(os.path.join(folder, f"images/image{i}.png"), "RGB")
+                      for i in range(n)]
+        obj.masks = [np.stack([_read_png(os.path.join(folder, obj._mask_name(i, j)), "L") > 127
+                               for j in range(len(obj.concept_ids[i]))]) for i in range(n)]
+        with np.load(os.path.join(folder, MASK_HISTORY_FILE), allow_pickle=False) as z:
+            obj.mask_history = [[z[f"step{s}_image{i}"] for i in range(n)]
+                                for s in range(len(obj.e_steps)) if f"step{s}_image0" in z]
+        h = os.path.join(folder, HISTORY_FILE)   # only this result's own (the manifest)
+        obj.history = TrainingHistory.from_json(h) if HISTORY_FILE in side["files"] else None
+        return obj
 
     # ------------------------------------------------------------------ figures
     def plot_mask_evolution(self, image: int = 0, scale: float = 1.3):
@@ -167,4 +186,4 @@ class LearnedConcepts:
         return fig
 
 
-__all__ = ["RESULT_FILES", "LearnedConcepts"]
+__all__ = ["HISTORY_FILE", "MASK_HISTORY_FILE", "LearnedConcepts"]

@@ -1,74 +1,54 @@
-"""Phase-2 U-Net changes: full weight deltas and LoRA adapters (through ``peft``).
+"""Phase-2 U-Net changes: LoRA adapters (through peft, as diffusers loads them) or full weights.
 
-Break-a-Scene's second phase fine-tunes the U-Net with the concept tokens; what it changes
-is stored apart from the base model, as
+Break-a-Scene's second phase fine-tunes the U-Net with the concept tokens. What it changes
+is kept apart from the base model as a :class:`UNetChange`:
 
-- a *full delta*: ``trained - base`` for every U-Net parameter (:func:`full_unet_delta`),
-  added back by :func:`apply_unet_delta`; or
-- *LoRA* adapter weights on the attention projections (:func:`add_lora_adapter`,
-  :func:`lora_weights`, :func:`load_lora_weights`); needs the optional ``peft`` package.
+- ``mode="lora"``: LoRA adapter weights on the attention projections, in peft's state-dict
+  form (:func:`lora_state_dict`); saved as diffusers' ``pytorch_lora_weights.safetensors``,
+  which ``pipe.load_lora_weights(folder)`` reads;
+- ``mode="full"``: every trained U-Net parameter; saved as a diffusers ``unet/`` folder,
+  which ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`` reads.
 
-Files: ``unet_delta.safetensors`` (see :mod:`conceptlab.tokens`), read by
-:func:`read_unet_delta` (safetensors only: nothing is unpickled).
+:func:`unet_change_applied` applies a change for the length of a ``with`` block and then
+restores the U-Net exactly (adapters removed, the original weight tensors put back).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
+
 import torch
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER = "conceptlab"
 
 
-def read_unet_delta(path):
-    """(tensors, metadata) of a saved ``unet_delta.safetensors``; ValueError if corrupt."""
-    from safetensors import SafetensorError, safe_open
+@dataclass
+class UNetChange:
+    """What phase 2 changed in the U-Net.
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            delta = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is truncated or corrupt ({e}): save the concepts again") \
-            from None
-    bad = [k for k, v in delta.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{path}: the U-Net delta {bad[0]!r} contains NaN or infinite values")
-    return delta, meta
+    Attributes:
+        mode: "lora" or "full".
+        weights: lora: peft's adapter state dict; full: every parameter, trained (float32).
+        lora_config: lora: the ``peft.LoraConfig`` fields (rank, alpha, targets).
+        unet_config: full: the U-Net's config (to write a diffusers ``unet/`` folder).
+    """
 
+    mode: str
+    weights: dict = field(repr=False)
+    lora_config: dict | None = None
+    unet_config: dict | None = field(default=None, repr=False)
 
-def unet_state(unet) -> dict:
-    """A detached copy of the U-Net's parameters (the base for :func:`full_unet_delta`)."""
-    return {k: v.detach().clone() for k, v in unet.named_parameters()}
-
-
-def full_unet_delta(unet, base: dict) -> dict:
-    """``trained - base`` for every parameter (float32). ``unet``: the U-Net, or a dict
-    {name: trained tensor} (e.g. a trainer's float32 masters)."""
-    items = unet.items() if isinstance(unet, dict) else unet.named_parameters()
-    return {k: (v.detach().float() - base[k].float()).cpu() for k, v in items if k in base}
+    def __post_init__(self):
+        if self.mode not in ("lora", "full"):
+            raise ValueError(f"unknown U-Net change mode {self.mode!r}: 'lora' or 'full'")
+        bad = [k for k, v in self.weights.items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"the U-Net weights {bad[0]!r} contain NaN or infinite values")
 
 
-@torch.no_grad()
-def apply_unet_delta(unet, delta: dict, mode: str = "full", lora_config: dict | None = None):
-    """Add full deltas to ``unet``'s parameters, or install LoRA adapter weights."""
-    if mode == "lora":
-        add_lora_adapter(unet, **(lora_config or {}))
-        load_lora_weights(unet, delta)
-        return unet
-    if mode != "full":
-        raise ValueError(f"unknown U-Net delta mode {mode!r}: 'full' or 'lora'")
-    params = dict(unet.named_parameters())
-    bad = [k for k in delta if k not in params or params[k].shape != delta[k].shape]
-    if bad:
-        raise ValueError(f"the saved U-Net delta does not fit this U-Net ({len(bad)} of "
-                         f"{len(delta)} tensors, e.g. {bad[0]!r}): load it into the base model "
-                         "it was trained on")
-    for k, d in delta.items():
-        params[k].add_(d.to(params[k].dtype).to(params[k].device))
-    return unet
-
-
-# ----------------------------------------------------------------------------- LoRA (peft)
 def _require_peft():
     try:
         import peft  # noqa: F401
@@ -77,40 +57,112 @@ def _require_peft():
                           "(or use phase2='full')") from None
 
 
-def add_lora_adapter(unet, rank: int = 4, alpha: float | None = None,
-                     target_modules=LORA_TARGETS, adapter_name: str = "conceptlab"):
-    """Add LoRA adapters to the U-Net's attention projections (peft via diffusers)."""
+def lora_config(rank: int = 4, alpha: float | None = None, targets=LORA_TARGETS) -> dict:
+    """The ``peft.LoraConfig`` fields of conceptlab's adapters (alpha = rank: scale 1)."""
+    return {"r": int(rank), "lora_alpha": float(alpha if alpha is not None else rank),
+            "target_modules": list(targets), "init_lora_weights": "gaussian"}
+
+
+def add_lora_adapter(unet, config: dict, adapter_name: str = ADAPTER):
+    """Add LoRA adapters (``config`` from :func:`lora_config`) to the U-Net."""
     _require_peft()
     from peft import LoraConfig
 
-    cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
-                     init_lora_weights="gaussian", target_modules=list(target_modules))
-    unet.add_adapter(cfg, adapter_name=adapter_name)
+    unet.add_adapter(LoraConfig(**config), adapter_name=adapter_name)
     return unet
 
 
-def lora_weights(unet) -> dict:
-    """The LoRA tensors of the U-Net (state-dict keys containing 'lora_')."""
-    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items() if "lora_" in k}
+def lora_state_dict(unet, adapter_name: str = ADAPTER) -> dict:
+    """peft's state dict of one adapter (``get_peft_model_state_dict``), detached on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
 
-@torch.no_grad()
-def load_lora_weights(unet, weights: dict):
-    missing = [k for k in weights if k not in unet.state_dict()]
-    if missing:
-        raise ValueError(f"LoRA weights do not fit this U-Net, e.g. {missing[0]!r}")
-    unet.load_state_dict(weights, strict=False)
-    return unet
+def remove_lora_adapter(unet, adapter_name: str = ADAPTER, had_adapters: bool = False):
+    """Remove the adapter; with no other adapters, the peft layers too (exact restore)."""
+    if had_adapters:
+        unet.delete_adapters(adapter_name)
+    else:
+        unet.unload_lora()
 
+
+@contextlib.contextmanager
+def requires_grad_kept(module):
+    """Every parameter's ``requires_grad`` is put back on exit."""
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    try:
+        yield
+    finally:
+        for n, p in module.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
+
+
+@contextlib.contextmanager
+def weights_swapped(unet, weights: dict | None = None):
+    """Each parameter's tensor swapped for ``weights[name]`` (default: a copy of itself, to
+    train in place); the original tensors are put back on exit."""
+    params = dict(unet.named_parameters())
+    if weights is not None:
+        bad = [k for k in weights if k not in params or params[k].shape != weights[k].shape]
+        if bad:
+            raise ValueError(f"the saved U-Net weights do not fit this U-Net ({len(bad)} of "
+                             f"{len(weights)} tensors, e.g. {bad[0]!r}): use them with the "
+                             "base model they were trained on")
+    originals = {k: p.data for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            new = weights.get(k) if weights is not None else None
+            p.data = p.data.clone() if new is None else new.to(p.data)
+    try:
+        yield
+    finally:
+        for k, p in params.items():
+            p.data = originals[k]
+
+
+@contextlib.contextmanager
+def lora_applied(unet, config: dict, weights: dict | None = None):
+    """A LoRA adapter on the U-Net for the block (``weights``: peft state dict to load)."""
+    _require_peft()
+    had = bool(getattr(unet, "peft_config", None))
+    if had and ADAPTER in unet.peft_config:
+        raise ValueError(f"the U-Net already has an adapter named {ADAPTER!r}")
+    with requires_grad_kept(unet):
+        add_lora_adapter(unet, config)
+        try:
+            if weights is not None:
+                from peft import set_peft_model_state_dict
+
+                result = set_peft_model_state_dict(unet, weights, adapter_name=ADAPTER)
+                if getattr(result, "unexpected_keys", None):
+                    raise ValueError(f"LoRA weights do not fit this U-Net, e.g. "
+                                     f"{result.unexpected_keys[0]!r}")
+            if had:
+                unet.set_adapters([*unet.active_adapters(), ADAPTER])
+            yield unet
+        finally:
+            remove_lora_adapter(unet, ADAPTER, had_adapters=had)
+
+
+def unet_change_applied(unet, change: UNetChange):
+    """Context manager: ``change`` applied to ``unet`` for the block, then undone exactly."""
+    if change.mode == "lora":
+        return lora_applied(unet, change.lora_config or lora_config(), change.weights)
+    return weights_swapped(unet, change.weights)
 
 
 __all__ = [
+    "ADAPTER",
     "LORA_TARGETS",
+    "UNetChange",
     "add_lora_adapter",
-    "apply_unet_delta",
-    "full_unet_delta",
-    "load_lora_weights",
-    "lora_weights",
-    "read_unet_delta",
-    "unet_state",
+    "lora_applied",
+    "lora_config",
+    "lora_state_dict",
+    "requires_grad_kept",
+    "unet_change_applied",
+    "weights_swapped",
 ]

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -24,19 +24,19 @@
 # - how to switch every notebook to a real Stable Diffusion checkpoint on a GPU.
 #
 # **Prerequisites**: Python and PyTorch; the idea of a diffusion model (noise is added to an
-# image, a network learns to predict that noise). **Runtime**: about 25 s on a 2-core CPU (measured, idle).
+# image, a network learns to predict that noise). **Runtime**: about 30 s on a 2-core CPU (measured, idle).
 #
 # ## The course
 #
 # | notebook | idea | CPU time (idle 2-core CPU, measured) |
 # |---|---|---|
-# | 00 the shapes world (this one) | the data, the model, the measurements | 26 s |
-# | 01 cross-attention | where does the model look for each word? | 52 s |
-# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 31 s |
-# | 03 concept tokens | textual inversion, with and without a mask | 111 s |
-# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 174 s |
-# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 249 s |
-# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 106 s |
+# | 00 the shapes world (this one) | the data, the model, the measurements | 31 s |
+# | 01 cross-attention | where does the model look for each word? | 26 s |
+# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 28 s |
+# | 03 concept tokens | textual inversion, with and without a mask | 98 s |
+# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 153 s |
+# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 198 s |
+# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 91 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
 # building on *Break-a-Scene*, Avrahami et al. 2023) takes one image containing several
@@ -162,7 +162,7 @@ for k, v in info.items():
 #     conceptlab train-model --out runs/quick --n-images 10000 --vae-steps 2500 \
 #         --unet-steps 1200 --batch 32 --snapshot-every 0 --threads 2
 #
-# Measured (`benchmarks/results/model_quality_quick.json`): its attention already localises
+# Measured (`benchmarks/results/model_quality/quick_recipe.json`): its attention already localises
 # each shape word as well as the bundled model's (IoU 0.785 vs 0.793) and its colours are
 # right (0.90), but it draws blobs (shape 0.48 vs 0.87) and often loses the background
 # (0.38 vs 0.99). Pass `CONCEPTLAB_MODEL=runs/quick/model` to run notebooks 01-02 on it.

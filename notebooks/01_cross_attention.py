@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -27,7 +27,7 @@
 #   against ground-truth masks, beside two trivial baselines.
 #
 # **Prerequisites**: notebook 00 (the shapes world and the bundled model); matrix products
-# and the softmax. **Runtime**: about 50 s on a 2-core CPU (measured, idle).
+# and the softmax. **Runtime**: about 25 s on a 2-core CPU (measured, idle).
 #
 # Everything here is what the method of this course (Break-a-Scene and *Visual
 # Concept-driven Image Generation*) builds on: masks for new concepts are estimated from

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,7 +30,7 @@
 #   word's) and what `TrainConfig.norm_penalty` does about it.
 #
 # **Prerequisites**: notebook 00 (the shapes world and the bundled model) and 01
-# (cross-attention maps); the idea of a diffusion loss. **Runtime**: about 2 minutes on a 2-core CPU (measured, idle) (three short training runs; measured, idle).
+# (cross-attention maps); the idea of a diffusion loss. **Runtime**: about 1.5 minutes on a 2-core CPU (measured, idle) (three short training runs; measured, idle).
 #
 # This is *textual inversion* (Gal et al. 2022), the first half of Break-a-Scene: the model
 # stays frozen and a new word is optimised until the model draws our concept when it reads
@@ -63,7 +63,8 @@ import matplotlib.pyplot as plt
 from diffusers import DDPMScheduler
 
 from conceptlab import load_pipeline
-from conceptlab.tokens import add_concept_tokens, vocabulary_mean_norm
+import contextlib
+from conceptlab.tokens import new_concepts, vocabulary_mean_norm
 from conceptlab.train.embedding import trainable_embedding
 from conceptlab.shapes.examples import load_example
 from conceptlab.viz.figures import image_row, overlay_masks, overlay_map, sample_strips
@@ -107,17 +108,22 @@ print(f"mean norm of a row: {vocabulary_mean_norm(pipe):.2f}")
 
 # %% [markdown]
 # ## 2. Adding a new word
-# `add_concept_tokens` adds the token `[v1]` to the tokenizer, appends one row to the table
-# and initialises it from a related word ("square", the class of the concept), so training
-# starts from something the model can already draw.
+# `new_concepts` makes a new token `[v1]` with one row of `D` numbers, initialised from a
+# related word ("square", the class of the concept), so training starts from something the
+# model can already draw. It only *reads* the pipeline. `concepts.applied(pipe)` then puts
+# the token into the tokenizer and its row at the end of the table, for a `with` block, and
+# takes both out again afterwards: the pipeline is never left changed. Sections 3 and 4 need
+# the token across several cells, so here we enter the block by hand (an `ExitStack`) and
+# leave it at the end of section 4.
 
 # %%
 V0 = table.shape[0]
 square_id = pipe.tokenizer("square", add_special_tokens=False).input_ids[0]
 square_row = table[square_id].detach().clone()
-concepts = add_concept_tokens(pipe, 1, init_words="square")
-table = pipe.text_encoder.get_input_embeddings().weight       # the table was resized
-v1 = concepts.token_ids[0]
+concepts = new_concepts(pipe, 1, init_words="square")
+applied = contextlib.ExitStack()
+(v1,) = applied.enter_context(concepts.applied(pipe))         # the token ids, here [V0]
+table = pipe.text_encoder.get_input_embeddings().weight       # the table, one row longer
 print(concepts.names, "token id", v1)
 print("tokens:", pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a photo of [v1]").input_ids))
 
@@ -155,7 +161,7 @@ print("z0", tuple(z0.shape), " t", t.item(), f" sqrt(abar) {abar.sqrt().item():.
 # gradient of every row but `[v1]`'s.
 
 # %%
-emb = trainable_embedding(pipe, concepts)
+emb = trainable_embedding(pipe, [v1])
 prompt_ids = pipe.tokenizer("a photo of [v1]", padding="max_length",
                             max_length=pipe.tokenizer.model_max_length,
                             return_tensors="pt").input_ids
@@ -200,6 +206,9 @@ print("[v1] row moved:", not torch.equal(after[v1], before[v1]))
 
 # %%
 emb.remove()
+applied.close()      # [v1] leaves the pipeline: tokenizer and table are as loaded again
+print("rows in the table again:", pipe.text_encoder.get_input_embeddings().weight.shape[0],
+      "| '[v1]' a token:", "[v1]" in pipe.tokenizer.get_vocab())
 del pipe, emb, opt   # the experiments below start from fresh pipelines
 
 # %% [markdown]
@@ -228,7 +237,7 @@ print(config.steps, "steps, lr", config.lr, ", batch", config.batch_size, ", t i
 def learn(m, **changes):
     """A fresh pipeline, a new [v1] initialised from 'square', trained on the user image."""
     p = load_pipeline(MODEL)
-    c = add_concept_tokens(p, 1, init_words="square")
+    c = new_concepts(p, 1, init_words="square")
     h = train_concepts(p, ConceptImage(ex.image, m[None]), c, config.replace(**changes),
                        progress=False, attention_every=0)
     return p, c, h
@@ -335,8 +344,8 @@ from conceptlab.maps import attention_maps
 from conceptlab.masks import iou
 
 
-def attention_of(p, word="[v1]", prompt="a photo of [v1]"):
-    am = attention_maps(p, ex.image, prompt, n_timesteps=20, seed=0)
+def attention_of(p, c, word="[v1]", prompt="a photo of [v1]"):
+    am = attention_maps(p, ex.image, prompt, n_timesteps=20, seed=0, concepts=c)
     return am.for_word(word, size=(64, 64), normalize=False).numpy()
 
 
@@ -346,7 +355,7 @@ def localisation(a, m):
     return float(inside), iou(norm > 0.5, m)
 
 
-maps = {name: attention_of(p) for name, (p, c, h) in runs.items()}
+maps = {name: attention_of(p, c) for name, (p, c, h) in runs.items()}
 scores = {name: localisation(a, mask) for name, a in maps.items()}
 print(f"square's share of the image: {mask.mean():.2f}")
 for name, (inside, io) in scores.items():
@@ -430,9 +439,10 @@ print("with it, it stays below 1.2x:", ratio["mask + norm penalty"] < 1.2)
 # 1. Initialise `[v1]` from "circle" instead of "square" (or randomly, `init_words=None`).
 #    How do the norm curve and the square rate change?
 # 2. Train the masked run with `t_range=(0, 500)` (low noise only). Which numbers move?
-# 3. Save the learned token with `conceptlab.tokens.save_concepts(c, "my_square", p)`, load
-#    it into a fresh pipeline with `load_concepts`, and check that the generations are
-#    identical.
+# 3. Save the learned token with `save_concepts(c, "my_square")`: the folder holds `v1.safetensors`,
+#    a diffusers textual-inversion file. Read it back with `conceptlab.load_concepts`, and
+#    check that a fresh pipeline draws identical images with it. Then load the same file
+#    into a plain diffusers pipeline with `pipe.load_textual_inversion` and compare again.
 # 4. **Where the gradient comes from (derivation).** With $r = \epsilon - \epsilon_\theta(z_t,
 #    t, c(v))$ and the masked loss $L = \frac{1}{N}\sum_p (M_p r_p)^2$, show that
 #    $\partial L / \partial v = -\frac{2}{N} \sum_p M_p^2\, r_p\,
@@ -462,18 +472,27 @@ masked_diffusion_loss((W @ v).reshape(1, 1, 4, 4), eps_out, mask).backward()
 print("gradient changed by the pixels outside the mask:", float((v.grad - by_hand).abs().max()))
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
-# Solution sketch for exercise 3
+# Solution for exercise 3
 import tempfile
-from conceptlab.tokens import save_concepts, load_concepts
+from diffusers import StableDiffusionPipeline
+from conceptlab import load_concepts, save_concepts
+from conceptlab.models import resolve_model
 
 p, c, h = runs["mask + norm penalty"]
 with tempfile.TemporaryDirectory() as d:
-    save_concepts(c, d, p)
-    p2 = load_pipeline(MODEL)
-    c2 = load_concepts(p2, d)
+    save_concepts(c, d)
+    c2 = load_concepts(d)
     a = generate(p, c, "a photo of [v1]", n=2, output_type="np")
-    b = generate(p2, c2, "a photo of [v1]", n=2, output_type="np")
-print("identical:", np.array_equal(a, b))
+    b = generate(load_pipeline(MODEL), c2, "a photo of [v1]", n=2, output_type="np")
+    stock = StableDiffusionPipeline.from_pretrained(resolve_model(MODEL))
+    stock.load_textual_inversion(os.path.join(d, "v1.safetensors"))
+    stock.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    s = stock(["a photo of [v1]"] * 2, generator=gens, guidance_scale=4.0,
+              num_inference_steps=25, output_type="np").images
+print("identical after reloading:", np.array_equal(a, b))
+print("plain diffusers, largest difference in grey levels:",
+      int(np.abs((np.asarray(s) * 255).round() - a).max()))
 
 
 # %% [markdown]

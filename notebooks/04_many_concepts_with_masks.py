@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -31,7 +31,7 @@
 #   is what makes a concept's appearance come back, and what it costs.
 #
 # **Prerequisites**: notebook 03 (concept tokens, the masked diffusion loss, the embedding
-# norm) and notebook 01 (attention maps). **Runtime**: about 3 minutes on a 2-core CPU (measured, idle).
+# norm) and notebook 01 (attention maps). **Runtime**: about 2.5 minutes on a 2-core CPU (measured, idle).
 
 # %%
 # NBVAL_SKIP
@@ -59,7 +59,7 @@ import torch
 import matplotlib.pyplot as plt
 
 from conceptlab import load_pipeline
-from conceptlab.tokens import add_concept_tokens
+from conceptlab.tokens import new_concepts
 from conceptlab.shapes.examples import load_example
 from IPython.display import display
 
@@ -129,7 +129,8 @@ for _ in range(6):
 # The course preset has two phases (Break-a-Scene's): phase 1 trains the tokens alone,
 # phase 2 then trains the tokens *and the U-Net* (section 6). A `ConceptTrainer` runs them
 # step by step: `train(config.steps)` stops at the end of phase 1, and the same trainer
-# continues into phase 2 later.
+# continues into phase 2 later. While a trainer is open its tokens are in its pipeline;
+# `close()` keeps what was learned in the concepts and gives the pipeline back as loaded.
 
 # %%
 data = ConceptImage(ex.image, masks)
@@ -141,7 +142,7 @@ print(f"phase 2: {config.phase2} U-Net, {config.phase2_steps} steps, lr {config.
 runs, trainers = {}, {}
 for lam in (0.0, config.lambda_attn):
     p = load_pipeline(MODEL)
-    c = add_concept_tokens(p, K, init_words="shape")
+    c = new_concepts(p, K, init_words="shape")
     trainers[lam] = ConceptTrainer(p, data, c, config.replace(lambda_attn=lam), progress=False)
     h = trainers[lam].train(config.steps)          # phase 1 only, for now
     runs[lam] = (p, c, h)
@@ -181,34 +182,32 @@ from conceptlab.losses import concept_attention_maps, cross_attention_loss
 from conceptlab.models import encode_image, prompt_ids
 
 prompt = f"a photo of {c0.names[0]} and {c0.names[1]}"
-ids = prompt_ids(p0.tokenizer, prompt)
-pos = [ids[0].tolist().index(t) for t in c0.token_ids]       # where each concept token sits
 g = torch.Generator().manual_seed(0)
 z0 = encode_image(p0, ex.image)
 t = torch.tensor([300])
 zt = p0.scheduler.add_noise(z0, torch.randn(z0.shape, generator=g), t)
-emb = p0.text_encoder.get_input_embeddings().weight
-was = emb.requires_grad
-emb.requires_grad_(True)
-with record_attention(p0.unet, max_resolution=16, keep_graph=True) as store:
-    p0.unet(zt, t, encoder_hidden_states=p0.text_encoder(ids)[0])
-layers16 = [n for n in store.layer_names if store.resolution(n) == 16]
-# by hand: each layer's probabilities (B, heads, 16, 16, T), mean over heads, then layers
-A = torch.stack([store.maps[n][-1].mean(1) for n in layers16]).mean(0)[0]   # (16, 16, T)
-A = A[..., pos].permute(2, 0, 1)                                            # (K, 16, 16)
-A = A / A.amax(dim=(1, 2), keepdim=True)                                    # A_i / max A_i
 M = torch.nn.functional.avg_pool2d(torch.as_tensor(masks, dtype=torch.float32)[:, None], 4)[:, 0]
-by_hand = ((A - M) ** 2).mean(dim=(1, 2)).mean()                            # mean over pixels, concepts
-library = cross_attention_loss(concept_attention_maps(store, [pos], layers=layers16),
-                               torch.as_tensor(masks)[None])
+with c0.applied(p0) as token_ids:      # that run's trainer is closed: apply its tokens again
+    ids = prompt_ids(p0.tokenizer, prompt)
+    pos = [ids[0].tolist().index(t) for t in token_ids]      # where each concept token sits
+    emb = p0.text_encoder.get_input_embeddings().weight      # the block's copy of the table
+    emb.requires_grad_(True)
+    with record_attention(p0.unet, max_resolution=16, keep_graph=True) as store:
+        p0.unet(zt, t, encoder_hidden_states=p0.text_encoder(ids)[0])
+    layers16 = [n for n in store.layer_names if store.resolution(n) == 16]
+    # by hand: each layer's probabilities (B, heads, 16, 16, T), mean over heads, then layers
+    A = torch.stack([store.maps[n][-1].mean(1) for n in layers16]).mean(0)[0]   # (16, 16, T)
+    A = A[..., pos].permute(2, 0, 1)                                            # (K, 16, 16)
+    A = A / A.amax(dim=(1, 2), keepdim=True)                                    # A_i / max A_i
+    by_hand = ((A - M) ** 2).mean(dim=(1, 2)).mean()                # mean over pixels, concepts
+    library = cross_attention_loss(concept_attention_maps(store, [pos], layers=layers16),
+                                   torch.as_tensor(masks)[None])
+    by_hand.backward()
+    gn = emb.grad.norm(dim=1)
 print(f"attention loss by hand {by_hand.item():.4f}, conceptlab.losses {library.item():.4f}, "
       f"equal to 1e-6: {abs(by_hand - library).item() < 1e-6}")   # float sums differ in the last bits
-by_hand.backward()
-gn = emb.grad.norm(dim=1)
-print("gradient norm on the concept rows:", [f"{gn[i].item():.2f}" for i in c0.token_ids],
+print("gradient norm on the concept rows:", [f"{gn[i].item():.2f}" for i in token_ids],
       f"| on the row of 'photo': {gn[p0.tokenizer.convert_tokens_to_ids('photo')].item():.2f}")
-emb.grad = None
-_ = emb.requires_grad_(was)
 
 # %% [markdown]
 # ## 3. Where does each token look?
@@ -223,12 +222,12 @@ from conceptlab.masks import iou
 prompt_all = "a photo of " + " and ".join(names)
 
 
-def token_maps(p):
-    am = attention_maps(p, ex.image, prompt_all, n_timesteps=20, seed=0)
+def token_maps(p, c):
+    am = attention_maps(p, ex.image, prompt_all, n_timesteps=20, seed=0, concepts=c)
     return [am.for_word(n, size=(64, 64)).numpy() for n in names]
 
 
-tmaps = {lam: token_maps(p) for lam, (p, c, h) in runs.items()}
+tmaps = {lam: token_maps(p, c) for lam, (p, c, h) in runs.items()}
 ious = {lam: np.array([[iou(a > 0.5, m) for m in masks] for a in tm])
         for lam, tm in tmaps.items()}        # ious[lam][token, mask]
 
@@ -384,7 +383,7 @@ h = trainer.train()                                 # to config.total_steps: pha
 trainer.close()
 p, c, _ = runs[config.lambda_attn]
 print(f"phase 2 began at step {h.phase2_start}; {h.steps[-1]} steps in all; "
-      f"the U-Net change is kept with the tokens: {c.unet_mode}, {len(c.unet_delta)} tensors")
+      f"the U-Net change is kept with the tokens: {c.unet.mode}, {len(c.unet.weights)} tensors")
 fig = h.plot()
 plt.show()
 

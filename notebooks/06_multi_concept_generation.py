@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -28,7 +28,7 @@
 # - what guidance and phase 2 trade: fidelity against diversity.
 #
 # **Prerequisites**: notebooks 03-05 (concept tokens, masked and attention losses, EM).
-# **Runtime**: about 2 minutes on a 2-core CPU (measured, idle). The four-method table
+# **Runtime**: about 1.5 minutes on a 2-core CPU (measured, idle). The four-method table
 # is computed by `python benchmarks/multi_concept.py` (about an hour) and loaded here.
 
 # %%
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from IPython.display import display
 
-from conceptlab import generate, learn_concepts, load_pipeline
+from conceptlab import GroundTruthIoU, generate, learn_concepts, load_pipeline
 from conceptlab.evaluate import (ShapesJudge, concept_specs, evaluate, format_table,
                                  interval95)
 from conceptlab.models import data_dir, weights_fingerprint
@@ -148,7 +148,7 @@ print(f"phase 1: {cfg.steps} steps (lambda_attn {cfg.lambda_attn}), phase 2: {cf
       f"U-Net, {cfg.phase2_steps} steps at lr {cfg.phase2_lr:g}")
 learned = learn_concepts(pipe, [ex_a.image, ex_b.image], ex_a.init_words + ex_b.init_words,
                          concept_images=[[0, 1, 2], [3, 4, 5]], config=cfg, seed=0,
-                         progress=False, gt_masks=[ex_a.masks, ex_b.masks])
+                         progress=False, callbacks=[GroundTruthIoU([ex_a.masks, ex_b.masks])])
 print("tokens:", learned.names)
 
 # %%
@@ -239,14 +239,13 @@ display(sample_sheet([ev["images"][p] for p in inter], inter))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-results = os.path.join("..", "benchmarks", "results")
-with open(os.path.join(results, "multi_concept.json")) as f:
+results = os.path.join("..", "benchmarks", "results", "multi_concept")
+with open(os.path.join(results, "methods.json")) as f:
     mc = json.load(f)
-print(mc["command"], "|", len({r["scene"] for r in mc["rows"]}), "images,",
+print(mc["provenance"]["command"], "|", len({r["scene"] for r in mc["rows"]}), "images,",
       mc["n_samples"], "samples per prompt")
-# a fresh copy of the base model: `pipe` holds learned tokens now, which change its fingerprint
 print("measured on the model this notebook runs:",
-      mc["model"] == weights_fingerprint(load_pipeline(MODEL)))
+      mc["provenance"]["model_fingerprint"] == weights_fingerprint(pipe))
 print(format_table(mc["summary"], ("concept_fidelity", "identity", "prompt_fidelity",
                                    "diversity", "both_present", "mask_iou")))
 
@@ -261,7 +260,7 @@ plt.show()
 # `multi_concept.npz`):
 
 # %%
-with np.load(os.path.join(results, "multi_concept.npz"), allow_pickle=False) as z:
+with np.load(os.path.join(results, "methods.npz"), allow_pickle=False) as z:
     kept = {k: z[k] for k in z.files}
 methods = ["none", "fixed", "em", "given"]
 for name in ("striped-star-and-heart", "two-tone-square-and-circle"):

@@ -33,3 +33,16 @@ if torch is not None:
         torch.set_num_threads(1)
         yield
         torch.set_num_threads(n)
+
+
+if torch is not None:
+
+    @pytest.fixture(scope="session")
+    def tiny_model_folder(tmp_path_factory):
+        """A tiny random-weight model saved as a diffusers folder once per test run, for
+        the command line's ``--model FOLDER`` (seconds instead of the bundled model's)."""
+        from conceptlab.shapes.model import tiny_pipeline
+
+        folder = tmp_path_factory.mktemp("tiny-model") / "tiny-ldm"
+        tiny_pipeline(0).save_pretrained(str(folder))
+        return str(folder)

@@ -8,9 +8,11 @@ import torch
 from PIL import Image
 
 from conceptlab.cli import main
+from conceptlab.concept_files import ConceptsFileError, load_concepts, save_concepts
+from conceptlab.generation import generate
 from conceptlab.models import to_uint8
 from conceptlab.shapes.model import tiny_pipeline
-from conceptlab.tokens import ConceptsFileError, add_concept_tokens, load_concepts, save_concepts
+from conceptlab.tokens import new_concepts
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
@@ -30,25 +32,35 @@ def test_cli_debug_shows_the_traceback(tmp_path):
 
 
 def test_crafted_concepts_file_cannot_redefine_a_word(tmp_path):
-    pipe = tiny_pipeline()
-    c = add_concept_tokens(pipe, 1, ["star"])
-    save_concepts(c, tmp_path)
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(tmp_path / "concepts.safetensors"), "pt") as f:
-        meta, emb = dict(f.metadata()), f.get_tensor("embeddings")
-    evil = dict(meta, names=json.dumps(["star"]))
-    save_file({"embeddings": emb}, str(tmp_path / "concepts.safetensors"), metadata=evil)
-    with pytest.raises(ValueError, match="already in the tokenizer"):
-        load_concepts(tiny_pipeline(), tmp_path)
-    save_file({"embeddings": emb * float("nan")}, str(tmp_path / "concepts.safetensors"),
-              metadata=meta)
+    pipe = tiny_pipeline()
+    save_file({"star": torch.zeros(1, 32)}, str(tmp_path / "star.safetensors"))
+    evil = load_concepts(tmp_path / "star.safetensors")       # reading touches no pipeline
+    with pytest.raises(ValueError, match="begin and end with a bracket"):
+        generate(pipe, evil, "a photo of a star", n=1, num_inference_steps=1)
+    save_file({"stars": torch.zeros(1, 32)}, str(tmp_path / "stars.safetensors"))
+    with pytest.raises(ValueError, match="superstars|ordinary word"):   # not a word's substring
+        generate(pipe, load_concepts(tmp_path / "stars.safetensors"), "superstars", n=1)
+    save_file({"<circle>": torch.zeros(1, 32)}, str(tmp_path / "circle.safetensors"))
+    generate(pipe, load_concepts(tmp_path / "circle.safetensors"), "a <circle>", n=1,
+             num_inference_steps=1)
+    save_file({"[v1]": torch.full((1, 32), float("nan"))}, str(tmp_path / "nan.safetensors"))
     with pytest.raises(ConceptsFileError, match="NaN"):
-        load_concepts(tiny_pipeline(), tmp_path)
-    (tmp_path / "concepts.safetensors").write_bytes(b"\x00" * 10)  # truncated
+        load_concepts(tmp_path / "nan.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x00" * 10)  # truncated
     with pytest.raises(ConceptsFileError, match="truncated or corrupt"):
-        load_concepts(tiny_pipeline(), tmp_path)
+        load_concepts(tmp_path / "cut.safetensors")
+    save_file({"[a]": torch.zeros(1, 32), "[b]": torch.zeros(1, 32)},
+              str(tmp_path / "two.safetensors"))      # ConceptExpress's several-token dict
+    with pytest.raises(ConceptsFileError, match="holds one"):
+        load_concepts(tmp_path / "two.safetensors")
+    save_concepts(new_concepts(pipe, 1, ["star"]), tmp_path / "folder")
+    side = json.loads((tmp_path / "folder" / "concepts.json").read_text())
+    side["tokens"][0]["token"] = "star"                # a crafted sidecar: same refusal
+    (tmp_path / "folder" / "concepts.json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match="begin and end with a bracket"):
+        generate(pipe, str(tmp_path / "folder"), "a star", n=1, num_inference_steps=1)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "RGB"])
@@ -91,6 +103,7 @@ def test_train_config_rejects_unknown_and_bad_fields():
         TrainConfig(phase2="half")
 
 
+@pytest.mark.slow
 def test_cli_learn_twice_into_one_folder_refuses_then_overwrites(tmp_path, capsys):
     """A second run into the same --out never silently returns the first run's result."""
     from conceptlab.shapes.examples import load_example
@@ -103,9 +116,8 @@ def test_cli_learn_twice_into_one_folder_refuses_then_overwrites(tmp_path, capsy
     assert main(args) == 0
 
     def init_words():
-        from safetensors import safe_open
-        with safe_open(str(tmp_path / "out" / "concepts.safetensors"), "pt") as f:
-            return json.loads(f.metadata()["init_words"])
+        side = json.loads((tmp_path / "out" / "concepts.json").read_text())
+        return [t["init_word"] for t in side["tokens"]]
     first = init_words()
     assert first == ["star", "heart"]
     capsys.readouterr()
@@ -138,24 +150,31 @@ def test_cli_ctrl_c_exits_130_and_says_incomplete(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(conceptlab.em, "learn_concepts", lambda *a, **k: Incomplete())
     assert main(["learn", str(img), "--concepts", "star", "--out", str(tmp_path / "o")]) == 130
     assert "INCOMPLETE" in capsys.readouterr().err
-    assert not (tmp_path / "o" / "em.json").exists()  # an incomplete run is not saved as final
+    assert not (tmp_path / "o" / "concepts.json").exists()  # an incomplete run: not saved
 
 
-def test_saving_a_result_removes_the_files_of_an_earlier_one(tmp_path):
+def test_a_saved_result_lists_only_its_own_files(tmp_path):
     from conceptlab.em import learn_concepts
+    from conceptlab.result import LearnedConcepts
     from conceptlab.train import TrainConfig
 
     pipe = tiny_pipeline()
     r = learn_concepts(pipe, np.zeros((32, 32, 3), np.uint8), ["star"], method="fixed",
                        config=TrainConfig(steps=1, batch_size=1), progress=False)
-    (tmp_path / "history.json").write_text("{}")  # left by an earlier result
+    r.save(tmp_path / "out")                      # an earlier result, with a history
+    (tmp_path / "out" / "notes.txt").write_text("mine")
     r.history = None
-    r.save(tmp_path)
-    assert not (tmp_path / "history.json").exists()
+    r.save(tmp_path / "out")                      # replaced by one without
+    side = json.loads((tmp_path / "out" / "concepts.json").read_text())
+    assert "history.json" not in side["files"]   # the manifest names this result's files
+    assert not (tmp_path / "out" / "history.json").exists()   # the old result's file went
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"   # not a result file: kept
+    assert LearnedConcepts.load(tmp_path / "out").history is None
     names = sorted(p.name for p in tmp_path.iterdir())
     assert not [n for n in names if n.endswith(".tmp")]  # atomic: no temporary files left
 
 
+@pytest.mark.slow
 def test_cli_generate_and_evaluate_a_learned_folder(tmp_path, capsys):
     """`conceptlab generate` writes a labelled grid; `conceptlab evaluate` prints the table,
     refuses an example the concepts were not learned from, and writes its JSON."""
@@ -167,7 +186,7 @@ def test_cli_generate_and_evaluate_a_learned_folder(tmp_path, capsys):
     assert main(["learn", str(img), "--concepts", "star,heart,background", "--steps", "2",
                  "--out", out, "--quiet", "--threads", "1", "--method", "fixed"]) == 0
     assert main(["generate", out, "a photo of [v1]", "a photo of [v2] on [v3]", "-n", "2",
-                 "--steps", "3", "--guidance", "3", "--out", str(tmp_path / "g"),
+                 "--inference-steps", "3", "--guidance", "3", "--out", str(tmp_path / "g"),
                  "--threads", "1"]) == 0
     assert "2 prompts x 2 images" in capsys.readouterr().out
     assert Image.open(tmp_path / "g" / "generations.png").width >= 2 * 128
@@ -188,3 +207,26 @@ def test_cli_generate_and_evaluate_a_learned_folder(tmp_path, capsys):
                  "a beige background", "-n", "2", "--threads", "1"]) == 0
     assert main(["evaluate", out, "--words", "a star", "-n", "2"]) == 2
     assert "3 concepts" in capsys.readouterr().err
+
+
+def test_cli_learn_and_generate_with_a_model_folder(tiny_model_folder, tmp_path, capsys):
+    """`learn` and `generate` on a local diffusers folder (`--model FOLDER`), the same code as
+    for the bundled model or Stable Diffusion; `--steps` is the whole run."""
+    from conceptlab.result import LearnedConcepts
+    from conceptlab.shapes import world
+
+    img = tmp_path / "scene.png"
+    Image.fromarray(world.render_scene(world.sample_scene(seed=2, n_objects=1),
+                                       size=32).image).save(img)
+    out = str(tmp_path / "c")
+    assert main(["learn", str(img), "--concepts", "star,background", "--steps", "3",
+                 "--model", tiny_model_folder, "--out", out, "--quiet", "--threads", "1"]) == 0
+    r = LearnedConcepts.load(out)
+    assert r.history.steps[-1] == 3 and r.tokens.unet is not None   # phases 1 + 2: 3 steps
+    assert main(["generate", out, "a photo of [v1] on [v2]", "-n", "2", "--inference-steps",
+                 "2", "--model", tiny_model_folder, "--out", str(tmp_path / "g"),
+                 "--threads", "1"]) == 0
+    assert "1 prompts x 2 images" in capsys.readouterr().out
+    assert main(["generate", out, "a photo of [v1]", "--model", "shapes-ldm", "-n", "1",
+                 "--out", str(tmp_path / "h")]) == 2          # learned on another model
+    assert "learned on" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 from conceptlab import evaluate as E
 from conceptlab.shapes import world
 from conceptlab.shapes.model import tiny_pipeline
-from conceptlab.tokens import add_concept_tokens
+from conceptlab.tokens import new_concepts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,7 +134,7 @@ class CountingJudge:
 
 def test_evaluate_aggregates_on_the_tiny_pipeline(specs):
     pipe = tiny_pipeline(0)
-    c = add_concept_tokens(pipe, ["[v1]", "[v2]", "[v3]"], ["star", "heart", "background"])
+    c = new_concepts(pipe, ["[v1]", "[v2]", "[v3]"], ["star", "heart", "background"])
     ev = E.evaluate(pipe, c, specs, judge=CountingJudge(), n=2, num_inference_steps=2,
                     return_images=True)
     s = ev["summary"]

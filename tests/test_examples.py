@@ -41,7 +41,7 @@ def given(pipe):
     from conceptlab.generation import generate
     from conceptlab.shapes.examples import load_example
     from conceptlab.shapes.world import render_scene, sample_scene
-    from conceptlab.tokens import add_concept_tokens
+    from conceptlab.tokens import new_concepts
     from conceptlab.train import ConceptImage, TrainConfig
 
     ex = load_example("striped-star-and-heart")
@@ -55,12 +55,10 @@ def given(pipe):
                                              padding="max_length").input_ids)[0]),
         "maps": dict(image=ex.image),
         "estep": lambda: dict(image=ex.image,
-                              _=add_concept_tokens(pipe, 3, init_words=["star", "heart",
-                                                                        "background"])),
+                              learned=new_concepts(pipe, 3, ["star", "heart", "background"])),
         "em": dict(image=ex.image),
-        "generation": lambda: dict(concepts=add_concept_tokens(pipe, 2,
-                                                               init_words=["star", "heart"])),
-        "train.trainer": lambda: _trainer_names(pipe, ex, add_concept_tokens, ConceptImage,
+        "generation": lambda: dict(concepts=new_concepts(pipe, 2, init_words=["star", "heart"])),
+        "train.trainer": lambda: _trainer_names(pipe, ex, new_concepts, ConceptImage,
                                                TrainConfig),
         "shapes.judge": lambda: dict(images=np.stack(
             [render_scene(sample_scene(seed=s, n_objects=1)).image for s in (1, 2)]),
@@ -68,8 +66,8 @@ def given(pipe):
     }
 
 
-def _trainer_names(pipe, ex, add_concept_tokens, ConceptImage, TrainConfig):
-    tokens = add_concept_tokens(pipe, 2, init_words=["star", "heart"])
+def _trainer_names(pipe, ex, new_concepts, ConceptImage, TrainConfig):
+    tokens = new_concepts(pipe, 2, init_words=["star", "heart"])
     data = [ConceptImage(ex.image, ex.masks[[0, 1]])]
     return dict(tokens=tokens, data=data, new_data=data,
                 config=TrainConfig.for_bundled().replace(steps=6, batch_size=1, phase2="none"))
@@ -102,7 +100,30 @@ def run_example(code: str, names: dict, module):
     return ns
 
 
-@pytest.mark.parametrize("modname", list(EXAMPLES))
+# what each module's example must have done (an example is checked, not only run)
+CHECKS = {
+    "attention": lambda ns: all(v[0].ndim == 5 for v in ns["store"].maps.values()),
+    "models": lambda ns: type(ns["pipe"]).__name__ == "StableDiffusionPipeline",
+    "maps": lambda ns: "star" in ns["maps"].words
+    and tuple(ns["maps"].for_word("star", size=(64, 64)).shape) == (64, 64),
+    "tokens": lambda ns: ns["image"].size == (64, 64)
+    and "[v1]" not in ns["pipe"].tokenizer.get_vocab(),
+    "train.config": lambda ns: ns["cfg"].steps == 50,
+    "train.trainer": lambda ns: ns["trainer"].step_count == ns["config"].total_steps,
+    "estep": lambda ns: ns["est"].masks.shape == (3, 64, 64)
+    and ns["est"].masks.sum(0).max() <= 1,
+    "em": lambda ns: ns["learned"].complete and ns["learned"].masks[0].shape == (3, 64, 64),
+    "generation": lambda ns: len(ns["images"]) == 4,
+    "shapes.world": lambda ns: ns["scene"].image.shape == (64, 64, 3),
+    "shapes.judge": lambda ns: ns["clf"] is not None,
+}
+
+# the examples that learn with the full preset on the bundled model take a minute each
+SLOW_EXAMPLES = {"conceptlab.em"}
+
+
+@pytest.mark.parametrize("modname", [pytest.param(m, marks=pytest.mark.slow)
+                                     if m in SLOW_EXAMPLES else m for m in EXAMPLES])
 def test_module_docstring_examples_run(modname, one_thread):
     from conceptlab.models import load_pipeline
     module = importlib.import_module(modname)
@@ -114,9 +135,11 @@ def test_module_docstring_examples_run(modname, one_thread):
         p = load_pipeline(device="cpu", progress=False)  # each example gets a fresh pipeline
         extra = given(p).get(short, {})
         extra = extra() if callable(extra) else extra
-        run_example(code, {"pipe": p, **extra}, module)
+        ns = run_example(code, {"pipe": p, **extra}, module)
+        assert CHECKS[short](ns), f"the example of {modname} did not do what it says"
 
 
+@pytest.mark.slow
 def test_readme_examples_run(one_thread):
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
@@ -124,7 +147,7 @@ def test_readme_examples_run(one_thread):
     import conceptlab
     for code in blocks:
         ns = run_example(code, {}, conceptlab)
-        if "result" in ns:  # the README's learn_concepts example found real masks
+        if isinstance(ns.get("result"), conceptlab.LearnedConcepts):  # learn_concepts found masks
             assert ns["result"].masks[0].shape[0] == 3
             assert ns["result"].masks[0].any(axis=(1, 2)).all()
 

@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("setuptools")
 
 
+pytestmark = pytest.mark.slow  # builds a wheel and installs it into a fresh venv
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     src = tmp_path_factory.mktemp("src")

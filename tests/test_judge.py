@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.train_judge import render_blobs
 from conceptlab.shapes import judge as C
 from conceptlab.shapes import world
+from tools.train_judge import render_blobs
 
 ROOT_WEIGHTS = C._resolve(C.DEFAULT_PATH) / C.WEIGHTS_FILE
 

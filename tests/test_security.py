@@ -47,10 +47,10 @@ def test_load_tensors_refuses_pickled_objects(tmp_path, writer):
 
 @pytest.mark.parametrize("name", ["checkpoint.pt", "dataset.pt", "latents.pt", "decoder.pt"])
 def test_train_model_resume_refuses_planted_files(tmp_path, name):
-    from conceptlab.shapes.train import TrainConfig, train_model
+    from conceptlab.shapes.train import ModelTrainConfig, train_model
 
     out = tmp_path / "run"
-    cfg = TrainConfig(out=str(out), model="tiny", n_images=16, vae_steps=2, vae_batch=4,
+    cfg = ModelTrainConfig(out=str(out), model="tiny", n_images=16, vae_steps=2, vae_batch=4,
                       unet_steps=2, batch=4, checkpoint_every=1, log_every=1,
                       decoder_steps=1, decoder_batch=2)
     train_model(cfg, progress=False)  # a real finished run: every file is there
@@ -65,12 +65,12 @@ def test_train_model_resume_refuses_planted_files(tmp_path, name):
 def test_concept_trainer_resume_refuses_a_planted_checkpoint(tmp_path):
     from conceptlab.shapes import world
     from conceptlab.shapes.model import tiny_pipeline
-    from conceptlab.tokens import add_concept_tokens
+    from conceptlab.tokens import new_concepts
     from conceptlab.train import ConceptImage, TrainConfig, train_concepts
 
     sc = world.render_scene(world.sample_scene(seed=1, n_objects=1), size=32)
     pipe = tiny_pipeline()
-    tok = add_concept_tokens(pipe, 1, ["star"])
+    tok = new_concepts(pipe, 1, ["star"])
     marker = tmp_path / "pwned"
     plant_torch(tmp_path / "checkpoint.pt", marker)
     with pytest.raises(ValueError, match="not loaded"):
@@ -81,7 +81,7 @@ def test_concept_trainer_resume_refuses_a_planted_checkpoint(tmp_path):
 
 def test_em_state_refuses_object_arrays(tmp_path):
     """em_state.npz is read with allow_pickle=False: an object array is an error, not code."""
-    from conceptlab.em import STATE_FILE
+    from conceptlab.em_callbacks import STATE_FILE
 
     arr = np.array([Payload(tmp_path / "pwned")], dtype=object)
     np.savez(tmp_path / STATE_FILE, meta=arr)

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conceptlab.shapes.train import TrainConfig, train_model
+from conceptlab.shapes.train import ModelTrainConfig, train_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_tiny_training_loss_falls_and_resumes(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "run"), model="tiny", n_images=64, vae_steps=30,
+    cfg = ModelTrainConfig(out=str(tmp_path / "run"), model="tiny", n_images=64, vae_steps=30,
                       vae_batch=8, unet_steps=40, batch=8, lr=2e-3, checkpoint_every=20,
                       log_every=1)
     path = train_model(cfg, progress=False)
@@ -39,7 +39,7 @@ def test_a_control_run_reuses_the_vae_of_another_run(tmp_path):
 
     from conceptlab.shapes.train import start_from_vae
 
-    base = TrainConfig(out=str(tmp_path / "a"), model="tiny", n_images=32, vae_steps=6,
+    base = ModelTrainConfig(out=str(tmp_path / "a"), model="tiny", n_images=32, vae_steps=6,
                        vae_batch=8, unet_steps=4, batch=4, checkpoint_every=2, log_every=1)
     a = train_model(base, progress=False)
     control = dataclasses.replace(base, out=str(tmp_path / "b"), grounding_weight=0.0)

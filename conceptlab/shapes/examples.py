@@ -3,9 +3,8 @@
 Each example is a 64x64 PNG with 2-3 concepts, at least one of them a particular patterned
 instance (a striped, two-tone or dotted object with a second colour of its own: the base
 model saw such objects only under coarse captions, "a blue striped star"), plus a
-background. Their
-ground-truth masks are stored beside them for EVALUATION only: the EM method never reads
-them. ``conceptlab make-examples`` regenerates the folder deterministically.
+background. Their ground-truth masks are stored beside them for EVALUATION only: the EM
+method never reads them. ``conceptlab make-examples`` regenerates the folder deterministically.
 """
 
 from __future__ import annotations
@@ -58,6 +57,16 @@ def _describe_object(o: world.ShapeObject) -> str:
 
 @dataclass
 class Example:
+    """A bundled example image, its concepts and its (evaluation-only) masks.
+
+    Attributes:
+        name: the example's name.
+        image: (64, 64, 3) uint8.
+        masks: (K, 64, 64) bool: one per concept, objects first, background last.
+        concepts: human descriptions, same order as masks.
+        init_words: class words to initialise concept tokens, same order.
+    """
+
     name: str
     image: np.ndarray  # (64, 64, 3) uint8
     masks: np.ndarray  # (K, 64, 64) bool: one per concept, objects first, background last
@@ -66,10 +75,22 @@ class Example:
 
     @property
     def n_concepts(self) -> int:
+        """The number of concepts K."""
         return len(self.concepts)
 
 
 def write_examples(out_dir: str | Path | None = None) -> list[str]:
+    """Render every example of `EXAMPLE_SPECS` with its masks and metadata.
+
+    Writes ``{name}.png``, ``{name}.masks.png`` (pixel value i+1 = concept i) and
+    ``{name}.json`` per example.
+
+    Args:
+        out_dir: the folder to write (default: the bundled ``examples`` folder).
+
+    Returns:
+        The examples' names.
+    """
     out = Path(out_dir) if out_dir else data_dir() / "examples"
     out.mkdir(parents=True, exist_ok=True)
     for name, spec in EXAMPLE_SPECS.items():
@@ -91,11 +112,26 @@ def write_examples(out_dir: str | Path | None = None) -> list[str]:
 
 
 def list_examples() -> list[str]:
+    """The names of the bundled examples, sorted.
+
+    Returns:
+        The names.
+    """
     return sorted(p.stem for p in (data_dir() / "examples").glob("*.json"))
 
 
 def example_spec(name: str) -> world.SceneSpec:
-    """The scene description a bundled example was rendered from (objects, background)."""
+    """The scene description a bundled example was rendered from (objects, background).
+
+    Args:
+        name: the example's name (see `list_examples`).
+
+    Returns:
+        The `conceptlab.shapes.world.SceneSpec`.
+
+    Raises:
+        ValueError: no bundled example has that name.
+    """
     d = data_dir() / "examples"
     if not (d / f"{name}.json").exists():
         raise ValueError(f"no example {name!r}; bundled examples: {list_examples()}")
@@ -103,7 +139,17 @@ def example_spec(name: str) -> world.SceneSpec:
 
 
 def load_example(name: str) -> Example:
-    """A bundled example image with its concepts and (evaluation-only) masks."""
+    """A bundled example image with its concepts and (evaluation-only) masks.
+
+    Args:
+        name: the example's name (see `list_examples`).
+
+    Returns:
+        The `Example`.
+
+    Raises:
+        ValueError: no bundled example has that name.
+    """
     d = data_dir() / "examples"
     if not (d / f"{name}.json").exists():
         raise ValueError(f"no example {name!r}; bundled examples: {list_examples()}")

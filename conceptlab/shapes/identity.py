@@ -1,18 +1,18 @@
 """Which pattern an object has, and how much a generated object looks like a given one.
 
-The judge (:mod:`conceptlab.shapes.judge`) names colours and shapes. Learned concepts are
+The judge (`conceptlab.shapes.judge`) names colours and shapes. Learned concepts are
 *instances* ("a blue star with thin white stripes"), so judging them needs two more things,
 the shapes world's analogue of the paper's CLIP-I / Break-a-Scene's DINO similarity:
 
-- :func:`read_pattern`: solid / striped / two-tone / dotted, from a small network
+- `read_pattern`: solid / striped / two-tone / dotted, from a small network
   (``PatternNet``, ~25k parameters) that reads a 32x32 crop of the object alone (every
   pixel outside the object black, as Break-a-Scene blacks out the non-concept pixels);
-- :func:`identity_similarity`: the cosine similarity of :func:`identity_features` of two
+- `identity_similarity`: the cosine similarity of `identity_features` of two
   objects: the object's colour histogram over the world's colours (main AND second colour,
   in proportion), the pattern network's features and the judge's shape probabilities,
   each unit-normalised, so that each counts one third.
 
-An object is found in a generated image by :func:`object_mask`: the pixels whose colour is
+An object is found in a generated image by `object_mask`: the pixels whose colour is
 far from the image's border colour (the background), largest connected part kept. In a
 source image the concept's own mask is used instead.
 
@@ -20,7 +20,7 @@ source image the concept's own mask is used instead.
     >>> read_pattern(images, net)                      # ['striped', 'solid', ...]
     >>> identity_similarity(source_image, source_mask, generated_images)   # (n,) cosines
 
-The network is trained by ``benchmarks/train_pattern.py`` on rendered scenes (held-out
+The network is trained by ``tools/train_pattern.py`` on rendered scenes (held-out
 accuracy on clean and degraded renders is stored with the weights:
 ``load_pattern_net().config["metrics"]``).
 """
@@ -47,8 +47,17 @@ _PALETTE = np.array([world.COLOURS[c] for c in world.COLOURS], np.float32)  # (7
 
 # ----------------------------------------------------------------------------- the object
 def object_mask(image: np.ndarray, min_distance: float = 60.0, ring: int = 3) -> np.ndarray:
-    """(H, W) bool: the pixels far from the border's median colour, the largest connected
-    part (4-neighbours) kept. Empty when nothing stands out from the background."""
+    """The pixels far from the border's median colour, the largest connected part kept.
+
+    Args:
+        image: (H, W, 3) image.
+        min_distance: RGB distance from the border's median colour of an object pixel.
+        ring: width in pixels of the border.
+
+    Returns:
+        (H, W) bool: the largest connected part (4-neighbours); empty when nothing stands
+            out from the background.
+    """
     img = np.asarray(image, np.float32)
     border = np.concatenate([img[:ring].reshape(-1, 3), img[-ring:].reshape(-1, 3),
                              img[:, :ring].reshape(-1, 3), img[:, -ring:].reshape(-1, 3)])
@@ -64,9 +73,16 @@ def object_mask(image: np.ndarray, min_distance: float = 60.0, ring: int = 3) ->
 
 
 def object_crop(image: np.ndarray, mask: np.ndarray | None = None, size: int = CROP) -> np.ndarray:
-    """(size, size, 3) float in [0, 1]: the object's bounding square, every pixel outside
-    the mask black, resized. ``mask`` defaults to :func:`object_mask`; an empty mask gives
-    the whole image."""
+    """The object's bounding square, every pixel outside the mask black, resized.
+
+    Args:
+        image: (H, W, 3) uint8 image.
+        mask: (H, W) bool; defaults to `object_mask`; an empty mask gives the whole image.
+        size: side of the crop in pixels.
+
+    Returns:
+        (size, size, 3) float in [0, 1].
+    """
     img = np.asarray(image, np.float32) / 255.0
     m = object_mask(image) if mask is None else np.asarray(mask, bool)
     if not m.any():
@@ -85,7 +101,15 @@ def object_crop(image: np.ndarray, mask: np.ndarray | None = None, size: int = C
 
 
 def colour_histogram(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """(7,) fractions of the object's pixels nearest to each world colour."""
+    """Fractions of the object's pixels nearest to each world colour.
+
+    Args:
+        image: (H, W, 3) image.
+        mask: (H, W) bool; defaults to `object_mask` (an empty mask: all pixels).
+
+    Returns:
+        (7,) float32 fractions, in ``world.COLOURS`` order.
+    """
     img = np.asarray(image, np.float32)
     m = object_mask(image) if mask is None else np.asarray(mask, bool)
     px = img[m] if m.any() else img.reshape(-1, 3)
@@ -95,7 +119,11 @@ def colour_histogram(image: np.ndarray, mask: np.ndarray | None = None) -> np.nd
 
 # ----------------------------------------------------------------------------- the network
 class PatternNet(nn.Module):
-    """32x32 object crop -> 4 pattern logits; ``features`` is the 64-d pooled vector."""
+    """32x32 object crop -> 4 pattern logits; `features` is the 64-d pooled vector.
+
+    Args:
+        widths: channels of the three convolutions.
+    """
 
     def __init__(self, widths=(16, 32, 64)):
         super().__init__()
@@ -109,13 +137,37 @@ class PatternNet(nn.Module):
         self.widths = tuple(widths)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features of crops.
+
+        Args:
+            x: (N, 3, 32, 32) crops in [0, 1].
+
+        Returns:
+            (N, widths[-1]) features.
+        """
         return self.trunk(x).mean((2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pattern logits of crops.
+
+        Args:
+            x: (N, 3, 32, 32) crops in [0, 1].
+
+        Returns:
+            (N, 4) logits, in `PATTERNS` order.
+        """
         return self.head(self.features(x))
 
 
 def crops_tensor(crops) -> torch.Tensor:
+    """The network's input from crops.
+
+    Args:
+        crops: one (H, W, 3) crop or many (see `object_crop`).
+
+    Returns:
+        (N, 3, H, W) float tensor.
+    """
     a = np.asarray(crops, np.float32)
     if a.ndim == 3:
         a = a[None]
@@ -123,6 +175,13 @@ def crops_tensor(crops) -> torch.Tensor:
 
 
 def save_pattern_net(net: PatternNet, folder, metrics: dict | None = None):
+    """Write the network (fp16 ``pattern.safetensors``) and its ``pattern.json`` to ``folder``.
+
+    Args:
+        net: the network.
+        folder: the folder to write.
+        metrics: stored in ``pattern.json`` with the architecture and labels.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -139,7 +198,17 @@ _CACHE: dict = {}
 
 
 def load_pattern_net(folder=None) -> PatternNet:
-    """The shipped pattern network (``data/classifier``), in eval mode, cached."""
+    """The shipped pattern network (``data/classifier``), in eval mode, cached.
+
+    Args:
+        folder: the folder to load from (default: the bundled ``classifier`` folder).
+
+    Returns:
+        The `PatternNet`.
+
+    Raises:
+        FileNotFoundError: the folder has no pattern network.
+    """
     from safetensors.torch import load_file
 
     from ..models import data_dir
@@ -151,7 +220,7 @@ def load_pattern_net(folder=None) -> PatternNet:
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not (cfg_path.exists() and w_path.exists()):
         raise FileNotFoundError(f"no pattern network in {folder} ({CONFIG_FILE} and "
-                                f"{WEIGHTS_FILE}): run python benchmarks/train_pattern.py")
+                                f"{WEIGHTS_FILE}): run python -m tools.train_pattern")
     cfg = json.loads(cfg_path.read_text())
     net = PatternNet(tuple(cfg["widths"]))
     net.load_state_dict({k: v.float() for k, v in load_file(str(w_path)).items()})
@@ -164,7 +233,16 @@ def load_pattern_net(folder=None) -> PatternNet:
 # ----------------------------------------------------------------------------- reading objects
 @torch.no_grad()
 def read_pattern(images, net: PatternNet | None = None, masks=None) -> list[str]:
-    """The pattern of the (main) object of each image (uint8 (N, H, W, 3) or a list)."""
+    """The pattern of the (main) object of each image.
+
+    Args:
+        images: uint8 (N, H, W, 3) or a list.
+        net: the pattern network (default: `load_pattern_net`).
+        masks: per image, the object's mask (default: `object_mask`).
+
+    Returns:
+        One of `PATTERNS` per image.
+    """
     net = net or load_pattern_net()
     images = list(images)
     masks = [None] * len(images) if masks is None else list(masks)
@@ -175,8 +253,18 @@ def read_pattern(images, net: PatternNet | None = None, masks=None) -> list[str]
 @torch.no_grad()
 def identity_features(images, masks=None, net: PatternNet | None = None,
                       judge_model=None) -> np.ndarray:
-    """(N, 7 + 64 + 5): colour histogram, pattern features, judge shape probabilities of
-    the (main) object of each image, each part unit-normalised."""
+    """Identity features of the (main) object of each image.
+
+    Args:
+        images: N images.
+        masks: per image, the object's mask (default: `object_mask`).
+        net: the pattern network (default: `load_pattern_net`).
+        judge_model: the shapes judge (default: its ``load_classifier()``).
+
+    Returns:
+        (N, 7 + 64 + 5): colour histogram, pattern features, judge shape probabilities,
+            each part unit-normalised and the whole divided by sqrt(3).
+    """
     from .judge import load_classifier, predict
 
     net = net or load_pattern_net()
@@ -194,9 +282,17 @@ def identity_features(images, masks=None, net: PatternNet | None = None,
 
 
 def identity_similarity(source_image, source_mask, images, **kw) -> np.ndarray:
-    """(N,) cosine similarity between the source concept (its mask) and the main object of
-    each generated image; 1 = same colours in the same proportions, same pattern, same
-    shape."""
+    """Cosine similarity between the source concept and the main object of each image.
+
+    Args:
+        source_image: (H, W, 3) source image.
+        source_mask: (H, W) bool, the concept's mask in it.
+        images: N generated images.
+        **kw: go to `identity_features` (``net``, ``judge_model``).
+
+    Returns:
+        (N,) cosines; 1 = same colours in the same proportions, same pattern, same shape.
+    """
     ref = identity_features([source_image], [source_mask], **kw)[0]
     feats = identity_features(images, None, **kw)
     return feats @ ref

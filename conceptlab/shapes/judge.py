@@ -21,8 +21,7 @@ correct; the pair head does not.
 It is trained on rendered world scenes (1-3 objects, every background; half of the objects
 patterned, striped / two-tone / dotted with a second colour, labelled by their FIRST colour,
 the one a caption names; half of the scenes with shapes / colours allowed to repeat, see
-``render_scenes``) with augmentation that
-imitates the small VAE's output (blur or downsample-upsample, noise and single-pixel specks,
+``render_scenes``) with augmentation that imitates the small VAE's output (blur or downsample-upsample, noise and single-pixel specks,
 slight colour jitter), so that it judges generated images fairly. Training and held-out
 scenes come from disjoint random streams (``scene_rng``); the measured held-out accuracy is
 stored with the weights (``load_classifier().config["metrics"]``).
@@ -35,11 +34,11 @@ held-out scenes, the fidelity a perfect denoiser would reach. Read fidelity agai
     >>> fidelity(pipe, fidelity_prompts(2), n_per_prompt=2)   # {'colour': .., 'shape': ..}
 
 This module is inference only; the training (augmentation, the blob test, the degraded
-renders) is ``benchmarks/train_judge.py``, which also wrote the shipped weights.
+renders) is ``tools/train_judge.py``, which also wrote the shipped weights.
 
-Why one module of about 500 lines: everything here is inference on one network (the
+Why one module of about 770 lines (over a third of it docstrings): everything here is inference on one network (the
 network, reading images, judging prompts, fidelity of a pipeline, the VAE ceiling); its
-training lives in ``benchmarks/train_judge.py``.
+training lives in ``tools/train_judge.py``.
 """
 
 from __future__ import annotations
@@ -74,6 +73,14 @@ SPLITS = {"train": 0x7A11, "heldout": 0x4E1D}
 
 # ----------------------------------------------------------------------------- network
 class ConvBNReLU(nn.Sequential):
+    """3x3 convolution (no bias), batch norm, ReLU.
+
+    Args:
+        cin: input channels.
+        cout: output channels.
+        stride: stride of the convolution.
+    """
+
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__(
             nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
@@ -89,6 +96,9 @@ class ShapeColourNet(nn.Module):
     pooling -> one linear layer for all 47 logits. Max pooling over positions suits
     "is there an object like this anywhere" questions; the receptive field (~50 px) covers
     the largest object.
+
+    Args:
+        widths: channels of the five convolutions.
     """
 
     def __init__(self, widths=(24, 32, 64, 64, 128)):
@@ -107,7 +117,14 @@ class ShapeColourNet(nn.Module):
         self.head = nn.Linear(2 * w[4], sum(HEADS.values()))
 
     def forward(self, x: torch.Tensor) -> dict:
-        """x: (N, 3, 64, 64) float in [0, 1]. Returns a dict of logits per head."""
+        """Logits of the three heads.
+
+        Args:
+            x: (N, 3, 64, 64) float in [0, 1].
+
+        Returns:
+            A dict of logits per head, ``{head: (N, k)}``.
+        """
         h = self.features((x - 0.5) / 0.25)
         h = torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], 1)
         logits = self.head(h)
@@ -119,17 +136,40 @@ class ShapeColourNet(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The number of parameters of ``model``.
+
+    Args:
+        model: a torch module.
+
+    Returns:
+        The number of parameter elements.
+    """
     return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- data
 def scene_rng(split: str, seed: int = 0) -> np.random.Generator:
-    """The random stream of scenes for a split ("train" or "heldout") and seed."""
+    """The random stream of scenes for a split and seed.
+
+    Args:
+        split: "train" or "heldout".
+        seed: the seed within the split.
+
+    Returns:
+        The numpy generator.
+    """
     return np.random.default_rng([SPLITS[split], int(seed)])
 
 
 def labels_of(objects) -> dict:
-    """Multi-hot targets {head: float32 array} for a list of (colour, shape)."""
+    """Multi-hot targets for a list of (colour, shape).
+
+    Args:
+        objects: the (colour, shape) pairs of one image.
+
+    Returns:
+        ``{head: float32 array}``.
+    """
     y = {name: np.zeros(k, np.float32) for name, k in HEADS.items()}
     for c, s in objects:
         ci, si = COLOURS.index(c), SHAPES.index(s)
@@ -147,6 +187,16 @@ def render_scenes(n: int, split: str = "heldout", seed: int = 0, independent: fl
     independently (repeats allowed, e.g. two circles). World scenes never repeat a shape or
     a colour; a classifier trained on them alone learns that prior ("three objects: three
     different shapes") and sees shapes that are not there when a generated image repeats one.
+
+    Args:
+        n: number of scenes.
+        split: "train" or "heldout" (see `scene_rng`).
+        seed: the seed within the split.
+        independent: the fraction of scenes with independently drawn shapes and colours.
+        **scene_kwargs: go to `conceptlab.shapes.world.sample_scene`.
+
+    Returns:
+        (images (n, 64, 64, 3) uint8, per image its list of (colour, shape)).
     """
     rng = scene_rng(split, seed)
     images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -169,6 +219,12 @@ def to_tensor(images) -> torch.Tensor:
     Accepts a (N, H, W, 3) uint8 array (or float array in [0, 1]), a single image, or a
     list of PIL images / arrays. Images that are not 64x64 are RESIZED to 64x64 (bilinear,
     antialiased when shrinking): e.g. the tiny test pipeline makes 32x32 images.
+
+    Args:
+        images: the images, in one of the formats above (or a tensor).
+
+    Returns:
+        (N, 3, 64, 64) float in [0, 1].
     """
     if isinstance(images, torch.Tensor):
         x = images.float()
@@ -199,7 +255,16 @@ def to_tensor(images) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, images, batch: int = 256) -> dict:
-    """Probabilities {head: (N, k) numpy} for images (see ``to_tensor`` for formats)."""
+    """Probabilities of every head for images.
+
+    Args:
+        model: the classifier.
+        images: the images (see `to_tensor` for formats).
+        batch: images per forward pass.
+
+    Returns:
+        ``{head: (N, k) numpy}``.
+    """
     x = to_tensor(images)
     model.eval()
     outs = {h: [] for h in HEADS}
@@ -211,7 +276,14 @@ def predict(model: nn.Module, images, batch: int = 256) -> dict:
 
 
 def targets(objects) -> torch.Tensor:
-    """(N, 47) 0/1 label vectors (colour, shape, pair heads concatenated) of scenes' objects."""
+    """0/1 label vectors (colour, shape, pair heads concatenated) of scenes' objects.
+
+    Args:
+        objects: per scene, its (colour, shape) pairs.
+
+    Returns:
+        (N, 47) tensor.
+    """
     ys = [labels_of(o) for o in objects]
     return torch.from_numpy(np.stack([np.concatenate([y[h] for h in HEADS]) for y in ys]))
 
@@ -222,6 +294,14 @@ def score(probs: dict, objects, threshold: float = THRESHOLD) -> dict:
     ``accuracy``: fraction of objects whose colour / shape / pair is predicted present
     (prob > threshold). ``false_positive``: fraction of absent labels predicted present.
     ``exact``: fraction of images whose whole label set for that head is right.
+
+    Args:
+        probs: what `predict` returns.
+        objects: per image, its (colour, shape) pairs.
+        threshold: a label is predicted present above this probability.
+
+    Returns:
+        ``{head: {"accuracy", "false_positive", "exact"}}``.
     """
     y = targets(objects).numpy() > 0.5
     out, i = {}, 0
@@ -244,7 +324,18 @@ def vae_ceiling(vae, n: int = 300, seed: int = 0, model: nn.Module | None = None
 
     Generated images are VAE decodes, so this is the fidelity a perfect U-Net would get: it
     separates what the VAE loses (or what the classifier misjudges in VAE output) from what
-    the denoiser gets wrong. Returns {"clean": score, "vae": score, "mse": float}.
+    the denoiser gets wrong.
+
+    Args:
+        vae: the pipeline's VAE.
+        n: number of held-out scenes.
+        seed: picks the scenes.
+        model: the classifier (default: ``load_classifier()``).
+        batch: images per VAE pass.
+
+    Returns:
+        ``{"clean": score, "vae": score, "mse": float, "n_images": n}`` (scores as
+            `score` returns them).
     """
     model = model if model is not None else load_classifier()
     images, objects = render_scenes(n, "heldout", 20_000 + seed)
@@ -276,8 +367,16 @@ def _resolve(path) -> Path:
 
 
 def save_classifier(model: ShapeColourNet, path=DEFAULT_PATH, metrics: dict | None = None):
-    """Write ``model.safetensors`` (fp16) and ``config.json`` (architecture, labels and
-    the given metrics) to ``path``."""
+    """Write ``model.safetensors`` (fp16) and ``config.json`` to ``path``.
+
+    Args:
+        model: the classifier.
+        path: the folder to write.
+        metrics: stored in ``config.json`` with the architecture and labels.
+
+    Returns:
+        ``path``.
+    """
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -300,8 +399,23 @@ _CACHE: dict = {}
 
 
 def load_classifier(path=DEFAULT_PATH, cache: bool = True) -> ShapeColourNet:
-    """Load a saved classifier (float32, eval mode). ``model.config`` holds config.json
-    (including its measured held-out accuracy under ``metrics``)."""
+    """Load a saved classifier (float32, eval mode).
+
+    ``model.config`` holds config.json (including its measured held-out accuracy under
+    ``metrics``).
+
+    Args:
+        path: the folder; a relative path under ``data`` that does not exist is looked up
+            in the bundled data folder (``models.data_dir()``).
+        cache: reuse (and keep) the loaded model of the same folder.
+
+    Returns:
+        The `ShapeColourNet`.
+
+    Raises:
+        FileNotFoundError: the folder has no weights.
+        RuntimeError: the weights do not match the architecture.
+    """
     from safetensors.torch import load_file
 
     p = _resolve(path)
@@ -310,7 +424,7 @@ def load_classifier(path=DEFAULT_PATH, cache: bool = True) -> ShapeColourNet:
         return _CACHE[key]
     if not (p / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"no classifier weights at {p / WEIGHTS_FILE}; train them with "
-                                "`python benchmarks/train_classifier.py`")
+                                "`python -m tools.train_judge`")
     with open(p / CONFIG_FILE) as f:
         cfg = json.load(f)
     model = ShapeColourNet(cfg["widths"])
@@ -332,16 +446,23 @@ def judge(images, objects, model: nn.Module | None = None,
           threshold: float = THRESHOLD) -> list[dict]:
     """Judge each named object of each image.
 
-    images: (N, H, W, 3) uint8 (or float in [0, 1]) or a list of PIL images; inputs that are
-    not 64x64 are resized to 64x64 (see ``to_tensor``). objects: per image, the list of
-    (colour, shape) named in its prompt. ``model``: defaults to ``load_classifier()``.
+    Args:
+        images: (N, H, W, 3) uint8 (or float in [0, 1]) or a list of PIL images; inputs
+            that are not 64x64 are resized to 64x64 (see `to_tensor`).
+        objects: per image, the list of (colour, shape) named in its prompt.
+        model: defaults to ``load_classifier()``.
+        threshold: a label is present above this probability.
 
-    Returns a flat list, one dict per named object, in order: ``image`` (index), ``colour``,
-    ``shape``, ``colour_ok`` / ``shape_ok`` (the colour / shape head says present),
-    ``both_ok`` (the PAIR head says this (colour, shape) combination is present; not
-    ``colour_ok and shape_ok``, which would accept a swapped "blue star and red circle"
-    for "a red star and a blue circle"), and the probabilities ``p_colour``, ``p_shape``,
-    ``p_pair``.
+    Returns:
+        A flat list, one dict per named object, in order: ``image`` (index), ``colour``,
+            ``shape``, ``colour_ok`` / ``shape_ok`` (the colour / shape head says present),
+            ``both_ok`` (the PAIR head says this (colour, shape) combination is present;
+            not ``colour_ok and shape_ok``, which would accept a swapped "blue star and red
+            circle" for "a red star and a blue circle"), and the probabilities
+            ``p_colour``, ``p_shape``, ``p_pair``.
+
+    Raises:
+        ValueError: the numbers of images and object lists differ.
     """
     model = model if model is not None else load_classifier()
     n = len(images)
@@ -363,7 +484,15 @@ def judge(images, objects, model: nn.Module | None = None,
 
 
 def border_pixels(image: np.ndarray, border: int = 4) -> np.ndarray:
-    """The ring of ``border`` pixels around an (H, W, 3) image, as (N, 3) floats."""
+    """The ring of ``border`` pixels around an image.
+
+    Args:
+        image: (H, W, 3) image.
+        border: width of the ring in pixels.
+
+    Returns:
+        (N, 3) float32 pixels.
+    """
     im = np.asarray(image, dtype=np.float32)
     return np.concatenate([im[:border].reshape(-1, 3), im[-border:].reshape(-1, 3),
                            im[border:-border, :border].reshape(-1, 3),
@@ -371,8 +500,14 @@ def border_pixels(image: np.ndarray, border: int = 4) -> np.ndarray:
 
 
 def as_uint8_batch(images) -> np.ndarray:
-    """(N, H, W, 3) uint8 from one image or many: PIL images, uint8 arrays, or floats in
-    [0, 1]."""
+    """(N, H, W, 3) uint8 from one image or many.
+
+    Args:
+        images: PIL images, uint8 arrays, or floats in [0, 1]; one image or many.
+
+    Returns:
+        (N, H, W, 3) uint8.
+    """
     if hasattr(images, "convert"):
         images = [images]
     if isinstance(images, (list, tuple)):
@@ -394,11 +529,18 @@ def _loop(a: np.ndarray, off: int) -> np.ndarray:
 
 
 def background_features(image, ring: int = 8) -> dict:
-    """What :func:`classify_background` reads from the ``ring`` outer pixels of an image:
-    ``median`` colour, ``crossings`` (most mid-level brightness crossings along one of the
-    loops 1, 3, 5, 7 px in: 0-6 on plain backgrounds, where only an object edge crosses,
-    14-40 on textures) and ``balance`` (fraction of ring pixels on the minority side of the
-    mid-level: ~0.5 for stripes, ~0.2 for dots)."""
+    """What `classify_background` reads from the ``ring`` outer pixels of an image.
+
+    Args:
+        image: (H, W, 3) image.
+        ring: width in pixels of the outer ring.
+
+    Returns:
+        ``median`` colour, ``crossings`` (most mid-level brightness crossings along one of
+            the loops 1, 3, 5, 7 px in: 0-6 on plain backgrounds, where only an object edge
+            crosses, 14-40 on textures) and ``balance`` (fraction of ring pixels on the
+            minority side of the mid-level: ~0.5 for stripes, ~0.2 for dots).
+    """
     im = np.asarray(image, np.float32)
     lum = im.mean(-1)
     crossings = 0
@@ -418,9 +560,10 @@ def background_features(image, ring: int = 8) -> dict:
 
 def classify_background(images, *, max_distance: float = 45.0, max_crossings: int = 10,
                         balance_split: float = 0.37) -> list[str]:
-    """The background of each image, one of ``world.BACKGROUNDS``: no network, three rules
-    on :func:`background_features` (objects in the shapes world rarely reach the outer
-    8 pixels):
+    """The background of each image, one of ``world.BACKGROUNDS``.
+
+    No network: three rules on `background_features` (objects in the shapes world rarely
+    reach the outer 8 pixels):
 
     1. green (median G above R and B by 15): "grassy";
     2. few brightness crossings (< ``max_crossings``) and a median colour within
@@ -430,6 +573,15 @@ def classify_background(images, *, max_distance: float = 45.0, max_crossings: in
 
     Its accuracy on held-out clean, degraded and VAE-decoded renders is printed by
     ``benchmarks/model_quality.py``.
+
+    Args:
+        images: one image or many (see `as_uint8_batch`).
+        max_distance: rule 2's largest RGB distance to a plain background.
+        max_crossings: rule 2's bound on the brightness crossings.
+        balance_split: rule 3's split between "striped" and "dotted".
+
+    Returns:
+        One background name per image.
     """
     plain = {k: np.array(v, np.float32) for k, v in world.PLAIN_BACKGROUNDS.items()}
     out = []
@@ -448,9 +600,22 @@ def classify_background(images, *, max_distance: float = 45.0, max_crossings: in
 
 
 def judge_background(images, names, *, max_distance: float = 45.0) -> np.ndarray:
-    """Does each image show the named background (any of ``world.BACKGROUNDS``)? ``names``:
-    one name, or one per image. True where :func:`classify_background` says that name.
-    Returns a bool array. Checked against rendered scenes in the tests."""
+    """Does each image show the named background (any of ``world.BACKGROUNDS``)?
+
+    True where `classify_background` says that name. Checked against rendered scenes in
+    the tests.
+
+    Args:
+        images: one image or many (see `as_uint8_batch`).
+        names: one name, or one per image.
+        max_distance: as for `classify_background`.
+
+    Returns:
+        A bool array, one entry per image.
+
+    Raises:
+        ValueError: the numbers of images and names differ, or a name is unknown.
+    """
     images = as_uint8_batch(images)
     names = [names] * len(images) if isinstance(names, str) else list(names)
     if len(names) != len(images):
@@ -463,15 +628,31 @@ def judge_background(images, names, *, max_distance: float = 45.0) -> np.ndarray
 
 
 def named_background(prompt: str) -> str | None:
-    """'... on a striped background' -> 'striped' (None if the prompt names none)."""
+    """'... on a striped background' -> 'striped'.
+
+    Args:
+        prompt: the prompt.
+
+    Returns:
+        The background name, or None if the prompt names none.
+    """
     m = re.search(r"\bon an? (\w+) background\b", prompt)
     return m.group(1) if m and m.group(1) in world.BACKGROUNDS else None
 
 
 def fidelity_prompts(n: int = 20, seed: int = 0) -> list[tuple[str, list]]:
-    """n prompts naming one (even positions) or two (odd positions) coloured shapes on a
-    background, with distinct colours and shapes: [(prompt, [(colour, shape), ...]), ...],
-    e.g. ("a red star on a gray background", [("red", "star")])."""
+    """n prompts naming coloured shapes on a background.
+
+    One shape at even positions, two at odd positions, with distinct colours and shapes.
+
+    Args:
+        n: number of prompts.
+        seed: picks the prompts.
+
+    Returns:
+        ``[(prompt, [(colour, shape), ...]), ...]``, e.g.
+            ``("a red star on a gray background", [("red", "star")])``.
+    """
     rng = np.random.default_rng([0xF1DE, int(seed)])
     out = []
     for i in range(n):
@@ -492,11 +673,25 @@ def fidelity(pipe, prompts_objects, n_per_prompt: int = 4, seed: int = 0,
     """Generation fidelity of a StableDiffusionPipeline, judged by the classifier.
 
     For each (prompt, objects) generates ``n_per_prompt`` images with generators seeded
-    ``seed + i`` and judges every named object. Returns fractions of named objects with the
-    right ``colour``, ``shape`` and ``both`` (pair head, see ``judge``), the fraction of
-    images that keep the prompt's named ``background`` (:func:`judge_background`), the same split by
-    the number of objects in the prompt (``by_count``), per-prompt results, counts, and
-    with ``return_images`` the generated uint8 images (a list per prompt).
+    ``seed + i`` and judges every named object.
+
+    Args:
+        pipe: a StableDiffusionPipeline.
+        prompts_objects: (prompt, [(colour, shape), ...]) pairs, e.g. `fidelity_prompts`.
+        n_per_prompt: images per prompt.
+        seed: image i of a prompt is seeded ``seed + i``.
+        guidance_scale: the sampler's guidance scale.
+        steps: the sampler's steps.
+        model: the classifier (default: ``load_classifier()``).
+        batch_size: images per pipeline call (default: ``n_per_prompt``).
+        return_images: also return the generated images.
+
+    Returns:
+        Fractions of named objects with the right ``colour``, ``shape`` and ``both`` (pair
+            head, see `judge`), the fraction of images that keep the prompt's named
+            ``background`` (`judge_background`), the same split by the number of objects
+            in the prompt (``by_count``), per-prompt results, counts, and with
+            ``return_images`` the generated uint8 images (a list per prompt).
     """
     model = model if model is not None else load_classifier()
     batch_size = batch_size or n_per_prompt

@@ -3,11 +3,11 @@
 Every suite is drawn from seeds the model's training stream never uses (training scenes
 come from one stream seeded 0; suites start at 1_000_000):
 
-- :func:`held_out_scenes` (seeds 1_000_000+): any scene, for model quality;
-- :func:`held_out_multi_object_scenes` (1_000_000+): 2 and 3 objects alternately, for masks;
-- :func:`suite_scenes` (2_000_000+): 2-3 objects, patterned ones included: the EM suite.
+- `held_out_scenes` (seeds 1_000_000+): any scene, for model quality;
+- `held_out_multi_object_scenes` (1_000_000+): 2 and 3 objects alternately, for masks;
+- `suite_scenes` (2_000_000+): 2-3 objects, patterned ones included: the EM suite.
 
-:func:`mask_quality_table` turns each object's shape-word attention into masks five ways
+`mask_quality_table` turns each object's shape-word attention into masks five ways
 (``METHODS``) and scores them; ``benchmarks/mask_quality.py`` prints it for 100 scenes.
 """
 
@@ -23,17 +23,44 @@ from . import world
 
 
 def held_out_scenes(n, seed=1_000_000, size=64, **kw):
+    """Scenes ``seed + i``, any scene: for model quality.
+
+    Args:
+        n: number of scenes.
+        seed: seed of the first scene.
+        size: side in pixels.
+        **kw: go to `conceptlab.shapes.world.sample_scene`.
+
+    Returns:
+        The rendered scenes.
+    """
     return [world.render_scene(world.sample_scene(seed=seed + i, **kw), size) for i in range(n)]
 
 
 def held_out_multi_object_scenes(n_scenes: int, seed: int = 1_000_000):
-    """Scenes ``seed + i`` with 2 objects for even i and 3 for odd i."""
+    """Scenes ``seed + i`` with 2 objects for even i and 3 for odd i.
+
+    Args:
+        n_scenes: number of scenes.
+        seed: seed of the first scene.
+
+    Returns:
+        The rendered scenes.
+    """
     return [world.render_scene(world.sample_scene(seed=seed + i, n_objects=2 + i % 2))
             for i in range(n_scenes)]
 
 
 def suite_scenes(n: int, seed: int = 2_000_000):
-    """The EM suite: scene ``seed + i`` with 2 + i % 2 objects, any pattern."""
+    """The EM suite: scene ``seed + i`` with 2 + i % 2 objects, any pattern.
+
+    Args:
+        n: number of scenes.
+        seed: seed of the first scene.
+
+    Returns:
+        The rendered scenes.
+    """
     return [world.render_scene(world.sample_scene(seed=seed + i, n_objects=2 + i % 2,
                                                   patterns=world.PATTERNS))
             for i in range(n)]
@@ -44,7 +71,17 @@ METHODS = ("threshold 0.5", "mean", "otsu", "argmax + background", "argmax + CRF
 
 def masks_by_method(image, concept_maps, background_threshold: float = 0.3,
                     crf_backend_name: str = "auto") -> dict:
-    """{method: (K, H, W) bool} for raw concept maps (K, h, w) of one image (H, W, 3)."""
+    """Masks of each method of `METHODS` for the raw concept maps of one image.
+
+    Args:
+        image: (H, W, 3) image.
+        concept_maps: (K, h, w) raw concept maps.
+        background_threshold: as for `conceptlab.masks.assign_masks`.
+        crf_backend_name: as for `conceptlab.crf.dense_crf`.
+
+    Returns:
+        ``{method: (K, H, W) bool}``.
+    """
     H, W = image.shape[:2]
     up = M.resize_map(torch.as_tensor(concept_maps, dtype=torch.float32), (H, W)).clamp_min(0)
     unit = M.normalize(up, "minmax")
@@ -64,11 +101,22 @@ def mask_quality_table(pipe, n_scenes: int = 30, seed: int = 1_000_000, *,
                        backend: str = "auto", return_maps: bool = False) -> dict:
     """Mean IoU of each method's masks against the ground truth on held-out scenes.
 
-    Returns ``{"table": {method: mean IoU over objects}, "by_n_objects": {2: {...}, 3: {...}},
-    "rows": [per object: {"scene", "n_objects", "background", "shape", method: IoU, ...}],
-    "overlap_scenes": {per-word method: number of scenes where two objects' masks share
-    pixels}, "n_scenes", "n_objects", "crf_backend"}``, plus ``"concept_maps"`` (one raw
-    (K, h, w) array per scene, in scene order) if ``return_maps``.
+    Args:
+        pipe: the pipeline (the bundled shapes model).
+        n_scenes: number of scenes (`held_out_multi_object_scenes`).
+        seed: seed of the first scene.
+        n_timesteps: as for `conceptlab.maps.attention_maps`.
+        background_threshold: as for `conceptlab.masks.assign_masks`.
+        backend: the CRF backend (as for `conceptlab.crf.crf_backend`).
+        return_maps: also return the concept maps.
+
+    Returns:
+        ``{"table": {method: mean IoU over objects}, "by_n_objects": {2: {...}, 3: {...}},
+            "rows": [per object: {"scene", "n_objects", "background", "shape", method: IoU,
+            ...}], "overlap_scenes": {per-word method: number of scenes where two objects'
+            masks share pixels}, "n_scenes", "n_objects", "crf_backend"}``, plus
+            ``"concept_maps"`` (one raw (K, h, w) array per scene, in scene order) if
+            ``return_maps``.
     """
     backend = crf_backend(backend)
     rows, kept = [], []
@@ -102,7 +150,14 @@ def mask_quality_table(pipe, n_scenes: int = 30, seed: int = 1_000_000, *,
 
 
 def format_table(result: dict) -> str:
-    """The table as text: one line per method, overall and by number of objects."""
+    """The table as text: one line per method, overall and by number of objects.
+
+    Args:
+        result: what `mask_quality_table` returns.
+
+    Returns:
+        The text.
+    """
     ns = list(result["by_n_objects"])
     head = f"{'method':<22}{'mean IoU':>10}" + "".join(f"{f'{n} objects':>11}" for n in ns)
     lines = [f"{result['n_scenes']} held-out scenes, {result['n_objects']} objects "

@@ -1,6 +1,6 @@
 """The shapes world: procedural scenes of coloured shapes with captions and exact masks.
 
-A scene is 1-3 objects drawn over a background. Everything is deterministic from a seed::
+A scene is 1-3 objects drawn over a background. Everything is deterministic from a seed:
 
     >>> scene = render_scene(sample_scene(seed=3))
     >>> scene.image.shape, scene.caption, scene.masks.shape   # (64, 64, 3) uint8, str, (K+1, 64, 64)
@@ -16,6 +16,9 @@ striped star" never says the stripes' colour. The bundled example images hold pa
 instances (a blue star with *white* stripes, at one size and angle): the "user concepts"
 the course learns new tokens for, as a user's dog is one particular dog
 (``data/examples``).
+
+Why one module of about 510 lines (over a third of it docstrings): the layouts, their
+drawing and their captions make one world, and the scenes, masks and captions must agree.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ CAPTION_WORDS = ["a", "an", "and", "on", "of", "with", "the", "photo", "picture"
 
 @dataclass
 class ShapeObject:
+    """One object of a scene.
+
+    Attributes:
+        shape: one of `SHAPES`.
+        colour: one of `COLOURS`.
+        cx: centre x, fraction of the image width.
+        cy: centre y, fraction of the image height (images are square).
+        radius: circumradius, fraction of the image width.
+        angle: rotation in degrees.
+        pattern: one of `PATTERNS`.
+        colour2: second colour of a patterned object (None: white).
+    """
+
     shape: str
     colour: str
     cx: float  # centre, fraction of the image width
@@ -66,9 +82,19 @@ class ShapeObject:
     colour2: str | None = None  # second colour of a patterned object
 
     def phrase(self, with_colour: bool = True, with_pattern: bool = False) -> str:
-        """'a red star'; with ``with_pattern`` a patterned object is 'a blue striped star'
-        (its first colour and its pattern word: a coarse caption, as a web caption would
-        say "a striped cat")."""
+        """The object's noun phrase, e.g. 'a red star'.
+
+        With ``with_pattern`` a patterned object is 'a blue striped star' (its first colour
+        and its pattern word: a coarse caption, as a web caption would say "a striped
+        cat").
+
+        Args:
+            with_colour: name the (first) colour.
+            with_pattern: name the pattern of a patterned object.
+
+        Returns:
+            The phrase, with its article.
+        """
         noun = self.shape
         if with_pattern and self.pattern != "solid":
             noun = f"{self.pattern} {noun}"
@@ -79,6 +105,18 @@ class ShapeObject:
 
 @dataclass
 class SceneSpec:
+    """The layout of a scene, from which `render_scene` draws it.
+
+    Attributes:
+        objects: the objects, in drawing order.
+        background: one of `BACKGROUNDS`.
+        bg_colours: texture colours, chosen by the sampler.
+        texture_seed: seed of the "grassy" texture.
+        texture_angle: angle in degrees of the "striped" texture.
+        texture_period: period of the striped and dotted textures, fraction of the image
+            width.
+    """
+
     objects: list[ShapeObject]
     background: str
     bg_colours: tuple = ()  # texture colours, chosen by the sampler
@@ -87,10 +125,23 @@ class SceneSpec:
     texture_period: float = 0.2  # fraction of the image width
 
     def to_dict(self) -> dict:
+        """The spec as plain data (JSON-ready).
+
+        Returns:
+            ``{field: value}``, objects as dicts.
+        """
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> SceneSpec:
+        """The spec of a `to_dict` output.
+
+        Args:
+            d: ``{field: value}``.
+
+        Returns:
+            The spec.
+        """
         d = dict(d)
         d["objects"] = [ShapeObject(**o) for o in d["objects"]]
         d["bg_colours"] = tuple(tuple(c) for c in d.get("bg_colours", ()))
@@ -99,6 +150,16 @@ class SceneSpec:
 
 @dataclass
 class Scene:
+    """A rendered scene.
+
+    Attributes:
+        image: (H, W, 3) uint8.
+        masks: (K+1, H, W) bool; [0] background, [i] object i (drawing order).
+        caption: the scene's caption.
+        spec: the layout it was drawn from.
+        words: per object: (colour word, shape word).
+    """
+
     image: np.ndarray  # (H, W, 3) uint8
     masks: np.ndarray  # (K+1, H, W) bool; [0] background, [i] object i (drawing order)
     caption: str
@@ -107,16 +168,32 @@ class Scene:
 
     @property
     def object_masks(self) -> np.ndarray:
+        """(K, H, W) bool masks of the objects, in drawing order."""
         return self.masks[1:]
 
     @property
     def background_mask(self) -> np.ndarray:
+        """(H, W) bool mask of the background."""
         return self.masks[0]
 
 
 # ----------------------------------------------------------------------------- geometry
 def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float = 0.0) -> list:
-    """Vertices (x, y) in pixels of a shape of circumradius ``r`` centred at (cx, cy)."""
+    """Vertices (x, y) in pixels of a shape of circumradius ``r`` centred at (cx, cy).
+
+    Args:
+        shape: one of `SHAPES`.
+        cx: centre x in pixels.
+        cy: centre y in pixels.
+        r: circumradius in pixels.
+        angle: rotation in degrees.
+
+    Returns:
+        The vertices, as (x, y) tuples.
+
+    Raises:
+        ValueError: an unknown shape.
+    """
     if shape == "circle":
         t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
         pts = np.stack([np.cos(t), np.sin(t)], 1) * r * 0.92
@@ -201,7 +278,19 @@ def _box_down(a: np.ndarray, f: int) -> np.ndarray:
 
 
 def render_scene(spec: SceneSpec, size: int = 64, caption: str | None = None) -> Scene:
-    """Draw a scene at ``size`` x ``size``; returns image, masks and caption."""
+    """Draw a scene at ``size`` x ``size``.
+
+    Args:
+        spec: the layout.
+        size: side in pixels, >= 8.
+        caption: the caption (default: `describe` of ``spec``).
+
+    Returns:
+        The `Scene`: image, masks and caption.
+
+    Raises:
+        ValueError: ``size`` < 8, or an unknown shape, background or pattern.
+    """
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels, got {size}")
     big = size * SUPERSAMPLE
@@ -226,7 +315,19 @@ def render_scene(spec: SceneSpec, size: int = 64, caption: str | None = None) ->
 # ----------------------------------------------------------------------------- sampling
 def describe(spec: SceneSpec, order=None, prefix: str = "", with_colour=True,
              with_background=True, with_pattern=False) -> str:
-    """Caption such as 'a red star and a blue circle on a striped background'."""
+    """Caption such as 'a red star and a blue circle on a striped background'.
+
+    Args:
+        spec: the layout.
+        order: the objects' order in the caption (default: drawing order).
+        prefix: put in front, e.g. "a photo of ".
+        with_colour: name the objects' colours.
+        with_background: name the background.
+        with_pattern: name the objects' patterns.
+
+    Returns:
+        The caption.
+    """
     objs = [spec.objects[i] for i in (order if order is not None else range(len(spec.objects)))]
     phrases = [o.phrase(with_colour, with_pattern) for o in objs]
     text = " and ".join(phrases)
@@ -245,6 +346,26 @@ def sample_scene(seed: int | None = None, rng: np.random.Generator | None = None
     objects (each pattern equally likely). With ``pattern_p`` an object is patterned with
     that probability (then one of the non-solid ``patterns``, equally likely): the
     model-v2 training distribution uses ``PATTERNS`` with ``pattern_p=0.25``.
+
+    Args:
+        seed: seed of a new generator, when ``rng`` is not given.
+        rng: the random generator to draw from.
+        n_objects: 1, 2 or 3 (default: random, 1 most likely).
+        shapes: the shapes to choose from.
+        colours: the colours to choose from.
+        backgrounds: the backgrounds to choose from.
+        patterns: the patterns to choose from.
+        max_rotation: largest rotation in degrees, either way.
+        max_overlap: how much two objects may overlap, as a fraction of the sum of their
+            radii.
+        pattern_p: probability that an object is patterned (None: every pattern equally
+            likely).
+
+    Returns:
+        The `SceneSpec`.
+
+    Raises:
+        ValueError: ``n_objects`` is not 1, 2 or 3.
     """
     if rng is None:
         rng = np.random.default_rng(seed)
@@ -296,7 +417,16 @@ def sample_scene(seed: int | None = None, rng: np.random.Generator | None = None
 
 def sample_caption(spec: SceneSpec, rng: np.random.Generator,
                    with_pattern: bool = False) -> tuple[str, list[int]]:
-    """A varied training caption; returns (caption, object order in the caption)."""
+    """A varied training caption.
+
+    Args:
+        spec: the layout.
+        rng: the random generator to draw from.
+        with_pattern: name the objects' patterns.
+
+    Returns:
+        (caption, object order in the caption).
+    """
     order = list(rng.permutation(len(spec.objects)))
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     with_colour = rng.random() > 0.07
@@ -305,7 +435,11 @@ def sample_caption(spec: SceneSpec, rng: np.random.Generator,
 
 
 def vocabulary() -> list[str]:
-    """Every word a caption of the world can contain (the tokenizer's vocabulary)."""
+    """Every word a caption of the world can contain (the tokenizer's vocabulary).
+
+    Returns:
+        The words, each once.
+    """
     words = list(CAPTION_WORDS) + list(SHAPES) + list(COLOURS) + list(BACKGROUNDS)
     words += ["striped", "two-tone", "dotted", "solid"]
     out: list[str] = []
@@ -317,10 +451,18 @@ def vocabulary() -> list[str]:
 
 def make_dataset(n: int, seed: int = 0, size: int = 64, with_pattern: bool = False,
                  **scene_kwargs):
-    """n training scenes with varied captions (``with_pattern``: captions name patterns).
+    """n training scenes with varied captions.
 
-    Returns dict: images (n, H, W, 3) uint8, masks list of (K+1, H, W) bool, captions list,
-    orders list (object index order in caption), specs list.
+    Args:
+        n: number of scenes.
+        seed: seed of the generator.
+        size: side in pixels.
+        with_pattern: captions name patterns.
+        **scene_kwargs: go to `sample_scene`.
+
+    Returns:
+        A dict: images (n, H, W, 3) uint8, masks list of (K+1, H, W) bool, captions list,
+            orders list (object index order in caption), specs list.
     """
     rng = np.random.default_rng(seed)
     images = np.zeros((n, size, size, 3), np.uint8)
@@ -339,6 +481,15 @@ def make_dataset(n: int, seed: int = 0, size: int = 64, with_pattern: bool = Fal
 
 
 def to_pil(image: np.ndarray, scale: int = 1) -> Image.Image:
+    """A PIL image of a uint8 array, enlarged ``scale`` times (nearest neighbour).
+
+    Args:
+        image: (H, W, 3) image.
+        scale: integer enlargement.
+
+    Returns:
+        The PIL image.
+    """
     img = Image.fromarray(np.asarray(image, np.uint8))
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 

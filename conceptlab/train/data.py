@@ -14,8 +14,8 @@ A batch (Break-a-Scene's "union sampling"), for each of ``batch_size`` samples:
 2. flip image and masks horizontally with probability 1/2 (``config.flip``);
 3. ``t ~ U{t_lo .. t_hi-1}``; then ``eps ~ N(0, I)`` for the whole batch.
 
-:func:`draw_samples` makes those draws (all from ONE ``torch.Generator``, in a fixed order:
-resuming a run replays them exactly) and :func:`assemble` turns them into a :class:`Batch`
+`draw_samples` makes those draws (all from ONE ``torch.Generator``, in a fixed order:
+resuming a run replays them exactly) and `assemble` turns them into a `Batch`
 of tensors: clean latents, noise, timesteps, the prompt ids, where each concept token sits
 in them, and the masks of the concepts each prompt names.
 """
@@ -35,10 +35,19 @@ from ..models import prompt_ids, to_uint8
 class ConceptImage:
     """One training image, the masks of the concepts it shows, and which concepts they are.
 
-    image        a path, a PIL image or an (H, W, 3) array (see :func:`conceptlab.models.to_uint8`)
-    masks        (K_i, H', W') bool or float in [0, 1] (any resolution; (H', W') is read
-                 as one mask), row j = the mask of concept ``concept_ids[j]``
-    concept_ids  K_i distinct concept indices (default ``0 .. K_i-1``)
+    The fields are converted on creation: the image to (H, W, 3) uint8, the masks to a
+    (K_i, H', W') bool or float32 array.
+
+    Attributes:
+        image: a path, a PIL image or an (H, W, 3) array (see
+            `conceptlab.models.to_uint8`).
+        masks: (K_i, H', W') bool or float in [0, 1] (any resolution; (H', W') is read as
+            one mask), row j = the mask of concept ``concept_ids[j]``.
+        concept_ids: K_i distinct concept indices (default ``0 .. K_i-1``).
+
+    Raises:
+        ValueError: the masks are not (K, H, W) bool or float in [0, 1] with K >= 1, or
+            the concept ids are not one distinct id per mask row.
     """
 
     image: np.ndarray
@@ -71,19 +80,41 @@ class ConceptImage:
 
     @classmethod
     def from_scene(cls, scene, concept_ids=None, background: bool = False) -> ConceptImage:
-        """From a :class:`conceptlab.shapes.world.Scene`: its objects (in drawing order),
-        plus the background as the last concept when ``background=True``."""
+        """From a `conceptlab.shapes.world.Scene`.
+
+        Args:
+            scene: the scene; its objects (in drawing order) are the concepts.
+            concept_ids: as for the class (default ``0 .. K_i-1``).
+            background: add the background as the last concept.
+
+        Returns:
+            The `ConceptImage`.
+        """
         masks = list(scene.object_masks) + ([scene.background_mask] if background else [])
         return cls(scene.image, np.stack(masks), concept_ids)
 
     @property
     def size(self) -> tuple[int, int]:
+        """(H, W) of the image."""
         return self.image.shape[:2]
 
 
 def make_concept_images(images, masks, concept_ids=None) -> list[ConceptImage]:
-    """Zip images, per-image masks and per-image concept ids into :class:`ConceptImage` s.
-    ``concept_ids=None``: image i's mask rows are concepts ``0 .. K_i-1``."""
+    """Zip images, per-image masks and per-image concept ids into `ConceptImage` objects.
+
+    Args:
+        images: a list of images, or one (H, W, 3) array (then ``masks`` is its masks).
+        masks: per image, its (K_i, H, W) masks.
+        concept_ids: per image, its concept ids; None: image i's mask rows are concepts
+            ``0 .. K_i-1``.
+
+    Returns:
+        One `ConceptImage` per image.
+
+    Raises:
+        ValueError: the numbers of images and mask arrays differ, or as for
+            `ConceptImage`.
+    """
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images, masks = [images], [masks]
     images, masks = list(images), list(masks)
@@ -94,6 +125,17 @@ def make_concept_images(images, masks, concept_ids=None) -> list[ConceptImage]:
 
 
 def as_data(data) -> list[ConceptImage]:
+    """Training data as a list of `ConceptImage`.
+
+    Args:
+        data: a `ConceptImage` or a non-empty list of them.
+
+    Returns:
+        The list.
+
+    Raises:
+        TypeError: ``data`` is neither.
+    """
     if isinstance(data, ConceptImage):
         return [data]
     data = list(data)
@@ -104,7 +146,15 @@ def as_data(data) -> list[ConceptImage]:
 
 
 def full_size_masks(data: list[ConceptImage], size) -> list[torch.Tensor]:
-    """Each image's masks as float tensors at the image size (nearest-exact resampling)."""
+    """Each image's masks as float tensors at the image size (nearest-exact resampling).
+
+    Args:
+        data: the training images.
+        size: (H, W) of the images.
+
+    Returns:
+        Per image, its (K_i, H, W) float masks.
+    """
     out = []
     for d in data:
         m = torch.from_numpy(np.asarray(d.masks, np.float32))
@@ -117,6 +167,15 @@ def full_size_masks(data: list[ConceptImage], size) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------- one batch
 @dataclass
 class Sample:
+    """The random choices of one sample of a batch.
+
+    Attributes:
+        image: index of the image.
+        subset: concept indices, in prompt order.
+        flip: whether image and masks are flipped horizontally.
+        t: the timestep.
+    """
+
     image: int
     subset: list  # concept indices, in prompt order
     flip: bool
@@ -125,7 +184,18 @@ class Sample:
 
 @dataclass
 class Batch:
-    """Everything one loss evaluation needs (B samples, K concepts)."""
+    """Everything one loss evaluation needs (B samples, K concepts).
+
+    Attributes:
+        z0: (B, C, h, w) clean latents (flipped where the sample is).
+        noise: (B, C, h, w).
+        t: (B,) int64 timesteps.
+        ids: (B, T) prompt ids.
+        positions: (B, K) position of concept k's token in prompt b, or -1.
+        masks: (B, K, H, W) mask of concept k in sample b (0 if not named).
+        valid: (B, K) bool: concept k is named in prompt b.
+        prompts: the B prompts.
+    """
 
     z0: torch.Tensor         # (B, C, h, w) clean latents (flipped where the sample is)
     noise: torch.Tensor      # (B, C, h, w)
@@ -139,7 +209,18 @@ class Batch:
 
 def draw_samples(generator: torch.Generator, data: list[ConceptImage], batch_size: int,
                  t_range, flip: bool) -> list[Sample]:
-    """The random choices of one batch (see the module doc), in a fixed draw order."""
+    """The random choices of one batch (see the module doc), in a fixed draw order.
+
+    Args:
+        generator: the source of every draw.
+        data: the training images.
+        batch_size: samples to draw.
+        t_range: (lo, hi), timesteps drawn from [lo, hi).
+        flip: allow horizontal flips (with probability 1/2).
+
+    Returns:
+        One `Sample` per batch entry.
+    """
     g = generator
     lo, hi = t_range
     samples = []
@@ -156,8 +237,22 @@ def draw_samples(generator: torch.Generator, data: list[ConceptImage], batch_siz
 
 def token_positions(ids: torch.Tensor, samples, token_ids, names, prompts, *,
                     strict: bool = True) -> torch.Tensor:
-    """(B, K): where each named concept's token is in each prompt's ids (-1: not named).
-    ``strict``: a token cut from a too-long prompt is a ValueError."""
+    """Where each named concept's token is in each prompt's ids.
+
+    Args:
+        ids: (B, T) prompt ids.
+        samples: the B samples.
+        token_ids: the K concept tokens' ids.
+        names: the K concept tokens.
+        prompts: the B prompts (for the error message).
+        strict: a token cut from a too-long prompt is an error instead of -1.
+
+    Returns:
+        (B, K) positions (-1: not named).
+
+    Raises:
+        ValueError: with ``strict``, a named token is not in its prompt's ids.
+    """
     positions = torch.full((len(samples), len(token_ids)), -1, dtype=torch.long)
     for b, s in enumerate(samples):
         for k in s.subset:
@@ -171,9 +266,27 @@ def token_positions(ids: torch.Tensor, samples, token_ids, names, prompts, *,
     return positions
 
 
-def assemble(samples, noise, latents, masks, row_of, tokenizer, concepts, config) -> Batch:
-    """Tensors of a batch. ``latents[i]`` is image i's (2, C, h, w) (unflipped, flipped)
-    latent pair, ``masks[i]`` its (K_i, H, W) masks, ``row_of[i][k]`` concept k's row."""
+def assemble(samples, noise, latents, masks, row_of, tokenizer, concepts, token_ids,
+             config) -> Batch:
+    """Tensors of a batch.
+
+    Args:
+        samples: the B samples (`draw_samples`).
+        noise: (B, C, h, w) noise.
+        latents: ``latents[i]`` is image i's (2, C, h, w) (unflipped, flipped) latent pair.
+        masks: ``masks[i]`` is image i's (K_i, H, W) masks.
+        row_of: ``row_of[i][k]`` is concept k's row in ``masks[i]``.
+        tokenizer: the pipeline's tokenizer.
+        concepts: the concept tokens (their ``prompt`` and ``names``).
+        token_ids: the concept tokens' ids in the applied pipeline.
+        config: the `TrainConfig` (its ``template`` and ``joiner``).
+
+    Returns:
+        The `Batch`.
+
+    Raises:
+        ValueError: a concept token was cut from a too-long prompt.
+    """
     B, K = len(samples), len(concepts)
     z0 = torch.stack([latents[s.image][int(s.flip)] for s in samples])
     H, W = masks[0].shape[-2:]
@@ -186,7 +299,7 @@ def assemble(samples, noise, latents, masks, row_of, tokenizer, concepts, config
             valid[b, k] = True
     prompts = [concepts.prompt(s.subset, config.template, config.joiner) for s in samples]
     ids = prompt_ids(tokenizer, prompts)
-    positions = token_positions(ids, samples, concepts.token_ids, concepts.names, prompts)
+    positions = token_positions(ids, samples, token_ids, concepts.names, prompts)
     t = torch.tensor([s.t for s in samples], dtype=torch.long, device=z0.device)
     return Batch(z0, noise.to(z0.device, z0.dtype), t, ids, positions, m, valid, prompts)
 

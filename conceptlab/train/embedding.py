@@ -1,8 +1,8 @@
 """Training only the concept rows of the text encoder's embedding table.
 
-:func:`trainable_embedding` freezes the text encoder, makes the embedding weight trainable,
+`trainable_embedding` freezes the text encoder, makes the embedding weight trainable,
 zeroes the gradient of every other row (a hook), and
-:meth:`TrainableEmbedding.restore_frozen_rows` copies the other rows back from a saved copy
+`TrainableEmbedding.restore_frozen_rows` copies the other rows back from a saved copy
 after each optimizer step (AdamW's weight decay would shrink them otherwise).
 """
 
@@ -10,20 +10,34 @@ from __future__ import annotations
 
 import torch
 
-from ..tokens import ConceptTokens, embedding_weight
+from ..tokens import embedding_weight
 
 
 class TrainableEmbedding:
     """Makes only the concept rows of the embedding table trainable (see the module doc).
 
     ``parameter`` is the whole (V, D) table: give it to the optimizer, and call
-    :meth:`restore_frozen_rows` after every ``optimizer.step()``. :meth:`remove` undoes
-    the hook and freezes the table again.
+    `restore_frozen_rows` after every ``optimizer.step()``. `remove` undoes
+    the hook and freezes the table again. As a context manager, it restores the frozen
+    rows and removes itself on exit.
+
+    Args:
+        pipe: the pipeline whose text encoder is frozen.
+        token_ids: ids of the concept rows to train.
+
+    Attributes:
+        parameter: the whole (V, D) embedding table.
+        token_ids: ids of the concept rows.
+        row_mask: (V, 1) bool, True on the concept rows.
+        saved: the table's values when training started.
+
+    Raises:
+        ValueError: a token id is outside the embedding table.
     """
 
-    def __init__(self, pipe, concepts: ConceptTokens):
+    def __init__(self, pipe, token_ids):
         self.pipe = pipe
-        self.token_ids = list(concepts.token_ids)
+        self.token_ids = list(token_ids)
         pipe.text_encoder.requires_grad_(False)
         self.parameter = embedding_weight(pipe)
         V = self.parameter.shape[0]
@@ -49,10 +63,15 @@ class TrainableEmbedding:
         p[self.token_ids] = rows
 
     def rows(self) -> torch.Tensor:
-        """The live concept rows (K, D), in the graph."""
+        """The live concept rows, in the graph.
+
+        Returns:
+            (K, D) rows.
+        """
         return self.parameter[self.token_ids]
 
     def remove(self):
+        """Remove the gradient hook and freeze the table again."""
         self._handle.remove()
         self.parameter.requires_grad_(False)
 
@@ -65,9 +84,20 @@ class TrainableEmbedding:
         return False
 
 
-def trainable_embedding(pipe, concepts: ConceptTokens) -> TrainableEmbedding:
-    """Freeze the text encoder except the rows of ``concepts`` (see :class:`TrainableEmbedding`)."""
-    return TrainableEmbedding(pipe, concepts)
+def trainable_embedding(pipe, token_ids) -> TrainableEmbedding:
+    """Freeze the text encoder except the rows ``token_ids`` (see `TrainableEmbedding`).
+
+    Args:
+        pipe: the pipeline.
+        token_ids: ids of the concept rows to train.
+
+    Returns:
+        The `TrainableEmbedding`.
+
+    Raises:
+        ValueError: a token id is outside the embedding table.
+    """
+    return TrainableEmbedding(pipe, token_ids)
 
 
 __all__ = ["TrainableEmbedding", "trainable_embedding"]

@@ -1,6 +1,6 @@
 """What happened during concept learning: losses, embedding norms, attention snapshots.
 
-:class:`TrainingHistory` is plain data (lists of numbers, JSON round trip) with two figure
+`TrainingHistory` is plain data (lists of numbers, JSON round trip) with two figure
 helpers. A resumed run continues the same history, so its steps never repeat.
 """
 
@@ -17,8 +17,27 @@ from ..fileio import atomic_write_text
 
 @dataclass
 class TrainingHistory:
-    """What happened during training (scalars every ``history_every`` steps, averaged over
-    those steps; attention snapshots every ``attention_every`` steps)."""
+    """What happened during training.
+
+    Scalars are recorded every ``history_every`` steps, averaged over those steps;
+    attention snapshots every ``attention_every`` steps.
+
+    Attributes:
+        names: the concept tokens.
+        steps: the step of each record.
+        loss: per record, the total loss.
+        diffusion: per record, the masked diffusion loss.
+        attention: per record, the cross-attention loss (before its weight).
+        norm_penalty: per record, the embedding norm penalty (before its weight).
+        embedding_norms: per record: K norms.
+        prompts: first prompt of each record.
+        vocab_norm: the vocabulary's mean embedding norm.
+        phase2_start: the step phase 2 started at (None: no phase 2 yet).
+        attention_steps: the step of each attention snapshot.
+        attention_maps: per snapshot: (K, h, w) array.
+        interrupted: the last training call was stopped by Ctrl-C.
+        config: the training config, as a dict.
+    """
 
     names: list = field(default_factory=list)
     steps: list = field(default_factory=list)
@@ -39,12 +58,25 @@ class TrainingHistory:
         return len(self.steps)
 
     def to_dict(self) -> dict:
+        """The history as JSON-ready data (attention maps as nested lists, 5 decimals).
+
+        Returns:
+            ``{field: value}``.
+        """
         d = asdict(self)
         d["attention_maps"] = [np.round(np.asarray(m, np.float32), 5).tolist()
                                for m in self.attention_maps]
         return d
 
     def to_json(self, path=None) -> str:
+        """The history as JSON text, also written to ``path`` if given.
+
+        Args:
+            path: a file to write (atomically), or None.
+
+        Returns:
+            The JSON text.
+        """
         text = json.dumps(self.to_dict())
         if path is not None:
             atomic_write_text(path, text)
@@ -52,6 +84,14 @@ class TrainingHistory:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainingHistory:
+        """The history of a `to_dict` output; unknown keys are ignored.
+
+        Args:
+            d: ``{field: value}``.
+
+        Returns:
+            The history, attention maps as float32 arrays.
+        """
         names = {f.name for f in fields(cls)}
         h = cls(**{k: v for k, v in d.items() if k in names})
         h.attention_maps = [np.asarray(m, np.float32) for m in h.attention_maps]
@@ -59,6 +99,14 @@ class TrainingHistory:
 
     @classmethod
     def from_json(cls, text_or_path) -> TrainingHistory:
+        """The history of a `to_json` output.
+
+        Args:
+            text_or_path: the JSON text, or the path of a file holding it.
+
+        Returns:
+            The history.
+        """
         s = str(text_or_path)
         if not s.lstrip().startswith("{") and os.path.exists(s):
             with open(s) as f:
@@ -66,7 +114,15 @@ class TrainingHistory:
         return cls.from_dict(json.loads(s))
 
     def smoothed(self, key: str = "loss", window: int = 10) -> np.ndarray:
-        """Running mean of a scalar series (window clipped at the start)."""
+        """Running mean of a scalar series (window clipped at the start).
+
+        Args:
+            key: the series, e.g. "loss", "diffusion" or "attention".
+            window: records per mean.
+
+        Returns:
+            The smoothed series, as long as the series.
+        """
         x = np.asarray(getattr(self, key), np.float64)
         if len(x) == 0:
             return x
@@ -76,7 +132,14 @@ class TrainingHistory:
         return (c[i] - c[lo]) / (i - lo)
 
     def plot(self, window: int = 10):
-        """Figure: losses (raw and smoothed) and embedding norms against the vocabulary's."""
+        """Figure: losses (raw and smoothed) and embedding norms against the vocabulary's.
+
+        Args:
+            window: records per running mean of the smoothed curves.
+
+        Returns:
+            The matplotlib figure.
+        """
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -105,7 +168,17 @@ class TrainingHistory:
         return fig
 
     def plot_attention(self, scale: float = 1.4):
-        """Figure: each concept's attention map (rows) at each snapshot step (columns)."""
+        """Figure: each concept's attention map (rows) at each snapshot step (columns).
+
+        Args:
+            scale: inches per map.
+
+        Returns:
+            The matplotlib figure.
+
+        Raises:
+            ValueError: no attention snapshot was recorded.
+        """
         import matplotlib.pyplot as plt
 
         n, K = len(self.attention_maps), len(self.names)

@@ -22,14 +22,16 @@ One step (Break-a-Scene's recipe; ``docs/cheatsheet.md`` has the equations and s
 in eval mode (no dropout); checkpoints (:mod:`conceptlab.train.checkpoint`) resume a run
 exactly.
 
-Why one module of about 460 lines: ``ConceptTrainer`` is one object with one step; its
-parts that stand alone already live beside it (``data``, ``embedding``, ``history``,
-``checkpoint``); what remains is the step, the phase switch and the run's bookkeeping.
+Why one module of about 520 lines (a third of them docstrings): ``ConceptTrainer`` is one
+object with one step; its parts that stand alone live beside it (``data``, ``embedding``,
+``history``, ``checkpoint``, ``precision``); what remains is the step, the phase switch,
+the run's bookkeeping and undoing every change to the pipeline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 import numpy as np
@@ -45,15 +47,22 @@ from ..losses import (
 from ..maps import default_attention_config
 from ..models import encode_pixels, prompt_ids
 from ..tokens import ConceptTokens, vocabulary_mean_norm
-from ..unet_delta import add_lora_adapter, full_unet_delta, lora_weights, unet_state
+from ..unet_delta import (
+    UNetChange,
+    lora_applied,
+    lora_config,
+    lora_state_dict,
+    requires_grad_kept,
+    weights_swapped,
+)
 from . import checkpoint as _ckpt
 from .config import TrainConfig
 from .data import Sample, as_data, assemble, draw_samples, full_size_masks, token_positions
 from .embedding import trainable_embedding
 from .history import TrainingHistory
+from .precision import MasterWeights
 
 SCALARS = ("loss", "diffusion", "attention", "norm_penalty")
-HALF = (torch.float16, torch.bfloat16)
 
 
 def default_attention_layers(pipe) -> list[str]:
@@ -98,43 +107,44 @@ class ConceptTrainer:
                                 else int(attention_every))
         self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
         self.device = pipe.device
-        if not concepts.present_in(pipe):
-            raise ValueError(f"the tokens {concepts.names} are not in this pipeline: add them "
-                             "with add_concept_tokens or load_concepts first")
-        n_train = pipe.scheduler.config.num_train_timesteps
-        if self.config.t_range[1] > n_train:
-            raise ValueError(f"t_range {self.config.t_range} exceeds the scheduler's "
-                             f"{n_train} training timesteps")
-        self.layers = list(self.config.attn_layers or default_attention_layers(pipe))
-        res = layer_resolutions(pipe.unet)
-        unknown = [n for n in self.layers if n not in res]
-        if unknown:
-            raise ValueError(f"unknown attention layers {unknown}; this U-Net has {list(res)}")
-        self.max_res = max(res[n] for n in self.layers)
-        self.vocab_norm = vocabulary_mean_norm(pipe, concepts.token_ids)
-
+        self._check_model()
+        # everything this trainer changes in the pipeline is undone by close()
+        self._undo = contextlib.ExitStack()
+        self.token_ids = self._undo.enter_context(concepts.applied(pipe))
+        for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+            self._undo.enter_context(requires_grad_kept(m))
+        self.vocab_norm = vocabulary_mean_norm(pipe, self.token_ids)
         from diffusers import DDPMScheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self._requires_grad = {m: {n: p.requires_grad for n, p in m.named_parameters()}
-                               for m in (pipe.unet, pipe.text_encoder, pipe.vae)}
         pipe.unet.requires_grad_(False)
         pipe.vae.requires_grad_(False)
         pipe.unet.eval()
         pipe.text_encoder.eval()
-        self.embedding = trainable_embedding(pipe, concepts)
+        self.embedding = trainable_embedding(pipe, self.token_ids)
         self._latent_cache: dict = {}
         self.set_data(data)
-
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self.step_count, self.phase, self.unet_base = 0, 1, None
+        self.step_count, self.phase = 0, 1
         self.optimizer = self._make_optimizer()
         self.history = TrainingHistory(names=list(concepts.names), vocab_norm=self.vocab_norm,
                                        config=self.config.to_dict())
         self._acc: dict = {}
-        self._master: dict = {}   # fp32 master copies of half-precision trainable tensors
+        self.masters = MasterWeights(pipe.text_encoder, self.device.type)  # fp16 pipelines
         self._closed = False
         if self.checkpoint_dir and resume and os.path.exists(self.checkpoint_path):
             self.load_checkpoint(self.checkpoint_path)
+
+    def _check_model(self):
+        n_train = self.pipe.scheduler.config.num_train_timesteps
+        if self.config.t_range[1] > n_train:
+            raise ValueError(f"t_range {self.config.t_range} exceeds the scheduler's "
+                             f"{n_train} training timesteps")
+        self.layers = list(self.config.attn_layers or default_attention_layers(self.pipe))
+        res = layer_resolutions(self.pipe.unet)
+        unknown = [n for n in self.layers if n not in res]
+        if unknown:
+            raise ValueError(f"unknown attention layers {unknown}; this U-Net has {list(res)}")
+        self.max_res = max(res[n] for n in self.layers)
 
     def __enter__(self):
         return self
@@ -204,15 +214,16 @@ class ConceptTrainer:
         return torch.optim.AdamW(groups, weight_decay=c.weight_decay)
 
     def start_phase2(self):
-        """Make the U-Net (or LoRA adapters on it) trainable too; a new optimizer."""
+        """Make the U-Net (or LoRA adapters on it) trainable too; a new optimizer. The
+        U-Net trains on copies of its weights (or on added adapters): close() restores it."""
         c, unet = self.config, self.pipe.unet
         if c.phase2 == "full":
-            self.unet_base = unet_state(unet)
+            self._undo.enter_context(weights_swapped(unet))
             unet.requires_grad_(True)
         else:
             with torch.random.fork_rng(devices=[]):  # LoRA init draws from the global RNG
                 torch.manual_seed(c.seed)
-                add_lora_adapter(unet, rank=c.lora_rank)
+                self._undo.enter_context(lora_applied(unet, lora_config(c.lora_rank)))
             for n, p in unet.named_parameters():
                 p.requires_grad_("lora_" in n)
         self.phase = 2
@@ -220,67 +231,15 @@ class ConceptTrainer:
             self.history.phase2_start = self.step_count
         self.optimizer = self._make_optimizer()
 
-    @contextlib.contextmanager
-    def master_precision(self):
-        """During one optimisation step, every trainable tensor that the pipeline holds in
-        half precision (fp16 / bf16, e.g. ``load_pipeline`` on CUDA) is swapped for its
-        float32 master copy, and the forward pass runs under ``torch.autocast`` in the
-        half dtype; afterwards the pipeline gets the rounded values back. AdamW thus
-        accumulates updates far below fp16's resolution (at phase 2's lr of 2e-6 a plain
-        fp16 update leaves almost every weight unchanged), as diffusers' training scripts
-        do with fp32 trainable weights. Outside a step (E-steps, generation) the pipeline
-        is exactly as loaded. A no-op on float32 pipelines."""
-        params = [p for p in self._trainable() if p.dtype in HALF or p in self._master]
-        if not params:
-            yield
-            return
-        half = params[0].dtype  # outside a step every such tensor is in half precision
-        with torch.no_grad():
-            for p in params:
-                master = self._master.get(p)
-                if master is None or master.shape != p.shape:
-                    master = p.detach().float()
-                p.data = master
-        # the float32 rows must not make the (half) text encoder's activations float32:
-        # the embedding's output goes back to half, its gradient to the float32 table
-        emb = self.pipe.text_encoder.get_input_embeddings()
-        hook = emb.register_forward_hook(lambda mod, args, out: out.to(half))
-        try:
-            with torch.autocast(device_type=self.device.type, dtype=half):
-                yield
-        finally:
-            hook.remove()
-            with torch.no_grad():
-                for p in params:
-                    self._master[p] = p.data
-                    p.data = p.data.to(half)
-                    p.grad = None  # a float32 gradient beside half data: dropped
-
     def live(self, p: torch.Tensor) -> torch.Tensor:
-        """The value training works on: the float32 master copy of a half-precision
-        trainable tensor (see :meth:`master_precision`), else the tensor itself."""
-        return self._master.get(p, p)
-
-    @torch.no_grad()
-    def remember_master(self, p: torch.Tensor, value: torch.Tensor, index=None):
-        """Set a trainable tensor (its rows ``index``) to ``value`` and, when it is held in
-        half precision, its float32 master copy too (checkpoints resume exactly)."""
-        targets = [p]
-        if p.dtype in HALF:
-            if p not in self._master:
-                self._master[p] = p.detach().float()
-            targets.append(self._master[p])
-        for t in targets:
-            if index is None:
-                t.copy_(value.to(t))
-            else:
-                t[index] = value.to(t)
+        """The value training works on (:meth:`MasterWeights.live`)."""
+        return self.masters.live(p)
 
     def losses(self, samples, noise, *, with_graph: bool = True) -> dict:
         """The loss terms of one batch of samples and their noise (B, C, h, w)."""
         c, unet, te = self.config, self.pipe.unet, self.pipe.text_encoder
         b = assemble(samples, noise, self.latents, self.masks, self.row_of,
-                     self.pipe.tokenizer, self.concepts, c)
+                     self.pipe.tokenizer, self.concepts, self.token_ids, c)
         zt = self.noise_scheduler.add_noise(b.z0, b.noise, b.t)
         target = diffusion_target(self.noise_scheduler, b.z0, b.noise, b.t)
         zero = torch.zeros((), device=b.z0.device)
@@ -316,7 +275,7 @@ class ConceptTrainer:
             samples, noise = self._sample()
         elif noise is None:
             raise ValueError("pass noise together with samples")
-        with self.master_precision():
+        with self.masters.step(self._trainable()):
             out = self.losses(samples, noise)
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -368,7 +327,7 @@ class ConceptTrainer:
         zt = self.noise_scheduler.add_noise(z0, noise.to(z0), tt)
         prompts = self.prompts(samples)
         ids = prompt_ids(self.pipe.tokenizer, prompts)
-        positions = token_positions(ids, samples, self.concepts.token_ids, self.concepts.names,
+        positions = token_positions(ids, samples, self.token_ids, self.concepts.names,
                                     prompts, strict=False)
         unet = self.pipe.unet
         emb = self.pipe.text_encoder(ids.to(self.device))[0]
@@ -455,40 +414,79 @@ class ConceptTrainer:
         finally:
             bar.close()
         self.concepts.update_from(self.pipe)
-        self.export_unet()
         if self.checkpoint_dir:
             self.save_checkpoint()
         return self.history
 
     def export_unet(self):
-        """Put phase 2's U-Net change into ``concepts`` (a full delta or LoRA weights)."""
-        c = self.concepts
-        if self.phase == 2 and self.config.phase2 == "full":
-            live = {k: self.live(v) for k, v in self.pipe.unet.named_parameters()}
-            c.unet_delta, c.unet_mode = full_unet_delta(live, self.unet_base), "full"
-            c.lora_config = None
-        elif self.phase == 2:
-            c.unet_delta, c.unet_mode = lora_weights(self.pipe.unet), "lora"
-            c.lora_config = {"rank": self.config.lora_rank}
+        """Put phase 2's U-Net change into ``concepts.unet`` (trained weights or LoRA)."""
+        if self.phase != 2:
+            return
+        unet = self.pipe.unet
+        if self.config.phase2 == "full":
+            weights = {k: self.live(v).detach().float().cpu().clone()
+                       for k, v in unet.named_parameters()}
+            self.concepts.unet = UNetChange("full", weights, unet_config=dict(unet.config))
+        else:
+            self.concepts.unet = UNetChange("lora", lora_state_dict(unet),
+                                            lora_config(self.config.lora_rank))
 
     def close(self):
-        """Remove the gradient hook and give every parameter its former requires_grad."""
+        """Keep the learned rows (and U-Net change) in ``concepts``; then undo every change
+        to the pipeline: its tokenizer, text encoder and U-Net are as before, bit for bit."""
         if self._closed:
             return
         self.embedding.restore_frozen_rows()
         self.embedding.remove()
-        for m, flags in self._requires_grad.items():
-            for n, p in m.named_parameters():
-                p.requires_grad_(flags.get(n, False))
+        self.concepts.update_from(self.pipe)
+        self.export_unet()
+        self._undo.close()
         self._closed = True
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The whole training state (tensors and plain data): rows, optimizer, step, phase,
+        generator, history, and in phase 2 the trained U-Net weights or LoRA weights."""
+        unet = self.pipe.unet
+        trained = {}
+        if self.phase == 2:
+            keep = (lambda k: True) if self.config.phase2 == "full" else (lambda k: "lora_" in k)
+            trained = {k: self.live(v).detach().cpu().clone()
+                       for k, v in unet.named_parameters() if keep(k)}
+        return {"step": self.step_count, "phase": self.phase,
+                "rows": self.live(self.embedding.parameter)[self.token_ids].detach().float()
+                .cpu().clone(),
+                "optimizer": _ckpt.compact_optimizer_state(self.optimizer.state_dict(),
+                                                           self.token_ids),
+                "generator": self.generator.get_state(),
+                "history": json.dumps(self.history.to_dict()),
+                "unet": trained or None, "pending": dict(self._acc)}
+
+    def load_state_dict(self, state: dict):
+        """Continue from :meth:`state_dict` (a trainer built on the same inputs)."""
+        if state["phase"] == 2 and self.phase == 1:
+            self.start_phase2()
+            params = dict(self.pipe.unet.named_parameters())
+            for k, v in (state["unet"] or {}).items():
+                self.masters.set(params[k], v)
+        w = self.embedding.parameter
+        self.masters.set(w, state["rows"], index=self.token_ids)
+        self.optimizer.load_state_dict(
+            _ckpt.expand_optimizer_state(state["optimizer"], w))
+        self.generator.set_state(state["generator"])
+        self.step_count = int(state["step"])
+        self.history = TrainingHistory.from_dict(json.loads(state["history"]))
+        self.history.config = self.config.to_dict()
+        self._acc = dict(state.get("pending") or {})
+        self.concepts.update_from(self.pipe)
+        return self
+
     @property
     def checkpoint_path(self) -> str:
         return os.path.join(self.checkpoint_dir, _ckpt.CHECKPOINT_FILE)
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """Write the full training state (atomically) and the concepts beside it."""
+        """Write the full training state atomically (:mod:`conceptlab.train.checkpoint`)."""
         return _ckpt.save_checkpoint(self, path or self.checkpoint_path)
 
     def load_checkpoint(self, path: str):
@@ -500,18 +498,26 @@ def train_concepts(pipe, data, concepts: ConceptTokens, config: TrainConfig | No
                    progress: bool = True, history_every: int = 1,
                    attention_every: int | None = None, checkpoint_dir=None, resume: bool = True,
                    callback=None) -> TrainingHistory:
-    """Learn the concept tokens (see the module doc); returns the :class:`TrainingHistory`.
+    """Learn the concept tokens on fixed masks (see the module doc).
 
-    data            a ConceptImage or a list of them (:func:`make_concept_images`)
-    concepts        from :func:`~conceptlab.tokens.add_concept_tokens` on this ``pipe``;
-                    its ``embeddings`` snapshot is refreshed at the end
-    history_every   record scalars every N steps (averaged over them)
-    attention_every attention snapshot every N steps (default total/8; 0: none)
-    checkpoint_dir  folder for ``checkpoint.pt`` + the concepts (every
-                    ``config.checkpoint_every`` steps, at the end and on Ctrl-C); with
-                    ``resume=True`` an existing checkpoint of the same run is continued
-    callback        ``callback(trainer, logs)`` after each step; return True to stop
-    The pipeline keeps the trained rows (and the U-Net changes of phase 2).
+    The pipeline is left as it was.
+
+    Args:
+        pipe: a Stable-Diffusion-style pipeline.
+        data: a ConceptImage or a list of them (`make_concept_images`).
+        concepts: from `conceptlab.tokens.new_concepts`; its ``embeddings`` (and ``unet``
+            after a phase 2) hold the result at the end.
+        config: the training settings (default: `TrainConfig.for_model`).
+        progress: show a progress bar.
+        history_every: record the scalars every N steps (averaged over them).
+        attention_every: an attention snapshot every N steps (default total/8; 0: none).
+        checkpoint_dir: a folder for ``checkpoint.pt`` (every ``config.checkpoint_every``
+            steps, at the end and on Ctrl-C).
+        resume: continue a checkpoint of the same run found in ``checkpoint_dir``.
+        callback: ``callback(trainer, logs)`` after each step; returning True stops.
+
+    Returns:
+        TrainingHistory: losses, norms and attention snapshots of the run.
     """
     with ConceptTrainer(pipe, data, concepts, config, progress=progress,
                         history_every=history_every, attention_every=attention_every,

@@ -1,2 +1,1 @@
-"""Figures and widgets for the notebooks: :mod:`~conceptlab.viz.figures`,
-:mod:`~conceptlab.viz.widgets`."""
+"""Figures and widgets for the notebooks: `conceptlab.viz.figures`, `conceptlab.viz.widgets`."""

@@ -14,7 +14,19 @@ def _plt():
 
 
 def image_row(images, titles=None, scale: float = 1.6, cmap=None, vmin=None, vmax=None):
-    """One row of images (uint8 RGB or float maps) with optional titles."""
+    """One row of images (uint8 RGB or float maps) with optional titles.
+
+    Args:
+        images: images or maps (arrays or tensors).
+        titles: one title per image, or None.
+        scale: inches per image.
+        cmap: colour map of 2-D maps.
+        vmin: lower end of the colour scale.
+        vmax: upper end of the colour scale.
+
+    Returns:
+        The matplotlib figure.
+    """
     plt = _plt()
     n = len(images)
     fig, axes = plt.subplots(1, n, figsize=(scale * n, scale * 1.1 + (0.3 if titles else 0)),
@@ -31,8 +43,19 @@ def image_row(images, titles=None, scale: float = 1.6, cmap=None, vmin=None, vma
 
 
 def sample_strips(rows, titles, height: float = 1.3, width: float = 8.0):
-    """One strip per row of sample images (a list / (n, H, W, 3) array, side by side),
-    titled on the left: how the notebooks show n samples of several prompts."""
+    """One strip per row of sample images, titled on the left.
+
+    How the notebooks show n samples of several prompts.
+
+    Args:
+        rows: per strip, its images (a list / (n, H, W, 3) array, side by side).
+        titles: one title per strip.
+        height: inches per strip.
+        width: width of the figure in inches.
+
+    Returns:
+        The matplotlib figure.
+    """
     plt = _plt()
     fig, axes = plt.subplots(len(rows), 1, figsize=(width, height * len(rows)), squeeze=False)
     for ax, row, title in zip(axes[:, 0], rows, titles):
@@ -44,7 +67,17 @@ def sample_strips(rows, titles, height: float = 1.3, width: float = 8.0):
 
 
 def image_grid_figure(rows, row_titles=None, col_titles=None, scale: float = 1.3):
-    """Grid of images: ``rows`` is a list of lists (or arrays (n, H, W, 3))."""
+    """Grid of images.
+
+    Args:
+        rows: a list of lists (or arrays (n, H, W, 3)); 2-D entries are shown as maps.
+        row_titles: one title per row, or None.
+        col_titles: one title per column, or None.
+        scale: inches per image.
+
+    Returns:
+        The matplotlib figure.
+    """
     plt = _plt()
     r, c = len(rows), max(len(x) for x in rows)
     fig, axes = plt.subplots(r, c, figsize=(scale * c, scale * r + 0.35 * r), squeeze=False)
@@ -65,12 +98,26 @@ def image_grid_figure(rows, row_titles=None, col_titles=None, scale: float = 1.3
 
 def sample_sheet(rows, captions=None, *, px: int = 128, gap: int = 6, font_size: int = 15,
                  background=(255, 255, 255)):
-    """One PIL image of sample rows, each image ``px`` pixels wide ON SCREEN (nearest-
-    neighbour enlarged, so no pixel is invented), each row under its caption (the prompt).
+    """One PIL image of sample rows, each row under its caption (the prompt).
 
-    A notebook shows a PIL image at its own pixel size, so a 64-px sample appears 128 px
-    wide, whatever the figure DPI: the legible way to show the shapes world's samples.
-    rows: a list of lists / (n, H, W, 3) arrays (uint8 or float in [0, 1]).
+    Each image is ``px`` pixels wide ON SCREEN (nearest-neighbour enlarged, so no pixel is
+    invented). A notebook shows a PIL image at its own pixel size, so a 64-px sample
+    appears 128 px wide, whatever the figure DPI: the legible way to show the shapes
+    world's samples.
+
+    Args:
+        rows: a list of lists / (n, H, W, 3) arrays (uint8 or float in [0, 1]).
+        captions: one caption per row, or None.
+        px: on-screen width (and height) of each image.
+        gap: pixels between images and rows.
+        font_size: caption font size.
+        background: RGB colour of the sheet.
+
+    Returns:
+        The PIL image.
+
+    Raises:
+        ValueError: there is no image, or the captions do not match the rows.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -100,7 +147,19 @@ def sample_sheet(rows, captions=None, *, px: int = 128, gap: int = 6, font_size:
 
 
 def save_captioned_grid(rows, captions, path):
-    """Write :func:`sample_sheet` of ``rows`` (one caption per row) to ``path`` (PNG)."""
+    """Write `sample_sheet` of ``rows`` (one caption per row) to ``path`` (PNG).
+
+    Args:
+        rows: as for `sample_sheet`.
+        captions: one caption per row.
+        path: the file to write.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: as for `sample_sheet`.
+    """
     sample_sheet(rows, captions).save(path)
     return path
 
@@ -110,7 +169,16 @@ MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130,
 
 
 def overlay_masks(image, masks, alpha: float = 0.5) -> np.ndarray:
-    """RGB uint8 image with each boolean mask (K, H, W) tinted in its own colour."""
+    """RGB uint8 image with each boolean mask tinted in its own colour.
+
+    Args:
+        image: (H, W, 3) RGB image.
+        masks: (K, H, W) bool masks (array or tensor).
+        alpha: weight of the tint.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
     img = np.asarray(image, np.float32).copy()
     masks = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
     for k, m in enumerate(masks.astype(bool)):
@@ -120,7 +188,16 @@ def overlay_masks(image, masks, alpha: float = 0.5) -> np.ndarray:
 
 
 def overlay_map(image, heat, alpha: float = 0.6) -> np.ndarray:
-    """RGB uint8 image blended with a [0, 1] heat map (any resolution, upsampled)."""
+    """RGB uint8 image blended with a [0, 1] heat map (any resolution, upsampled).
+
+    Args:
+        image: (H, W, 3) RGB image.
+        heat: (h, w) map in [0, 1] (array or tensor), drawn with the magma colour map.
+        alpha: weight of the map.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
     import torch
     img = np.asarray(image, np.float32)
     h = torch.as_tensor(np.asarray(heat.detach().cpu() if hasattr(heat, "detach") else heat),
@@ -133,6 +210,18 @@ def overlay_map(image, heat, alpha: float = 0.6) -> np.ndarray:
 
 
 def loss_curve(steps, values, labels=None, title=None, logy=False):
+    """Loss curves against the step.
+
+    Args:
+        steps: the step of each value.
+        values: one series, or a list of series.
+        labels: one legend label per series, or None.
+        title: the figure title, or None.
+        logy: logarithmic y axis.
+
+    Returns:
+        The matplotlib figure.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3))
     values = values if isinstance(values[0], (list, tuple, np.ndarray)) else [values]
@@ -151,9 +240,20 @@ def loss_curve(steps, values, labels=None, title=None, logy=False):
 
 
 def method_bars(summary, measures, methods=None, title=None):
-    """Grouped bars with 95% intervals: ``summary`` is {method: {measure: {"mean", "ci95"}}}
-    (what ``benchmarks/multi_concept.py`` writes); one panel per measure, one bar per
-    method. A measure a method has no value for is left out of its panel."""
+    """Grouped bars with 95% intervals: one panel per measure, one bar per method.
+
+    A measure a method has no value for is left out of its panel.
+
+    Args:
+        summary: ``{method: {measure: {"mean", "ci95"}}}`` (what
+            ``benchmarks/multi_concept.py`` writes).
+        measures: the measures, one panel each.
+        methods: the methods to show, in order (default: all of ``summary``).
+        title: the figure title, or None.
+
+    Returns:
+        The matplotlib figure.
+    """
     plt = _plt()
     methods = list(methods or summary)
     fig, axes = plt.subplots(1, len(measures), figsize=(2.3 * len(measures), 2.9), squeeze=False)
@@ -175,36 +275,60 @@ def method_bars(summary, measures, methods=None, title=None):
     return fig
 
 
+def _as_pil_rgb(im, scale: int = 1):
+    """A PIL RGB image from PIL or a uint8 / [0, 1] float array, enlarged ``scale`` times."""
+    from PIL import Image
+
+    if not isinstance(im, Image.Image):
+        a = np.asarray(im)
+        if a.dtype != np.uint8:
+            a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+        im = Image.fromarray(a)
+    im = im.convert("RGB")
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    return im
+
+
+def _grid_shape(N: int, rows, cols) -> tuple[int, int]:
+    if rows is None and cols is None:
+        return 1, N
+    if rows is None:
+        return -(-N // cols), cols
+    if cols is None:
+        return rows, -(-N // rows)
+    return rows, cols
+
+
 def image_grid(images, rows: int | None = None, cols: int | None = None, captions=None, *,
                scale: int = 1, pad: int = 2, background=(255, 255, 255)):
     """Paste images (PIL, or uint8 / [0, 1] float arrays) into one PIL image, row by row.
 
-    rows, cols  default: one row (or enough rows for ``cols``); captions (one per image,
-    or None) are written under each image with PIL's default font. ``scale`` enlarges
-    each image by an integer factor (nearest neighbour; for 64-px images).
+    Args:
+        images: the images.
+        rows: number of rows; default: one row (or enough rows for ``cols``).
+        cols: number of columns; default: enough for ``rows``.
+        captions: one per image, or None; written under each image with PIL's default
+            font.
+        scale: enlarges each image by an integer factor (nearest neighbour; for 64-px
+            images).
+        pad: pixels between images.
+        background: RGB colour of the grid.
+
+    Returns:
+        The PIL image.
+
+    Raises:
+        ValueError: there is no image, the grid is too small, or the captions do not
+            match the images.
     """
     from PIL import Image, ImageDraw
 
-    ims = []
-    for im in images:
-        if not isinstance(im, Image.Image):
-            a = np.asarray(im)
-            if a.dtype != np.uint8:
-                a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-            im = Image.fromarray(a)
-        im = im.convert("RGB")
-        if scale > 1:
-            im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-        ims.append(im)
+    ims = [_as_pil_rgb(im, scale) for im in images]
     if not ims:
         raise ValueError("no images to put in a grid")
     N = len(ims)
-    if rows is None and cols is None:
-        rows, cols = 1, N
-    elif rows is None:
-        rows = -(-N // cols)
-    elif cols is None:
-        cols = -(-N // rows)
+    rows, cols = _grid_shape(N, rows, cols)
     if rows * cols < N:
         raise ValueError(f"a {rows}x{cols} grid cannot hold {N} images")
     if captions is not None and len(captions) != N:

@@ -20,10 +20,23 @@ def threshold_view(attn_map, threshold: float = 0.5, method: str = "threshold",
                    gt_mask=None, normalize_mode: str = "minmax", size=None) -> dict:
     """Normalise an attention map, binarise it, and score it against a ground-truth mask.
 
-    attn_map (h, w) float; gt_mask (H, W) bool or None; the map is upsampled (bilinear) to
-    the mask's size (or ``size``) before thresholding.
-    Returns {"map": (H, W) float in [0, 1], "mask": (H, W) bool, "iou": float | None,
-    "threshold": the threshold used (Otsu / mean pick their own)}.
+    The map is upsampled (bilinear) to the mask's size (or ``size``) before thresholding.
+
+    Args:
+        attn_map: (h, w) float.
+        threshold: the threshold of ``method="threshold"``.
+        method: ``"threshold"``, ``"mean"`` or ``"otsu"`` (as for
+            `conceptlab.masks.binarize`).
+        gt_mask: (H, W) bool or None.
+        normalize_mode: as for `conceptlab.masks.normalize`.
+        size: (H, W) to upsample to, instead of the mask's size.
+
+    Returns:
+        ``{"map": (H, W) float in [0, 1], "mask": (H, W) bool, "iou": float | None,
+            "threshold": the threshold used (Otsu / mean pick their own)}``.
+
+    Raises:
+        ValueError: ``method`` is unknown.
     """
     m = torch.as_tensor(np.asarray(attn_map), dtype=torch.float32)
     target = size or (None if gt_mask is None else np.asarray(gt_mask).shape)
@@ -51,10 +64,23 @@ def crf_view(image, maps, *, background_threshold: float = 0.3, sxy_bilateral: f
              temperature: float = 0.1, gt_masks=None, backend: str = "auto") -> dict:
     """Masks before and after the DenseCRF for K concept maps, with IoUs if ground truth.
 
-    image (H, W, 3) uint8; maps (K, h, w) raw attention; gt_masks (K, H, W) bool or None.
     CRF parameters left as None take ``conceptlab.crf.DEFAULT_CRF_PARAMS``.
-    Returns {"before": (K, H, W) bool, "after": (K, H, W) bool, "iou_before": [K] | None,
-    "iou_after": [K] | None, "backend": str}.
+
+    Args:
+        image: (H, W, 3) uint8.
+        maps: (K, h, w) raw attention.
+        background_threshold: as for `conceptlab.masks.assign_masks`.
+        sxy_bilateral: CRF parameter, or None.
+        srgb: CRF parameter, or None.
+        compat_bilateral: CRF parameter, or None.
+        n_iters: CRF parameter, or None.
+        temperature: as for `conceptlab.masks.unary_from_maps`.
+        gt_masks: (K, H, W) bool or None.
+        backend: as for `conceptlab.crf.dense_crf`.
+
+    Returns:
+        ``{"before": (K, H, W) bool, "after": (K, H, W) bool, "iou_before": [K] | None,
+            "iou_after": [K] | None, "backend": str}``.
     """
     img = np.asarray(image, np.uint8)
     H, W = img.shape[:2]
@@ -80,10 +106,17 @@ def crf_view(image, maps, *, background_threshold: float = 0.3, sxy_bilateral: f
 
 def attention_view(maps, word: str, layer: str = "all", timestep: int | str = "all",
                    size=None) -> dict:
-    """One word's map from :class:`conceptlab.maps.AttentionMaps`, for one layer (or all
-    default layers) and one timestep index (or the average over all).
+    """One word's map from `conceptlab.maps.AttentionMaps`.
 
-    Returns {"map": (h, w) float in [0, 1], "t": the timestep value or None, "layer": ...}.
+    Args:
+        maps: the `conceptlab.maps.AttentionMaps`.
+        word: a word of the prompt.
+        layer: one layer, or ``"all"`` (all default layers).
+        timestep: one timestep index, or ``"all"`` (the average over all).
+        size: (H, W) to upsample to, or None.
+
+    Returns:
+        ``{"map": (h, w) float in [0, 1], "t": the timestep value or None, "layer": ...}``.
     """
     layers = None if layer == "all" else [layer]
     ts = None if timestep == "all" else [int(timestep)]
@@ -108,7 +141,17 @@ def _show(images, titles, suptitle=None):
 
 
 def threshold_explorer(image, attn_map, gt_mask=None, threshold: float = 0.5):
-    """Slider: threshold on a (min-max normalised) attention map -> live mask and IoU."""
+    """Slider: threshold on a (min-max normalised) attention map -> live mask and IoU.
+
+    Args:
+        image: (H, W, 3) image.
+        attn_map: (h, w) attention map.
+        gt_mask: (H, W) bool or None.
+        threshold: the slider's start value.
+
+    Returns:
+        The ``ipywidgets.interactive``.
+    """
     import ipywidgets as w
 
     def f(threshold=threshold, method="threshold"):
@@ -123,7 +166,17 @@ def threshold_explorer(image, attn_map, gt_mask=None, threshold: float = 0.5):
 
 
 def crf_explorer(image, maps, gt_masks=None, **defaults):
-    """Sliders for the DenseCRF's bilateral kernel (sxy, srgb, compat) and iterations."""
+    """Sliders for the DenseCRF's bilateral kernel (sxy, srgb, compat) and iterations.
+
+    Args:
+        image: (H, W, 3) uint8.
+        maps: (K, h, w) raw attention.
+        gt_masks: (K, H, W) bool or None.
+        **defaults: the sliders' start values, in place of ``DEFAULT_CRF_PARAMS``.
+
+    Returns:
+        The ``ipywidgets.interactive``.
+    """
     import ipywidgets as w
 
     from .figures import overlay_masks
@@ -157,8 +210,19 @@ FUNCTION_WORDS = {"a", "an", "and", "on", "of", "with", "the", "photo", "picture
 
 
 def first_content_word(words) -> str:
-    """The first word that is not a function word ('a', 'photo', 'of', ...): the word an
-    explorer should open on (a shape word or a concept token rather than 'a')."""
+    """The first word that is not a function word ('a', 'photo', 'of', ...).
+
+    The word an explorer should open on (a shape word or a concept token rather than 'a').
+
+    Args:
+        words: the prompt's words.
+
+    Returns:
+        That word, or the first word if all are function words.
+
+    Raises:
+        ValueError: ``words`` is empty.
+    """
     words = list(words)
     if not words:
         raise ValueError("no words to choose from")
@@ -166,8 +230,18 @@ def first_content_word(words) -> str:
 
 
 def attention_explorer(image, maps, words=None):
-    """Dropdowns / slider: word, layer and timestep of an AttentionMaps object. Opens on the
-    first content word of the prompt (see :func:`first_content_word`)."""
+    """Dropdowns / slider: word, layer and timestep of an AttentionMaps object.
+
+    Opens on the first content word of the prompt (see `first_content_word`).
+
+    Args:
+        image: (H, W, 3) image.
+        maps: the `conceptlab.maps.AttentionMaps`.
+        words: the words to offer (default: the prompt's words).
+
+    Returns:
+        The ``ipywidgets.interactive``.
+    """
     import ipywidgets as w
 
     from .figures import overlay_map
