@@ -55,9 +55,9 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 demo: venv
 	$(VENV)/bin/conceptlab demo --out outputs
 
-# The tests run on two pytest-xdist workers: 2.9 min against about 5 min on one, on this
-# 2-core machine. The notebooks run one at a time: each lesson uses both cores itself, and
-# two at once on two workers took longer than all of them one after another.
+# The tests run on two pytest-xdist workers (the fast tier took 62 s on two, 108 s on one,
+# on this 2-core machine). The notebooks run one at a time: each lesson uses both cores
+# itself, and two at once on two workers took longer than all of them one after another.
 # pytest exits with 5 when it collects nothing: that is fine for the notebook step only.
 XDIST ?= -n 2
 NBVAL := --nbval-lax --nbval-sanitize-with nbval_sanitize.cfg -p no:cacheprovider
@@ -71,7 +71,7 @@ test: venv
 	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
 test-fast: venv
-	$(TEST_ENV) $(VENV_PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(TEST_ENV) $(VENV_PY) -m pytest -q $(XDIST) -m "not slow" --durations=15 tests
 
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
