@@ -68,6 +68,41 @@ PROVENANCE_KEYS = ("benchmark", "command", "git_commit", "git_dirty", "conceptla
 SHARED_OPTIONS = ("threads", "out", "name", "json", "resume", "overwrite", "quick")
 
 
+# ----------------------------------------------------------------------------- models
+def sd15_pipeline():
+    """A StableDiffusionPipeline with SD 1.5's architecture and random weights."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from conceptlab.shapes.model import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(77)
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.5's defaults
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        sample_size=512)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ----------------------------------------------------------------------------- registry
 def module_file(name: str) -> Path:
     spec = importlib.util.find_spec(REGISTRY[name])

@@ -76,7 +76,7 @@ def run(args, ctx):
             pipe = load_pipeline(progress=False)
             ctx.set_model(pipe, name="shapes-ldm")
         elif name == "sd15":
-            from benchmarks.concept_step_time import sd15_pipeline
+            from benchmarks.frame import sd15_pipeline
 
             pipe = sd15_pipeline()
         else:

@@ -15,7 +15,6 @@ works on it also works on Stable Diffusion:
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -179,6 +178,3 @@ def describe_model(pipe) -> dict:
         "image_size": pipe.unet.config.sample_size * pipe.vae_scale_factor,
     }
 
-
-def config_json(cfg: ModelConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=1)

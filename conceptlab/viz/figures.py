@@ -209,36 +209,6 @@ def overlay_map(image, heat, alpha: float = 0.6) -> np.ndarray:
     return ((1 - alpha) * img + alpha * cm).clip(0, 255).astype(np.uint8)
 
 
-def loss_curve(steps, values, labels=None, title=None, logy=False):
-    """Loss curves against the step.
-
-    Args:
-        steps: the step of each value.
-        values: one series, or a list of series.
-        labels: one legend label per series, or None.
-        title: the figure title, or None.
-        logy: logarithmic y axis.
-
-    Returns:
-        The matplotlib figure.
-    """
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    values = values if isinstance(values[0], (list, tuple, np.ndarray)) else [values]
-    for i, v in enumerate(values):
-        ax.plot(steps[: len(v)] if hasattr(steps, "__len__") else range(len(v)), v,
-                label=labels[i] if labels else None)
-    if labels:
-        ax.legend(fontsize=8)
-    if logy:
-        ax.set_yscale("log")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.set_xlabel("step")
-    fig.tight_layout()
-    return fig
-
-
 def method_bars(summary, measures, methods=None, title=None):
     """Grouped bars with 95% intervals: one panel per measure, one bar per method.
 
