@@ -72,6 +72,7 @@ def cmd_sample(args):
     if args.guidance is not None:
         check_number("--guidance", args.guidance, 0)  # inf passes the parser's >= 0
     _threads(args.threads)
+    _safe_output(args.out)
     pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
     prompts = args.prompt or [
         "a red star on a gray background",
@@ -88,6 +89,26 @@ def cmd_sample(args):
     path = os.path.join(args.out, "samples.png")
     save_captioned_grid(rows, prompts, path)
     print(f"wrote {path} ({len(prompts)} prompts x {args.n} images, {time.time() - t0:.1f} s)")
+
+
+def _safe_output(path: str, what: str = "--out") -> str:
+    """Refuse an output inside the bundled data or a model folder (it would replace their
+    files and break later loads)."""
+    from .models import data_dir
+
+    p = os.path.abspath(path)
+    try:
+        data = os.path.abspath(data_dir())
+    except FileNotFoundError:
+        data = None
+    if data and (p == data or p.startswith(data + os.sep)):
+        raise ValueError(f"{what} {path} is inside conceptlab's bundled data: write elsewhere "
+                         "(e.g. outputs/)")
+    for folder in (p, os.path.dirname(p), os.path.dirname(os.path.dirname(p))):
+        if os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ValueError(f"{what} {path} is inside the model folder {folder}: write "
+                             "elsewhere")
+    return path
 
 
 def _concept_words(text: str) -> list[str]:
@@ -155,8 +176,9 @@ def cmd_generate(args):
     from .viz.figures import save_captioned_grid
 
     _threads(args.threads)
+    _safe_output(args.out)
+    concepts = LearnedConcepts.load(args.concepts, allow_other_model=args.allow_other_model)
     pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
-    concepts = LearnedConcepts.load(args.concepts)
     rows = [np.asarray(generate(pipe, concepts, p, n=args.n, seed=args.seed,
                                 guidance_scale=args.guidance,
                                 num_inference_steps=args.inference_steps,
@@ -186,8 +208,10 @@ def cmd_evaluate(args):
     from .shapes.examples import load_example
 
     _threads(args.threads)
+    if args.json:
+        _safe_output(args.json, "--json")
     pipe = load_pipeline(args.model, progress=False)
-    concepts = LearnedConcepts.load(args.concepts)
+    concepts = LearnedConcepts.load(args.concepts, allow_other_model=args.allow_other_model)
     gt = None
     if args.example:
         if args.words:
@@ -231,6 +255,7 @@ def cmd_demo(args):
     from .viz.figures import image_grid_figure, overlay_masks, save_captioned_grid
 
     _threads(args.threads)
+    _safe_output(args.out)
     t0 = time.time()
     pipe = load_pipeline(args.model, progress=False if getattr(args, "quiet", False) else None)
     ex = load_example(args.example)
@@ -239,8 +264,8 @@ def cmd_demo(args):
     concepts = learn_concepts(pipe, ex.image, ex.init_words, method="em", steps=args.steps,
                               seed=args.seed, progress=not args.quiet,
                               callbacks=[GroundTruthIoU(ex.masks)],
-                              checkpoint_dir=os.path.join(args.out, "checkpoint"),
-                              overwrite=True)  # the demo always runs afresh
+                              checkpoint_dir=os.path.join(args.out, "demo-checkpoint"),
+                              overwrite=True)  # the demo's own folder: it always runs afresh
     if not concepts.complete:
         raise Interrupted("interrupted: the demo is incomplete")
     concepts.save(os.path.join(args.out, "concepts"))
@@ -352,6 +377,9 @@ def _add_learn(sub):
 def _add_generate(sub):
     sp = sub.add_parser("generate", help="generate images with learned concept tokens")
     sp.add_argument("concepts", help="folder written by `conceptlab learn`")
+    sp.add_argument("--allow-other-model", action="store_true",
+                    help="use the concepts with --model although its weights differ from "
+                         "the model they were learned on")
     sp.add_argument("prompt", nargs="+", help='prompts, e.g. "a photo of [v1] next to [v2]"')
     sp.add_argument("-n", type=_int_at_least(1), default=4,
                     help="images per prompt, seeds --seed .. --seed + n - 1")
@@ -367,6 +395,8 @@ def _add_evaluate(sub):
     sp = sub.add_parser("evaluate", help="print the paper's measures (identity, prompt "
                         "fidelity, diversity, ...) for a folder of learned concepts")
     sp.add_argument("concepts", help="folder written by `conceptlab learn` or the demo")
+    sp.add_argument("--allow-other-model", action="store_true",
+                    help="use the concepts with --model although its weights differ")
     sp.add_argument("--words", nargs="+", default=None,
                     help='class words per concept of the (first) image, e.g. "a blue striped '
                          'star" "a red heart" "a beige background" (default: the init words)')
@@ -405,7 +435,7 @@ def cmd_upgrade(args):
     from .legacy import upgrade_folder
     from .models import load_pipeline
 
-    pipe = load_pipeline(args.model, progress=False) if args.model else None
+    pipe = load_pipeline(args.model, progress=False)
     result = upgrade_folder(args.folder, pipe)
     print(f"converted {args.folder}: {', '.join(result.names)}"
           + (f" (phase 2: {result.tokens.unet.mode})" if result.tokens.unet else ""))
@@ -414,8 +444,9 @@ def cmd_upgrade(args):
 def _add_upgrade(sub):
     sp = sub.add_parser("upgrade", help="convert a concepts folder written by conceptlab 0.1")
     sp.add_argument("folder", help="the folder (concepts.safetensors, em.json, masks.npz)")
-    sp.add_argument("--model", default=None,
-                    help="the base model; needed when phase 2 changed the whole U-Net")
+    sp.add_argument("--model", default="shapes-ldm",
+                    help="the base model the concepts were learned on (its weights identify "
+                         "it from now on)")
     sp.set_defaults(func=cmd_upgrade)
 
 

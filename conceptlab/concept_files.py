@@ -33,7 +33,7 @@ import re
 import torch
 
 from ._version import __version__
-from .fileio import atomic_save, atomic_write_json, replace_folder
+from .fileio import atomic_save, atomic_write_json, check_regular_file, replace_folder
 from .tokens import ConceptTokens
 from .unet_delta import UNetChange
 
@@ -42,6 +42,8 @@ FORMAT = "conceptlab-concepts-2"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_FOLDER = "unet"
 LEGACY_FILE = "concepts.safetensors"  # the single-file format of conceptlab 0.1
+MAX_VALUE = 1e4          # no embedding row or weight of a working model comes near it
+MAX_SIDECAR_BYTES = 16 << 20
 
 
 class ConceptsFileError(ValueError):
@@ -113,7 +115,8 @@ def write_concepts(concepts: ConceptTokens, folder, extra: dict | None = None,
                   "lora_config": concepts.unet.lora_config}
     files += list(extra_files)
     side = {"format": FORMAT, "conceptlab_version": __version__,
-            "base_model": concepts.base_model, "hidden_size": concepts.hidden_size,
+            "base_model": concepts.base_model, "base_model_fingerprint": concepts.base_fingerprint,
+            "hidden_size": concepts.hidden_size,
             "tokens": tokens, "phase2": phase2, **(extra or {}),
             "files": {f: _sha256(os.path.join(folder, f)) for f in files}}
     atomic_write_json(os.path.join(folder, SIDECAR), side, indent=1)  # last: the manifest
@@ -194,6 +197,8 @@ def read_sidecar(folder) -> dict:
     """The checked ``concepts.json`` of a folder whose files all match its manifest."""
     folder = str(folder)
     path = os.path.join(folder, SIDECAR)
+    if os.path.lexists(path):
+        check_regular_file(path, max_bytes=MAX_SIDECAR_BYTES, what="concepts sidecar")
     if not os.path.isfile(path):
         if os.path.isfile(os.path.join(folder, LEGACY_FILE)):
             raise ConceptsFileError(
@@ -254,6 +259,9 @@ def read_embedding_file(path, token: str | None = None) -> tuple[str, torch.Tens
         raise ConceptsFileError(f"{path} holds {len(tensors)} tensors {sorted(tensors)[:4]}: a "
                                 "textual-inversion file holds one, keyed by its token")
     vec = vec.float()
+    if vec.numel() and float(vec.abs().max()) > MAX_VALUE:
+        raise ConceptsFileError(f"{path}: values up to {float(vec.abs().max()):.3g}, far beyond "
+                                f"any embedding row (|x| <= {MAX_VALUE:g}): not a concept")
     if vec.ndim == 2 and vec.shape[0] == 1:
         vec = vec[0]
     if vec.ndim != 1:
@@ -283,7 +291,8 @@ def _read_unet(folder, phase2) -> UNetChange | None:
     raise ConceptsFileError(f"{folder}: unknown phase-2 mode {phase2.get('mode')!r}")
 
 
-def load_concepts(path, *, prefix: str | None = None) -> ConceptTokens:
+def load_concepts(path, *, prefix: str | None = None,
+                  allow_other_model: bool = False) -> ConceptTokens:
     """Concepts from a conceptlab folder, a diffusers textual-inversion file or an A1111
     safetensors embedding. No pipeline is touched: use them with ``generate`` or
     ``concepts.applied(pipe)``.
@@ -292,6 +301,10 @@ def load_concepts(path, *, prefix: str | None = None) -> ConceptTokens:
         path: a folder written by :func:`save_concepts`, or a ``.safetensors`` file.
         prefix: rename the tokens ``[{prefix}1]``, ``[{prefix}2]``, ... (to use two sets
             whose tokens share names together).
+        allow_other_model: use the concepts with any model of the same text hidden size
+            (with a warning), e.g. the same weights saved again in another precision. By
+            default a conceptlab folder is used only with the model whose weights it was
+            learned on.
 
     Raises:
         FileNotFoundError: nothing is there.
@@ -312,12 +325,24 @@ def load_concepts(path, *, prefix: str | None = None) -> ConceptTokens:
             raise ConceptsFileError(f"{path}: its embeddings have different sizes")
         c = ConceptTokens(names, [t.get("init_word") for t in side["tokens"]], torch.stack(rows),
                           base_model=str(side.get("base_model", "")),
-                          unet=_read_unet(path, side.get("phase2")))
+                          unet=_read_unet(path, side.get("phase2")),
+                          base_fingerprint=str(side.get("base_model_fingerprint") or ""))
+        if not c.base_fingerprint and not allow_other_model:
+            raise ConceptsFileError(f"{path}/{SIDECAR} names no base model: pass "
+                                    "allow_other_model=True (CLI: --allow-other-model) to use "
+                                    "these concepts with a model of your choice")
     else:
         raise FileNotFoundError(f"no concepts at {path}: pass a folder written by "
                                 "`conceptlab learn --out FOLDER` or a .safetensors embedding")
     if prefix:
         c.names = [f"[{prefix}{k + 1}]" for k in range(len(c))]
+    if allow_other_model and (c.base_fingerprint or c.base_model):
+        import warnings
+
+        warnings.warn(f"{path}: the model check is off (allow_other_model=True): these "
+                      f"concepts were learned on {c.base_model or 'an unnamed model'!r}",
+                      stacklevel=2)
+        c.base_fingerprint, c.base_model = "", ""
     return c
 
 

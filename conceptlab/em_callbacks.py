@@ -27,7 +27,6 @@ import numpy as np
 from . import masks as _masks
 from .estep import background_index, e_step_schedule, estimate_all_masks
 from .fileio import atomic_save, atomic_write_json, fingerprint
-from .tokens import model_name
 
 RUN_FILE = "run.json"
 STATE_FILE = "em_state.npz"
@@ -83,12 +82,12 @@ class Callbacks(Callback):
 # ----------------------------------------------------------------------------- checkpoints
 def run_fingerprint(run) -> str:
     """What defines a run: images, words, concept ids, method, configs, E-step schedule,
-    given masks and the base model's name."""
+    given masks and the base model's weights (its fingerprint, not its folder's name)."""
     t = run.task
     meta = {"init_words": [None if w is None else str(w) for w in t.words],
             "concept_images": t.concept_ids, "method": run.method,
             "config": run.config.to_dict(), "mask_config": repr(run.mask_config),
-            "schedule": run.schedule, "model": os.path.basename(model_name(run.pipe).rstrip("/"))}
+            "schedule": run.schedule, "model": run.tokens.base_fingerprint}
     blobs = [im.tobytes() for im in t.images]
     blobs += [np.packbits(m).tobytes() for m in t.given_masks or []]
     return fingerprint(meta, blobs)

@@ -72,6 +72,10 @@ def upgrade_folder(folder, pipe=None) -> LearnedConcepts:
         if not os.path.isfile(os.path.join(folder, f)):
             raise FileNotFoundError(f"{folder} holds no conceptlab 0.1 result (no {f})")
     tokens = _read_tokens(folder, None if pipe is None else pipe.unet)
+    if pipe is not None:   # 0.1 recorded a folder name; the model's identity is its weights
+        from .tokens import model_fingerprint
+
+        tokens.base_fingerprint = model_fingerprint(pipe)
     with open(os.path.join(folder, "em.json")) as f:
         meta = json.load(f)
     n = int(meta["n_images"])

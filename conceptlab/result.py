@@ -46,6 +46,20 @@ def _write_bytes(folder, name, data: bytes) -> str:
     return name
 
 
+def _check_npz(path, max_bytes: int = 256 << 20):
+    """Refuse an .npz whose arrays would decompress to more than ``max_bytes`` in all."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(info.file_size for info in z.infolist())
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({e})") from None
+    if total > max_bytes:
+        raise ValueError(f"{path} would decompress to {total / 1e6:.0f} MB (more than "
+                         f"{max_bytes / 1e6:.0f} MB): not a masks file of this folder")
+
+
 def _read_png(path, mode) -> np.ndarray:
     from PIL import Image
 
@@ -126,8 +140,10 @@ class LearnedConcepts:
         return files
 
     @classmethod
-    def load(cls, folder) -> LearnedConcepts:
+    def load(cls, folder, *, allow_other_model: bool = False) -> LearnedConcepts:
         """Read a folder written by :meth:`save` (no pipeline needed).
+
+        ``allow_other_model``: see :func:`conceptlab.concept_files.load_concepts`.
 
         Raises:
             FileNotFoundError: no learned concepts there.
@@ -139,8 +155,13 @@ class LearnedConcepts:
         if "learned" not in side or not hasattr(meta, "get"):
             raise ValueError(f"{folder} holds concepts but no learning record: load them with "
                              "load_concepts instead")
-        tokens = load_concepts(folder)
-        n = int(meta["n_images"])
+        n = meta.get("n_images")
+        pngs = [f for f in side["files"] if f.startswith("images/")]
+        if not isinstance(n, int) or n != len(pngs) or n < 1:
+            raise ValueError(f"{folder}: the record says {n!r} images but the folder holds "
+                             f"{len(pngs)}: learn the concepts again")
+        _check_npz(os.path.join(folder, MASK_HISTORY_FILE))
+        tokens = load_concepts(folder, allow_other_model=allow_other_model)
         obj = cls(tokens, meta["method"], [], meta["concept_ids"], [], None, meta["e_steps"],
                   [], meta["iou_history"], meta["warnings"], meta.get("eval_steps", []),
                   meta.get("eval_iou_history", []), meta.get("complete", True))

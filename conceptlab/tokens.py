@@ -35,6 +35,20 @@ from .unet_delta import UNetChange, unet_change_applied
 
 #: tokenizer copy -> {token name: the ConceptTokens applied through it}
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: U-Net -> (id of the text encoder, weights fingerprint): a model's identity, computed once
+_IDENTITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_fingerprint(pipe) -> str:
+    """Which model a pipeline is: the hash of its weights
+    (:func:`conceptlab.models.weights_fingerprint`), computed once per pipeline."""
+    from .models import weights_fingerprint
+
+    known = _IDENTITY.get(pipe.unet)
+    if known is None or known[0] != id(pipe.text_encoder):
+        known = (id(pipe.text_encoder), weights_fingerprint(pipe))
+        _IDENTITY[pipe.unet] = known
+    return known[1]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -140,6 +154,8 @@ class ConceptTokens:
         embeddings: (K, D) float32 rows.
         base_model: name of the model they were learned on (:func:`model_name`).
         unet: the phase-2 U-Net change (:class:`~conceptlab.unet_delta.UNetChange`), or None.
+        base_fingerprint: the weights fingerprint of the model they were learned on
+            (:func:`model_fingerprint`); "" for concepts from elsewhere (no check).
     """
 
     names: list[str]
@@ -147,6 +163,7 @@ class ConceptTokens:
     embeddings: torch.Tensor
     base_model: str = ""
     unet: UNetChange | None = field(default=None, repr=False)
+    base_fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.names)
@@ -207,6 +224,16 @@ def _check_fits(pipe, concepts: ConceptTokens):
             f"these concepts were learned on {concepts.base_model!r} (text hidden size "
             f"{concepts.hidden_size}), but this pipeline's text encoder has hidden size {D}: "
             "use them with that model")
+    if concepts.base_fingerprint:   # the model's identity is its weights, not its name
+        here = model_fingerprint(pipe)
+        if here != concepts.base_fingerprint:
+            raise ValueError(
+                f"these concepts were learned on {concepts.base_model!r} (weights "
+                f"{concepts.base_fingerprint}), but this pipeline's weights are {here}: "
+                "tokens learned on one model mean nothing to another. If it is the same "
+                "model, load them with load_concepts(path, allow_other_model=True) (CLI: "
+                "--allow-other-model)")
+        return
     base, here = concepts.base_model, model_name(pipe)
     if base and not same_model(base, here):
         raise ValueError(f"these concepts were learned on {base!r}, but this pipeline is "
@@ -310,7 +337,7 @@ def new_concepts(pipe, concepts=1, init_words=None, *, init: str = "mean", prefi
             ids = _init_word_ids(tok, w, init)
             rows.append(table[ids].mean(0) if init == "mean" else table[ids[0]])
     return ConceptTokens(names=names, init_words=init_words, embeddings=torch.stack(rows),
-                         base_model=model_name(pipe))
+                         base_model=model_name(pipe), base_fingerprint=model_fingerprint(pipe))
 
 
 def _init_word_ids(tok, word, init: str) -> list[int]:
@@ -336,6 +363,7 @@ __all__ = [
     "apply_concepts",
     "check_concept_names",
     "embedding_weight",
+    "model_fingerprint",
     "model_name",
     "new_concepts",
     "same_model",

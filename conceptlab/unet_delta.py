@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+MAX_LORA_RANK = 1024
 ADAPTER = "conceptlab"
 
 
@@ -47,6 +48,15 @@ class UNetChange:
                if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"the U-Net weights {bad[0]!r} contain NaN or infinite values")
+        huge = [k for k, v in self.weights.items()
+                if v.is_floating_point() and v.numel() and float(v.abs().max()) > 1e4]
+        if huge:
+            raise ValueError(f"the U-Net weights {huge[0]!r} hold values beyond 1e4: not the "
+                             "weights of a working model")
+        rank = (self.lora_config or {}).get("r", 0)
+        if self.mode == "lora" and not (isinstance(rank, int) and 1 <= rank <= MAX_LORA_RANK):
+            raise ValueError(f"LoRA rank must be an integer in [1, {MAX_LORA_RANK}], got "
+                             f"{rank!r}")
 
 
 def _require_peft():

@@ -1,6 +1,7 @@
 """No run is lost between training and saving, no folder is half-written, one run at a time
 writes a folder, and no result is used with another model."""
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -144,3 +145,86 @@ def test_results_never_go_into_a_model_folder_or_the_bundled_data(tmp_path, caps
     assert "other files" in capsys.readouterr().err
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     np.testing.assert_equal(sorted(os.listdir(tmp_path / "notes")), ["todo.txt"])
+
+
+def test_the_model_is_its_weights_not_its_folder_name(scene_png, tmp_path, capsys):
+    """Concepts learned on one model are refused by another whose folder has the same name;
+    --allow-other-model uses them anyway."""
+    from conceptlab.shapes.model import tiny_pipeline
+
+    a, b = tmp_path / "a" / "tiny-ldm", tmp_path / "b" / "tiny-ldm"
+    tiny_pipeline(0).save_pretrained(str(a))
+    tiny_pipeline(1).save_pretrained(str(b))         # other weights, the same folder name
+    out = str(tmp_path / "out")
+    assert learn(scene_png, str(a), out) == 0
+    gen = ["generate", out, "a photo of [v1]", "-n", "1", "--inference-steps", "1",
+           "--out", str(tmp_path / "g"), "--threads", "1"]
+    assert main([*gen, "--model", str(b)]) == 2
+    assert "weights" in capsys.readouterr().err
+    assert main([*gen, "--model", str(b), "--allow-other-model"]) == 0
+    assert main([*gen, "--model", str(a)]) == 0
+
+
+def test_crafted_concepts_folders_are_refused_before_any_work(scene_png, tiny_model_folder,
+                                                             tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from conceptlab.concept_files import ConceptsFileError, load_concepts
+    from conceptlab.result import LearnedConcepts
+    from conceptlab.unet_delta import UNetChange
+
+    out = tmp_path / "out"
+    assert learn(scene_png, tiny_model_folder, str(out)) == 0
+
+    def crafted(name, change):
+        folder = tmp_path / name
+        shutil.copytree(out, folder)
+        side = json.loads((folder / "concepts.json").read_text())
+        change(folder, side)
+        for f in list(side["files"]):        # a consistent manifest: only the content is crafted
+            side["files"][f] = hashlib.sha256((folder / f).read_bytes()).hexdigest()
+        (folder / "concepts.json").write_text(json.dumps(side))
+        return folder
+
+    def no_base(folder, side):
+        side["base_model_fingerprint"] = ""
+    with pytest.raises(ConceptsFileError, match="names no base model"):
+        load_concepts(crafted("no-base", no_base))
+
+    def huge_row(folder, side):
+        save_file({"[v1]": torch.full((1, 32), 1e30)}, str(folder / "v1.safetensors"))
+    with pytest.raises(ConceptsFileError, match="far beyond"):
+        load_concepts(crafted("huge", huge_row))
+
+    def many_images(folder, side):
+        side["learned"]["n_images"] = 10 ** 7
+    with pytest.raises(ValueError, match="10000000 images"):
+        LearnedConcepts.load(crafted("many", many_images))
+
+    def bomb(folder, side):
+        np.savez_compressed(folder / "mask_history.npz", big=np.zeros((600, 1024, 1024), bool))
+    with pytest.raises(ValueError, match="decompress"):
+        LearnedConcepts.load(crafted("bomb", bomb))
+
+    with pytest.raises(ValueError, match="LoRA rank"):
+        UNetChange("lora", {}, {"r": 200000})
+    with pytest.raises(ValueError, match="beyond 1e4"):
+        UNetChange("full", {"w": torch.full((2,), 1e20)})
+
+
+def test_outputs_never_replace_model_or_bundled_files(tmp_path, capsys, tiny_model_folder):
+    from conceptlab.models import data_dir
+
+    assert main(["sample", "--out", str(data_dir() / "models" / "shapes-ldm"), "-n", "1",
+                 "--inference-steps", "1"]) == 2
+    assert "bundled data" in capsys.readouterr().err
+    assert main(["sample", "--out", tiny_model_folder, "--model", tiny_model_folder, "-n", "1",
+                 "--inference-steps", "1"]) == 2
+    assert "model folder" in capsys.readouterr().err
+    index = os.path.join(tiny_model_folder, "model_index.json")
+    before = Path(index).read_text()
+    assert main(["evaluate", str(tmp_path), "--json", index]) == 2
+    assert Path(index).read_text() == before

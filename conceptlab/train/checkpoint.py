@@ -10,13 +10,10 @@ never stopped; a trainer on other inputs refuses it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .._version import __version__
 from ..fileio import fingerprint, load_tensors, torch_save
-from ..tokens import model_name
 from .config import TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -27,12 +24,13 @@ _NOT_IDENTITY = ("checkpoint_every", "steps", "phase2_steps")
 
 def run_fingerprint(trainer) -> str:
     """What defines a training run: the config (but its length and checkpoint period), the
-    token names and init words, the base model, every image's pixels and concept ids.
+    token names and init words, the base model's weights, every image's pixels and concept
+    ids.
     Masks are left out: EM replaces them during the run."""
     cfg = {k: v for k, v in trainer.config.to_dict().items() if k not in _NOT_IDENTITY}
     meta = {"config": cfg, "names": list(trainer.concepts.names),
             "init_words": [str(w) for w in trainer.concepts.init_words],
-            "model": os.path.basename(model_name(trainer.pipe).rstrip("/")),
+            "model": trainer.model_id,
             "concept_ids": [d.concept_ids for d in trainer.data]}
     return fingerprint(meta, [d.image.tobytes() for d in trainer.data])
 

@@ -46,7 +46,7 @@ from ..losses import (
 )
 from ..maps import default_attention_config
 from ..models import encode_pixels, prompt_ids
-from ..tokens import ConceptTokens, vocabulary_mean_norm
+from ..tokens import ConceptTokens, model_fingerprint, vocabulary_mean_norm
 from ..unet_delta import (
     UNetChange,
     lora_applied,
@@ -108,6 +108,7 @@ class ConceptTrainer:
         self.checkpoint_dir = None if checkpoint_dir is None else str(checkpoint_dir)
         self.device = pipe.device
         self._check_model()
+        self.model_id = model_fingerprint(pipe)   # before any token is applied
         # everything this trainer changes in the pipeline is undone by close()
         self._undo = contextlib.ExitStack()
         self.token_ids = self._undo.enter_context(concepts.applied(pipe))
