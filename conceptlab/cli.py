@@ -94,16 +94,9 @@ def cmd_sample(args):
 def _safe_output(path: str, what: str = "--out") -> str:
     """Refuse an output inside the bundled data or a model folder (it would replace their
     files and break later loads)."""
-    from .models import data_dir
+    from .concept_files import refuse_bundled_data
 
-    p = os.path.abspath(path)
-    try:
-        data = os.path.abspath(data_dir())
-    except FileNotFoundError:
-        data = None
-    if data and (p == data or p.startswith(data + os.sep)):
-        raise ValueError(f"{what} {path} is inside conceptlab's bundled data: write elsewhere "
-                         "(e.g. outputs/)")
+    p = refuse_bundled_data(path, what)
     for folder in (p, os.path.dirname(p), os.path.dirname(os.path.dirname(p))):
         if os.path.isfile(os.path.join(folder, "model_index.json")):
             raise ValueError(f"{what} {path} is inside the model folder {folder}: write "

@@ -123,19 +123,26 @@ def write_concepts(concepts: ConceptTokens, folder, extra: dict | None = None,
     return folder
 
 
-def check_output_folder(folder) -> str:
-    """A folder a result may be written to: new, empty, or a concepts folder (replaced).
-    Never a model folder, the bundled data, or a folder of other files."""
+def refuse_bundled_data(path, what: str = "the output") -> str:
+    """ValueError when ``path`` is inside conceptlab's bundled data (writing there would
+    replace the model's or the examples' files); the absolute path otherwise."""
     from .models import data_dir
 
-    folder = os.path.abspath(os.fspath(folder))
+    p = os.path.abspath(os.fspath(path))
     try:
         data = os.path.abspath(data_dir())
     except FileNotFoundError:
-        data = None
-    if data and (folder == data or folder.startswith(data + os.sep)):
-        raise ValueError(f"{folder} is inside conceptlab's bundled data: write results "
-                         "elsewhere (e.g. outputs/)")
+        return p
+    if p == data or p.startswith(data + os.sep):
+        raise ValueError(f"{what} {path} is inside conceptlab's bundled data: write elsewhere "
+                         "(e.g. outputs/)")
+    return p
+
+
+def check_output_folder(folder) -> str:
+    """A folder a result may be written to: new, empty, or a concepts folder (replaced).
+    Never a model folder, the bundled data, or a folder of other files."""
+    folder = refuse_bundled_data(folder, "the folder")
     if os.path.isfile(folder):
         raise NotADirectoryError(f"{folder} is a file, not a folder: choose a folder")
     if os.path.isdir(folder):
@@ -356,6 +363,7 @@ __all__ = [
     "load_concepts",
     "read_embedding_file",
     "read_sidecar",
+    "refuse_bundled_data",
     "save_concepts",
     "token_file_name",
     "write_concepts",
