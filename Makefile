@@ -4,6 +4,8 @@
 #   make demo   run the end-to-end demo, writing images to outputs/
 #   make test   both tiers: every test (fast and slow), then every notebook under nbval
 #   make test-fast  the fast tier only (pytest -m "not slow": minutes, no bundled-model runs)
+#   make test-floors  the fast tier in .venv-floors, on the lowest versions pyproject.toml
+#               declares (tests/floors.txt): what is declared is what is tested
 #   make lab    start JupyterLab on notebooks/
 #   make lint   ruff
 #   make results  regenerate docs/results.md (and the other generated result tables) from
@@ -25,7 +27,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TEST_ENV := TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error TQDM_DISABLE=1 \
             OMP_NUM_THREADS=2 MPLBACKEND=Agg HF_HUB_OFFLINE=1
 
-.PHONY: venv demo test test-fast lab lint site sync clean distclean results
+.PHONY: venv demo test test-fast test-floors lab lint site sync clean distclean results
 
 venv: $(STAMP)
 
@@ -73,6 +75,17 @@ test: venv
 test-fast: venv
 	$(TEST_ENV) $(VENV_PY) -m pytest -q $(XDIST) -m "not slow" --durations=15 tests
 
+# A second virtual environment with every declared floor pinned (tests/floors.txt); the
+# browser test needs the main one's JupyterLab setup and is left to `make test`.
+FLOORS_VENV ?= .venv-floors
+test-floors:
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install -q -c tests/floors.txt torch
+	$(FLOORS_VENV)/bin/python -m pip install -q -c tests/floors.txt -e ".[dev]"
+	$(FLOORS_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|accelerate|peft) '
+	$(TEST_ENV) $(FLOORS_VENV)/bin/python -m pytest -q $(XDIST) -m "not slow" -p no:cacheprovider \
+		--ignore=tests/test_browser.py tests
+
 lab: venv
 	$(VENV)/bin/jupyter lab notebooks/
 
@@ -94,4 +107,4 @@ clean:
 		-exec rm -rf {} + 2>/dev/null || true
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(FLOORS_VENV)

@@ -39,10 +39,11 @@ WEIGHT_FILES = ("text_encoder/model.safetensors", "unet/diffusion_pytorch_model.
 RESULTS_MD = "docs/results.md"
 HEADLINE_MD = "docs/results/headline.md"
 SHIPPED_JSON = "docs/results/shipped_model.json"
-NOTES = ("benchmarks/results/PRESETS.md", "benchmarks/results/model_recipes.md", "README.md")
+NOTES = ("benchmarks/results/PRESETS.md", "benchmarks/results/model_recipes.md", "README.md",
+         "docs/gpu.md")
 ORDER = ("model_quality", "generation_sweep", "attention_speed", "mask_quality",
          "concept_fidelity", "concept_step_time", "em_suite", "background_channel",
-         "multi_concept", "notebook_runtimes")
+         "multi_concept", "discovery", "discovery_learning", "gpu_memory", "notebook_runtimes")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -404,6 +405,38 @@ def mask_quality_rows(r: Result) -> list[str]:
             + table(["method", "mean IoU"] + [f"{n} objects" for n in ns], rows))
 
 
+def discovery_rows(r: Result) -> list[str]:
+    d = r.data
+    ns = sorted({n for v in d["summary"].values() for n in v["iou_by_n_objects"]})
+    rows = [[("**" + name + "** (default)") if name == d.get("default") else name,
+             pct(v["k_accuracy"]), f3(v["iou"])]
+            + [f3(v["iou_by_n_objects"].get(n)) for n in ns]
+            + [pct(v["background_right"]), f"{v['seconds_per_image']:.2f}"]
+            for name, v in d["summary"].items()]
+    out = [f"Suite `{d['suite']}` (seeds {d['seeds']}), {d['n_timesteps']} timesteps; "
+           "K right = objects + background; IoU: discovered masks matched one to one to the "
+           "true masks, averaged over the true masks.", ""]
+    out += table(["setting", "K right", "matched IoU"] + [f"IoU, {n} object(s)" for n in ns]
+                 + ["background right", "s / image"], rows)
+    best = d["summary"].get(d.get("default"), {})
+    if best:
+        found = sorted({f for row in best["confusion"].values() for f in row}, key=int)
+        conf = [[t] + [row.get(f, 0) for f in found] for t, row in best["confusion"].items()]
+        out += ["", f"K found by the default, **{d['default']}** (rows: true K):", ""]
+        out += table(["true K"] + [f"found {f}" for f in found], conf)
+    if d.get("threshold_sweep"):
+        ts = list(next(iter(d["threshold_sweep"].values())))
+        out += ["", "K right per threshold (relative merge distance), chosen: "
+                + ", ".join(f"{k} {v}" for k, v in d["chosen_thresholds"].items()) + ":", ""]
+        out += table(["features"] + ts, [[k] + [pct(v[t]) for t in ts]
+                                          for k, v in d["threshold_sweep"].items()])
+    if d.get("similar_concepts"):
+        sc = d["similar_concepts"]
+        out += ["", f"`similar_concepts`: the top match pairs the shared object in "
+                f"{pct(sc['top_match_right'])} of {sc['pairs']} scene pairs."]
+    return out
+
+
 def scalar_rows(r: Result) -> list[str]:
     rows = [[k, f3(v) if isinstance(v, float) else v] for k, v in r.data.items()
             if k != "provenance" and isinstance(v, (int, float, str))]
@@ -420,13 +453,79 @@ def phase2_files_rows(r: Result) -> list[str]:
                   "U-Net tensors"], rows)
 
 
+def discovery_learning_rows(r: Result) -> list[str]:
+    d = r.data
+    rows = [[name, pct(v["k_accuracy"]), f3(v["iou_before_em"]), f3(v["iou_after_em"]),
+             f"{v['concept_fidelity']:.3f} ± {v['fidelity_sem']:.3f}", v["n_objects"],
+             f"{v['train_seconds']:.0f}"]
+            for name, v in d["summary"].items()]
+    out = [f"Held-out scenes (seeds {d['seeds']}), EM phase 1, {d['n_samples']} samples per "
+           "concept; matched IoU over the true masks (objects and background).", ""]
+    out += table(["concepts", "K right", "matched IoU before EM", "after EM",
+                  "concept fidelity", "objects", "s / run"], rows)
+    if "fidelity_gap" in d:
+        out += ["", f"Concept fidelity gap, named minus discovered: {d['fidelity_gap']:.3f}."]
+    w = d.get("when_k_right")
+    if w and w["n_scenes"]:
+        out[-1] += (f" On the {w['n_scenes']} scenes where discovery found the right K: "
+                    f"discovered {w['discovered']:.3f}, named {w['named']:.3f}.")
+    return out
+
+
+def block_discovery(results) -> list[str]:
+    """The README's line on discovery: the held-out figures of the library's defaults."""
+    found = [r for r in results if r.benchmark == "discovery" and not r.pilot
+             and r.data.get("suite") == "held_out"]
+    learned = [r for r in results if r.benchmark == "discovery_learning" and not r.pilot]
+    if not found:
+        return ["(no result yet: `python -m benchmarks discovery`)"]
+    d = found[0].data
+    v = d["summary"][d["default"]]
+    out = [f"On {v['n_scenes']} held-out shapes-world scenes (1 to 3 objects, plain and "
+           f"textured backgrounds, patterned objects) it finds the right number of concepts "
+           f"in {pct(v['k_accuracy'])} of them, with a matched mask IoU of {f3(v['iou'])}, "
+           f"in {v['seconds_per_image']:.2f} s per image on this CPU."]
+    if learned:
+        s = learned[0].data["summary"]
+        out[0] += (f" Learning from the discovered concepts (EM, phase 1) on "
+                   f"{s['discovered']['n_scenes']} of those scenes: mask IoU "
+                   f"{f3(s['discovered']['iou_before_em'])} before EM and "
+                   f"{f3(s['discovered']['iou_after_em'])} after, concept fidelity "
+                   f"{f3(s['discovered']['concept_fidelity'])} against "
+                   f"{f3(s['named']['concept_fidelity'])} with the true count and class words.")
+    return out + ["", "Measured by `python -m benchmarks discovery` and `python -m benchmarks "
+                  "discovery_learning`; all settings tried are in `docs/results.md`."]
+
+
+def gpu_memory_rows(r: Result) -> list[str]:
+    from benchmarks.gpu_memory import table as memory_table
+
+    return memory_table(r.data).splitlines()
+
+
+def block_gpu_memory(results) -> list[str]:
+    rs = [r for r in results if r.benchmark == "gpu_memory" and not r.pilot]
+    if not rs:
+        return ["(no result yet: `python -m benchmarks gpu_memory`)"]
+    out = []
+    for r in rs:
+        m = r.prov.get("machine") or {}
+        where = (f"a {m.get('cpu_cores')}-core {m.get('processor')} CPU, torch {m.get('torch')}, "
+                 f"diffusers {m.get('diffusers')}" if isinstance(m, dict) and m.get("cpu_cores")
+                 else str(m or "this machine"))
+        out += [f"Measured by `{r.prov.get('command')}` on {where} "
+                f"(`benchmarks/results/{r.name}`):", ""] + gpu_memory_rows(r) + [""]
+    return out[:-1]
+
+
 FORMATTERS = {
     "em_suite": em_suite_rows, "concept_fidelity": concept_fidelity_rows,
     "concept_step_time": step_time_rows, "generation_sweep": sweep_rows,
     "model_quality": lambda r: quality_rows(r.data), "multi_concept": multi_concept_rows,
     "notebook_runtimes": runtimes_rows, "background_channel": background_rows,
     "mask_quality": mask_quality_rows, "attention_speed": scalar_rows,
-    "phase2_files": phase2_files_rows,
+    "phase2_files": phase2_files_rows, "discovery": discovery_rows,
+    "gpu_memory": gpu_memory_rows, "discovery_learning": discovery_learning_rows,
 }
 
 
@@ -663,6 +762,8 @@ def note_blocks(results) -> dict:
         "phase2-fast": lambda: pilot_vs_preset(find(results, P2_FAST), preset,
                                                [find(results, P2_LONG)]),
         "quick-recipe": lambda: block_quick_recipe(results),
+        "gpu-memory": lambda: block_gpu_memory(results),
+        "discovery": lambda: block_discovery(results),
     }
 
 

@@ -6,9 +6,9 @@ The names most notebooks use are importable from the top level::
 
 Modules, lowest layer first (each imports only from the layers before it; a test checks):
 ``fileio``, ``models``, ``attention``, ``masks``, ``crf``, ``maps``, ``losses``,
-``unet_delta``, ``tokens``, ``concept_files``, ``train/``, ``estep``, ``result``,
-``experimental``, ``em_callbacks``, ``em``, ``generation``,
-``viz/``, ``shapes/``, ``cli``. The README has the table.
+``unet_delta``, ``discovery``, ``tokens``, ``concept_files``, ``train/``, ``estep``, ``result``,
+``experimental``, ``em_callbacks``, ``em``, ``generation``, ``many``,
+``viz/``, ``shapes/``, ``families``, ``cli``. The README has the table.
 """
 
 from ._version import __version__
@@ -28,6 +28,8 @@ _LAZY = {  # keep `import conceptlab` light: these load on first use
     "load_concepts": ("concept_files", "load_concepts"),
     "save_concepts": ("concept_files", "save_concepts"),
     "GroundTruthIoU": ("em_callbacks", "GroundTruthIoU"),
+    "discover_concepts": ("discovery", "discover_concepts"),
+    "Discovery": ("discovery", "Discovery"),
 }
 
 
@@ -42,12 +44,14 @@ def __getattr__(name):
 
 __all__ = [
     "ConceptTokens",
+    "Discovery",
     "GroundTruthIoU",
     "LearnedConcepts",
     "MaskConfig",
     "TrainConfig",
     "__version__",
     "attention_maps",
+    "discover_concepts",
     "estimate_masks",
     "generate",
     "learn_concepts",

@@ -1,6 +1,6 @@
 """The ``conceptlab`` command line. ``conceptlab --help`` lists the subcommands.
 
-Why one module of about 450 lines: each subcommand is a small ``cmd_*`` function and its
+Why one module of about 550 lines: each subcommand is a small ``cmd_*`` function and its
 ``_add_*`` argument parser beside it, and they share one error policy (:func:`main`: one
 line on stderr, exit 2); the work itself is in the library.
 """
@@ -8,6 +8,7 @@ line on stderr, exit 2); the work itself is in the library.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -112,54 +113,78 @@ def _concept_words(text: str) -> list[str]:
     return words
 
 
-def _check_learn_out(args, ckpt: str):
-    """Refuse before any work: a result already in --out (without --overwrite), --resume
-    with nothing to resume, or an --out that must not be written."""
-    from .concept_files import SIDECAR, check_output_folder
-
-    check_output_folder(args.out)
-    if args.resume and not os.path.exists(os.path.join(ckpt, "run.json")):
-        raise FileNotFoundError(f"--resume: there is no run to resume in {ckpt}")
-    if os.path.exists(os.path.join(args.out, SIDECAR)) and not args.overwrite:
-        raise ValueError(f"{args.out} already holds learned concepts: pass --overwrite to "
-                         "replace them or choose another --out")
-
-
 def cmd_learn(args):
-    from .em import learn_concepts
-    from .estep import MaskConfig
     from .fileio import folder_lock
-    from .models import load_pipeline, native_size, to_uint8
+    from .many import check_learn_folder, fit_to_model, launched_processes, learn_into_folder
+    from .models import load_pipeline, to_uint8
 
     _threads(args.threads)
-    words = _concept_words(args.concepts)
+    words = None if args.concepts is None else _concept_words(args.concepts)  # None: discover
     images = [to_uint8(path) for path in args.images]     # bad images: before the model load
     ckpt = os.path.join(args.out, "checkpoint")
-    _check_learn_out(args, ckpt)
-    with folder_lock(args.out):                # one run at a time into a folder
-        pipe = load_pipeline(args.model, progress=False if args.quiet else None)
-        size = native_size(pipe)
-        for i, (path, img) in enumerate(zip(args.images, images)):
-            if img.shape[:2] != (size, size):
-                print(f"note: {path} is {img.shape[1]}x{img.shape[0]}; resizing to {size}x{size}")
-                images[i] = to_uint8(img, size, resize=True)
-        concepts = learn_concepts(pipe, images, words, method=args.method, steps=args.steps,
-                                  em_every=args.em_every, seed=args.seed,
-                                  progress=not args.quiet, checkpoint_dir=ckpt,
-                                  overwrite=args.overwrite,
-                                  mask_config=MaskConfig.for_words(
-                                      words, background_threshold=args.background_threshold))
+    state = launched_processes() if "RANK" in os.environ else None  # accelerate launch
+    main = state is None or state.is_main_process
+    if main:
+        check_learn_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    # one run at a time into a folder; data-parallel processes share the main one's lock
+    with folder_lock(args.out) if main else contextlib.nullcontext():
+        device = None if state is None else str(state.device)
+        pipe = load_pipeline(args.model, device=device, progress=False if args.quiet else None)
+        images, notes = fit_to_model(pipe, images, args.images)
+        for note in notes:
+            print("note:", note)
+        concepts = learn_into_folder(pipe, images, words, args.out, method=args.method,
+                                     steps=args.steps, em_every=args.em_every, seed=args.seed,
+                                     background_threshold=args.background_threshold,
+                                     overwrite=args.overwrite, progress=not args.quiet)
         if not concepts.complete:
             raise Interrupted(f"interrupted: the run is INCOMPLETE and nothing was saved to "
                               f"{args.out} as a result; its checkpoint is in {ckpt}: run the "
                               "same command again to resume")
-        concepts.save(args.out)            # written whole, then switched in
-        fig = concepts.plot_mask_evolution()
-        fig.savefig(os.path.join(args.out, "mask_evolution.png"), dpi=100)
-    print(f"learned {', '.join(concepts.names)} ({args.method}); saved to {args.out}")
-    for w in concepts.warnings:
-        print("warning:", w)
+    if main:
+        if words is None:
+            for i, ids in enumerate(concepts.concept_ids):
+                print(f"image {i}: discovered {len(ids) - 1} object(s) and the background: "
+                      f"{', '.join(concepts.names[c] for c in ids)}")
+        print(f"learned {', '.join(concepts.names)} ({args.method}); saved to {args.out}")
+        for w in concepts.warnings:
+            print("warning:", w)
     return pipe, concepts
+
+
+def cmd_learn_many(args):
+    """Learn every image of a folder into OUT/<stem>; under ``accelerate launch`` the
+    processes share the images (:mod:`conceptlab.many`)."""
+    from .many import ManyReport, launched_processes, learn_many
+
+    _threads(args.threads)
+    words = _concept_words(args.concepts)
+    _safe_output(args.out)
+    state = launched_processes()
+    report = learn_many(args.model, args.folder, args.out, words,
+                        process_index=state.process_index, num_processes=state.num_processes,
+                        method=args.method, steps=args.steps, em_every=args.em_every,
+                        seed=args.seed, background_threshold=args.background_threshold,
+                        overwrite=args.overwrite, progress=not args.quiet,
+                        device=str(state.device))
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        report = ManyReport.merge(gather_object([report]))
+    if state.is_main_process:
+        print(report.summary(), flush=True)
+    state.wait_for_everyone()        # the summary is out before any process exits non-zero
+    if not state.is_main_process:    # the main process prints the error too
+        if report.interrupted or report.failed:
+            raise SystemExit(130 if report.interrupted else 2)
+        return report
+    if report.interrupted:
+        raise Interrupted(f"interrupted: run the same command again to resume; finished "
+                          f"results in {args.out} are kept")
+    if report.failed:
+        raise RuntimeError(f"{len(report.failed)} of {len(report.outcomes)} images failed "
+                           "(the reasons are above); run the same command again to retry them")
+    return report
 
 
 def cmd_generate(args):
@@ -295,15 +320,28 @@ def cmd_demo(args):
 
 
 def cmd_train_model(args):
-    from .shapes.train import ModelTrainConfig, start_from_vae, train_model
+    """Train the bundled model; under ``accelerate launch`` every process runs this and
+    they train data-parallel (:mod:`conceptlab.shapes.train`)."""
+    from .shapes.train import (
+        ModelTrainConfig,
+        check_batches,
+        new_accelerator,
+        start_from_vae,
+        train_model,
+    )
 
     kw = {f.name: getattr(args, f.name) for f in fields(ModelTrainConfig)
           if getattr(args, f.name, None) is not None}
     cfg = ModelTrainConfig(**kw)  # checks every number (ValueError: exit 2, nothing written)
-    if args.from_vae:
+    accelerator = new_accelerator()
+    check_batches(cfg, accelerator.num_processes)
+    if args.from_vae and accelerator.is_main_process:
         start_from_vae(cfg, args.from_vae)
-    out = train_model(cfg, progress=not args.quiet)
-    print(f"saved the pipeline to {out}")
+    accelerator.wait_for_everyone()
+    out = train_model(cfg, progress=not args.quiet, accelerator=accelerator)
+    if accelerator.is_main_process:
+        n = accelerator.num_processes
+        print(f"saved the pipeline to {out}" + (f" ({n} processes)" if n > 1 else ""))
 
 
 def cmd_make_examples(args):
@@ -350,8 +388,10 @@ def _add_sample(sub):
 def _add_learn(sub):
     sp = sub.add_parser("learn", help="learn one token (and mask) per concept from images")
     sp.add_argument("images", nargs="+", help="image files (resized to the model's size)")
-    sp.add_argument("--concepts", required=True,
-                    help="comma-separated class words, one per concept, e.g. shape,shape,background")
+    sp.add_argument("--concepts", default=None,
+                    help="comma-separated class words, one per concept, e.g. "
+                         "shape,shape,background (default: discover the concepts; the "
+                         "background is always the last concept of each image)")
     sp.add_argument("--method", default="em", choices=["em", "fixed", "none"])
     sp.add_argument("--steps", type=_int_at_least(1), default=None,
                     help="training steps in all, phases 1 and 2 (default: the preset's)")
@@ -365,6 +405,31 @@ def _add_learn(sub):
                    help="continue the interrupted run in --out (an error if there is none)")
     _common(sp, out="outputs/concepts")
     sp.set_defaults(func=cmd_learn)
+
+
+def _add_learn_many(sub):
+    sp = sub.add_parser("learn-many", help="learn the concepts of every image of a folder, one "
+                        "result folder per image (resumable; several processes share the "
+                        "images under `accelerate launch`)")
+    sp.add_argument("folder", help="a folder of images (.png, .jpg, ...); OUT/<name> per image")
+    sp.add_argument("--out", required=True, help="the folder of results")
+    sp.add_argument("--concepts", required=True,
+                    help="comma-separated class words, one per concept, the same for every "
+                         "image, e.g. star,background")
+    sp.add_argument("--method", default="em", choices=["em", "fixed", "none"])
+    sp.add_argument("--steps", type=_int_at_least(1), default=None,
+                    help="training steps per image, phases 1 and 2 (default: the preset's)")
+    sp.add_argument("--em-every", type=_int_at_least(1), default=None)
+    sp.add_argument("--background-threshold", type=_float_in(0, 1), default=0.3)
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="learn again into result folders that hold a result or another run")
+    sp.add_argument("--model", default="shapes-ldm",
+                    help="bundled model name, local diffusers folder or hub id")
+    sp.add_argument("--seed", type=_seed, default=0, help="the seed of every image's run")
+    sp.add_argument("--threads", type=_int_at_least(0), default=0,
+                    help="torch CPU threads per process (0: default)")
+    sp.set_defaults(func=cmd_learn_many)
 
 
 def _add_generate(sub):
@@ -412,7 +477,8 @@ def _add_evaluate(sub):
 def _add_train_model(sub):
     from .shapes.train import ModelTrainConfig
 
-    sp = sub.add_parser("train-model", help="train the bundled model from scratch (resumable)")
+    sp = sub.add_parser("train-model", help="train the bundled model from scratch (resumable; "
+                        "data-parallel under `accelerate launch`)")
     for f in fields(ModelTrainConfig):
         sp.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
                         default=None, help=f"default: {f.default}")
@@ -455,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multi-concept personalisation of text-to-image diffusion models.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_demo, _add_sample, _add_learn, _add_generate, _add_evaluate,
+    for add in (_add_demo, _add_sample, _add_learn, _add_learn_many, _add_generate, _add_evaluate,
                 _add_train_model, _add_upgrade, _add_make_examples):
         add(sub)
     return p

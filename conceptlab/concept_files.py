@@ -13,7 +13,7 @@ Stock diffusers, with no conceptlab installed::
 
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.load_textual_inversion("my_concepts/v1.safetensors")      # the token "[v1]"
-    pipe.load_lora_weights("my_concepts")                           # if phase 2 was LoRA
+    pipe.load_lora_weights("my_concepts", weight_name="pytorch_lora_weights.safetensors")  # LoRA
     # full fine-tune: from_pretrained(base, unet=UNet2DConditionModel.from_pretrained(
     #                 "my_concepts", subfolder="unet"))
 
@@ -76,12 +76,15 @@ def _save_unet(change: UNetChange, folder: str) -> list[str]:
     if change.mode == "lora":
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
+        from peft import LoraConfig
 
         tmp = os.path.join(folder, f".{LORA_FILE}.tmp")
         os.makedirs(tmp, exist_ok=True)
+        # the metadata is peft's whole config, as diffusers' training scripts write it
+        # (older diffusers need every field of it, rank_pattern included)
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=convert_state_dict_to_diffusers(change.weights),
-            unet_lora_adapter_metadata=change.lora_config)
+            unet_lora_adapter_metadata=LoraConfig(**change.lora_config).to_dict())
         os.replace(os.path.join(tmp, LORA_FILE), os.path.join(folder, LORA_FILE))
         os.rmdir(tmp)
         return [LORA_FILE]
@@ -94,6 +97,23 @@ def _save_unet(change: UNetChange, folder: str) -> list[str]:
     return [f"{UNET_FOLDER}/{f}" for f in sorted(os.listdir(os.path.join(folder, UNET_FOLDER)))]
 
 
+#: the keys of diffusers' SDXL textual-inversion files, one per text encoder
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+def _token_file_tensors(concepts: ConceptTokens, k: int) -> dict:
+    """The tensors of concept k's file: ``{token: (1, D)}`` (diffusers' textual-inversion
+    file), or for SDXL ``{"clip_l": (1, 768), "clip_g": (1, 1280)}``, which stock diffusers
+    loads with one ``load_textual_inversion`` call per text encoder."""
+    row = concepts.embeddings[k:k + 1].float()
+    if not concepts.widths:
+        return {concepts.names[k]: row}
+    if len(concepts.widths) != len(SDXL_KEYS):
+        raise ValueError(f"rows for {len(concepts.widths)} text encoders: conceptlab writes "
+                         "files for one (SD 1.x / 2.x) or two (SDXL)")
+    return dict(zip(SDXL_KEYS, torch.split(row, list(concepts.widths), dim=1)))
+
+
 def write_concepts(concepts: ConceptTokens, folder, extra: dict | None = None,
                    extra_files=()) -> str:
     """Write the files of ``concepts`` into a new, empty ``folder`` (no checks; see
@@ -104,7 +124,7 @@ def write_concepts(concepts: ConceptTokens, folder, extra: dict | None = None,
         fname = token_file_name(name)
         if fname in files:
             fname = f"concept{k + 1}_{fname}"
-        _save_tensors({name: concepts.embeddings[k:k + 1].float()}, os.path.join(folder, fname))
+        _save_tensors(_token_file_tensors(concepts, k), os.path.join(folder, fname))
         files.append(fname)
         tokens.append({"token": name, "file": fname, "init_word": concepts.init_words[k]})
     phase2 = None
@@ -116,7 +136,7 @@ def write_concepts(concepts: ConceptTokens, folder, extra: dict | None = None,
     files += list(extra_files)
     side = {"format": FORMAT, "conceptlab_version": __version__,
             "base_model": concepts.base_model, "base_model_fingerprint": concepts.base_fingerprint,
-            "hidden_size": concepts.hidden_size,
+            "hidden_size": concepts.hidden_size, "encoder_widths": concepts.widths,
             "tokens": tokens, "phase2": phase2, **(extra or {}),
             "files": {f: _sha256(os.path.join(folder, f)) for f in files}}
     atomic_write_json(os.path.join(folder, SIDECAR), side, indent=1)  # last: the manifest
@@ -249,22 +269,46 @@ def _read_tensors(path) -> tuple[dict, dict]:
 
 
 def read_embedding_file(path, token: str | None = None) -> tuple[str, torch.Tensor]:
-    """(token, (D,) row) of a diffusers textual-inversion file (one key: the token) or an
-    A1111 embedding in safetensors (key ``emb_params``; the token from ``token`` or the
-    file name). Only one-vector embeddings: a concept is one token here."""
+    """(token, (D,) row) of a diffusers textual-inversion file (one key: the token), an
+    A1111 embedding in safetensors (key ``emb_params``), or an SDXL embedding (keys
+    ``clip_l`` and ``clip_g``: the row is the two joined, :func:`read_embedding_widths`
+    gives the split); the token of the last two from ``token`` or the file name. Only
+    one-vector embeddings: a concept is one token here."""
+    name, parts = read_embedding_parts(path, token)
+    return name, torch.cat(parts)
+
+
+def read_embedding_widths(path) -> list[int] | None:
+    """The per-text-encoder widths of an embedding file: [768, 1280] for SDXL, else None."""
+    _, parts = read_embedding_parts(path)
+    return [int(p.shape[0]) for p in parts] if len(parts) > 1 else None
+
+
+def read_embedding_parts(path, token: str | None = None) -> tuple[str, list[torch.Tensor]]:
+    """(token, [(D_j,) row per text encoder]) of an embedding file (see
+    :func:`read_embedding_file`); each part checked."""
     tensors, _ = _read_tensors(path)
+    stem = f"<{os.path.splitext(os.path.basename(str(path)))[0]}>"
+    if set(SDXL_KEYS) == set(tensors):
+        return token or stem, [_checked_row(path, tensors[k]) for k in SDXL_KEYS]
     if "emb_params" in tensors:
-        name, vec = token or f"<{os.path.splitext(os.path.basename(str(path)))[0]}>", \
-            tensors["emb_params"]
+        name, vec = token or stem, tensors["emb_params"]
     elif len(tensors) == 1:
         name, vec = next(iter(tensors.items()))
         name = token or name
-    elif {"clip_l", "clip_g"} <= set(tensors):
-        raise ConceptsFileError(f"{path} is an SDXL embedding (clip_l + clip_g): load it with "
-                                "diffusers' load_textual_inversion, once per text encoder")
     else:
         raise ConceptsFileError(f"{path} holds {len(tensors)} tensors {sorted(tensors)[:4]}: a "
-                                "textual-inversion file holds one, keyed by its token")
+                                "textual-inversion file holds one, keyed by its token (or "
+                                "clip_l and clip_g for SDXL)")
+    return name, [_checked_row(path, vec)]
+
+
+def _widths(parts) -> list[int] | None:
+    return [int(p.shape[0]) for p in parts] if len(parts) > 1 else None
+
+
+def _checked_row(path, vec: torch.Tensor) -> torch.Tensor:
+    """A (D,) float row from a (D,) or (1, D) tensor: finite, of sane size, one vector."""
     vec = vec.float()
     if vec.numel() and float(vec.abs().max()) > MAX_VALUE:
         raise ConceptsFileError(f"{path}: values up to {float(vec.abs().max()):.3g}, far beyond "
@@ -277,7 +321,7 @@ def read_embedding_file(path, token: str | None = None) -> tuple[str, torch.Tens
                                 "supported)")
     if not torch.isfinite(vec).all():
         raise ConceptsFileError(f"{path}: the embedding contains NaN or infinite values")
-    return name, vec
+    return vec
 
 
 def _read_unet(folder, phase2) -> UNetChange | None:
@@ -319,21 +363,23 @@ def load_concepts(path, *, prefix: str | None = None,
     """
     path = str(path)
     if os.path.isfile(path):
-        name, vec = read_embedding_file(path)
-        c = ConceptTokens([name], [None], vec[None])
+        name, parts = read_embedding_parts(path)
+        c = ConceptTokens([name], [None], torch.cat(parts)[None], widths=_widths(parts))
     elif os.path.isdir(path):
         side = read_sidecar(path)
-        rows, names = [], []
+        rows, names, widths = [], [], set()
         for t in side["tokens"]:
-            name, vec = read_embedding_file(os.path.join(path, t["file"]))
-            names.append(t.get("token", name))
-            rows.append(vec)
-        if len({r.shape[0] for r in rows}) != 1:
+            name, parts = read_embedding_parts(os.path.join(path, t["file"]), t.get("token"))
+            names.append(name)
+            rows.append(torch.cat(parts))
+            widths.add(tuple(_widths(parts) or ()))
+        if len({r.shape[0] for r in rows}) != 1 or len(widths) != 1:
             raise ConceptsFileError(f"{path}: its embeddings have different sizes")
         c = ConceptTokens(names, [t.get("init_word") for t in side["tokens"]], torch.stack(rows),
                           base_model=str(side.get("base_model", "")),
                           unet=_read_unet(path, side.get("phase2")),
-                          base_fingerprint=str(side.get("base_model_fingerprint") or ""))
+                          base_fingerprint=str(side.get("base_model_fingerprint") or ""),
+                          widths=list(widths.pop()) or None)
         if not c.base_fingerprint and not allow_other_model:
             raise ConceptsFileError(f"{path}/{SIDECAR} names no base model: pass "
                                     "allow_other_model=True (CLI: --allow-other-model) to use "
@@ -362,6 +408,8 @@ __all__ = [
     "check_output_folder",
     "load_concepts",
     "read_embedding_file",
+    "read_embedding_parts",
+    "read_embedding_widths",
     "read_sidecar",
     "refuse_bundled_data",
     "save_concepts",

@@ -16,6 +16,13 @@ coordinate ascent in which the masks are the latent variables:
 - with a phase 2 in the config (``TrainConfig.phase2``), the tokens and the U-Net are then
   trained together on those final masks (Break-a-Scene's second phase).
 
+Without ``init_words`` the concepts are discovered first
+(:func:`conceptlab.discovery.discover_concepts`: how many each image holds, and their masks):
+every object token starts from one shared word (:func:`shared_object_word`: the paper's
+setting), the background's from "background", and EM starts from the discovered masks
+(``method="fixed"`` keeps them). Concepts of several images that look alike are named in
+the result's ``warnings``.
+
 Baselines through the same call: ``method="fixed"`` (E-step once at step 0),
 ``method="given"`` (masks passed in: Break-a-Scene), ``method="none"`` (no masks: plain
 textual inversion on the whole image, no attention loss).
@@ -56,6 +63,7 @@ class Task:
     words: list
     concept_ids: list
     given_masks: list | None = None
+    start_masks: list | None = None     # discovered concepts: the masks EM starts from
 
     def words_of(self, i: int) -> list:
         return [self.words[c] for c in self.concept_ids[i]]
@@ -106,6 +114,8 @@ class EMRun:
                                   warn_list=self.result.warnings)
 
     def first_masks(self) -> list:
+        if self.task.start_masks is not None:
+            return self.task.start_masks
         if self.method == "given":
             return self.task.given_masks
         if self.method == "none":  # the whole image for every concept
@@ -134,12 +144,12 @@ class EMRun:
         return r
 
 
-def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
+def learn_concepts(pipe, images, init_words=None, *, method: str = "em", masks=None,
                    concept_images=None, steps: int | None = None, em_every: int | None = None,
                    config: TrainConfig | None = None, mask_config: MaskConfig | None = None,
                    seed: int = 0, progress: bool = True, checkpoint_dir=None,
-                   overwrite: bool = False, callbacks=(), resize: bool = False
-                   ) -> LearnedConcepts:
+                   overwrite: bool = False, callbacks=(), resize: bool = False,
+                   discovery: dict | None = None) -> LearnedConcepts:
     """Learn one token per concept (and, with ``method="em"``, its mask) from images.
 
     The pipeline is left exactly as it was: the tokens are applied only while learning.
@@ -150,7 +160,8 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
             size; another size is an error unless ``resize=True`` (resized, with a warning).
         init_words: one word per concept, e.g. ``["star", "heart", "background"]``; None
             entries start from a random row. The concept whose word is "background" gets
-            every pixel no other concept claims.
+            every pixel no other concept claims. None (the default): the concepts of each
+            image are discovered (the module doc).
         method: "em", "fixed", "given" or "none" (the module doc).
         masks: ``method="given"``: per image, (K_i, H, W) bool masks.
         concept_images: per image, the concept indices it shows (default: all in all).
@@ -166,13 +177,22 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
         callbacks: more :class:`~conceptlab.em_callbacks.Callback` objects, e.g.
             ``GroundTruthIoU(true_masks)``.
         resize: resize images of another size instead of refusing them.
+        discovery: without ``init_words``, options of
+            :func:`~conceptlab.discovery.discover_concepts` (e.g. ``{"threshold": 0.5}``).
 
     Returns:
         LearnedConcepts: the tokens, masks and history; ``.complete`` is False when the
             run was interrupted (Ctrl-C): call again with the same arguments to resume.
     """
     check_seed(seed)
-    task = check_inputs(pipe, images, init_words, method, masks, concept_images, resize)
+    if init_words is None:
+        task, notes = discovered_task(pipe, images, method, masks, concept_images, resize,
+                                      seed, discovery)
+    else:
+        if discovery is not None:
+            raise ValueError("discovery options are used only without init_words")
+        task, notes = check_inputs(pipe, images, init_words, method, masks, concept_images,
+                                   resize), []
     cfg, mcfg = choose_configs(pipe, task.words, method, config, mask_config, steps, seed)
     check_schedule(pipe, cfg, em_every, len(task.words))
     cbs = Callbacks([*callbacks, *([Checkpoints(checkpoint_dir, overwrite)]
@@ -202,6 +222,7 @@ def learn_concepts(pipe, images, init_words, *, method: str = "em", masks=None,
                 trainer.history.interrupted = True
             run.complete = not trainer.history.interrupted
             cbs.after_fit(run)
+    run.result.warnings.extend(notes)
     return run.finish()
 
 
@@ -244,6 +265,12 @@ def check_inputs(pipe, images, init_words, method="em", masks=None, concept_imag
         raise ValueError("no images given: pass one image or a list of them")
     size = native_size(pipe)
     imgs = [to_uint8(im, size, resize=resize) for im in images]
+    seen: dict = {}
+    for i, im in enumerate(imgs):
+        j = seen.setdefault(im.tobytes(), i)
+        if j != i:
+            warnings.warn(f"image {i} is the same picture as image {j}: it counts twice as "
+                          "often in every batch; pass each picture once", stacklevel=3)
     ids = _check_concept_ids(concept_images, len(imgs), len(words))
     if method == "given":
         if masks is None:
@@ -252,6 +279,59 @@ def check_inputs(pipe, images, init_words, method="em", masks=None, concept_imag
     elif masks is not None:
         raise ValueError(f"masks are only used by method='given' (got method={method!r})")
     return Task(imgs, words, ids, masks)
+
+
+#: the shared word the tokens of discovered objects start from: the first of these that is
+#: one token in each of the model's tokenizers (none: random rows; both are the paper's setting)
+SHARED_OBJECT_WORDS = ("object", "shape", "thing")
+
+
+def shared_object_word(pipe) -> str | None:
+    """The word every discovered object's token starts from (`SHARED_OBJECT_WORDS`)."""
+    from .tokens import _is_existing_token, encoder_attrs
+
+    for word in SHARED_OBJECT_WORDS:
+        if all(_is_existing_token(getattr(pipe, tok), word) for tok, _ in encoder_attrs(pipe)):
+            return word
+    return None
+
+
+def discovered_task(pipe, images, method, masks, concept_images, resize, seed,
+                    options) -> tuple[Task, list[str]]:
+    """The task of a call without words: each image's concepts discovered, its objects
+    first and its background last, and the notes for the result (concepts that look alike
+    across images)."""
+    from .discovery import discover_concepts, similar_concepts
+
+    if method not in ("em", "fixed"):
+        raise ValueError(f"method={method!r} needs init_words (--concepts); without them "
+                         "the concepts are discovered, for method='em' or 'fixed'")
+    if masks is not None or concept_images is not None:
+        raise ValueError("masks and concept_images go with init_words (one word per concept)")
+    imgs = check_inputs(pipe, images, ["background"], method, resize=resize).images
+    word, words, ids, start, found = shared_object_word(pipe), [], [], [], []
+    for i, im in enumerate(imgs):
+        d = discover_concepts(pipe, im, seed=seed, **(options or {}))
+        if d.k < 2:
+            raise ValueError(f"image {i}: no concept stands out from the background; name "
+                             "the concepts (init_words / --concepts), or pass a lower "
+                             "discovery threshold")
+        order = [k for k in range(d.k) if k != d.background] + [d.background]
+        ids.append(list(range(len(words), len(words) + d.k)))
+        words += [word] * (d.k - 1) + ["background"]
+        start.append(d.masks[order])
+        found.append(d)
+    notes = []
+    if len(found) > 1:
+        for m in similar_concepts(found):
+            a = ids[m.image_a][[k for k in range(found[m.image_a].k)
+                                if k != found[m.image_a].background].index(m.concept_a)]
+            b = ids[m.image_b][[k for k in range(found[m.image_b].k)
+                                if k != found[m.image_b].background].index(m.concept_b)]
+            notes.append(f"concept {a + 1} of image {m.image_a} and concept {b + 1} of image "
+                         f"{m.image_b} look alike (similarity {m.similarity:.2f}): they may "
+                         "be one concept")
+    return Task(imgs, words, ids, start_masks=start), notes
 
 
 def choose_configs(pipe, words, method, config, mask_config, steps, seed):

@@ -27,6 +27,7 @@ import numpy as np
 from . import masks as _masks
 from .estep import background_index, e_step_schedule, estimate_all_masks
 from .fileio import atomic_save, atomic_write_json, fingerprint
+from .parallel import barrier, is_main
 
 RUN_FILE = "run.json"
 STATE_FILE = "em_state.npz"
@@ -82,7 +83,7 @@ class Callbacks(Callback):
 # ----------------------------------------------------------------------------- checkpoints
 def run_fingerprint(run) -> str:
     """What defines a run: images, words, concept ids, method, configs, E-step schedule,
-    given masks and the base model's weights (its fingerprint, not its folder's name)."""
+    given or discovered masks and the base model's weights (its fingerprint, not its folder's name)."""
     t = run.task
     meta = {"init_words": [None if w is None else str(w) for w in t.words],
             "concept_images": t.concept_ids, "method": run.method,
@@ -90,7 +91,17 @@ def run_fingerprint(run) -> str:
             "schedule": run.schedule, "model": run.tokens.base_fingerprint}
     blobs = [im.tobytes() for im in t.images]
     blobs += [np.packbits(m).tobytes() for m in t.given_masks or []]
+    blobs += [np.packbits(m).tobytes() for m in t.start_masks or []]
     return fingerprint(meta, blobs)
+
+
+def _run_record(folder: str) -> dict:
+    """The folder's ``run.json`` ({} when there is none)."""
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def claim_folder(folder: str, fp: str, overwrite: bool) -> bool:
@@ -100,11 +111,7 @@ def claim_folder(folder: str, fp: str, overwrite: bool) -> bool:
     ours = [f for f in (RUN_FILE, STATE_FILE, CHECKPOINT_FILE)
             if os.path.exists(os.path.join(folder, f))]
     if ours:
-        run = {}
-        if os.path.exists(run_path):
-            with open(run_path) as f:
-                run = json.load(f)
-        if run.get("fingerprint") == fp:
+        if _run_record(folder).get("fingerprint") == fp:
             return True       # the same run: continuing it gives what a new start would
         if not overwrite:
             raise ValueError(
@@ -137,8 +144,13 @@ class Checkpoints(Callback):
 
     def before_fit(self, run):
         self.fp = run_fingerprint(run)
-        self.resuming = claim_folder(self.folder, self.fp, self.overwrite) and \
-            os.path.exists(self._path(STATE_FILE))
+        if is_main():   # under several processes, the main one claims, then the others read
+            claimed = claim_folder(self.folder, self.fp, self.overwrite)
+            barrier()
+        else:
+            barrier()
+            claimed = _run_record(self.folder).get("fingerprint") == self.fp
+        self.resuming = claimed and os.path.exists(self._path(STATE_FILE))
         if self.resuming:
             self._load(run)
         every = run.config.checkpoint_every
@@ -154,10 +166,12 @@ class Checkpoints(Callback):
 
     def after_fit(self, run):
         self._save(run)
-        if run.complete:
+        if run.complete and is_main():
             atomic_write_json(self._path(RUN_FILE), {"fingerprint": self.fp, "finished": True})
 
     def _save(self, run):
+        if not is_main():
+            return
         r = run.result
         arrays = {f"current_{i}": m for i, m in enumerate(run.masks)}
         arrays.update({f"hist_{s}_{i}": m for s, per in enumerate(r.mask_history)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from .attention import cross_attention_layers, layer_resolutions, record_attention
 from .models import (
     check_prompt,
+    conditioning,
     encode_pixels,
     latent_size,
     model_folder_config,
@@ -175,8 +176,10 @@ def default_attention_config(pipe) -> dict:
        ``attention_layers`` and ``attention_t_range`` (each optional). The bundled model's
        file is written by the model-quality benchmark, which picks the layers and range
        giving the best attention masks.
-    2. Stable-Diffusion-sized U-Nets (latent >= 64): the 16x16 cross-attention layers
-       (Break-a-Scene's choice), ``t`` in ``[0, num_train_timesteps)``.
+    2. Stable-Diffusion-sized U-Nets (latent side >= 64): the cross-attention layers whose
+       side is nearest a quarter of the latent side, ``t`` in ``[0, num_train_timesteps)``:
+       16x16 at 512 px (SD 1.5; Break-a-Scene's choice), 24x24 at 768 px (SD 2.1), 32x32
+       at 1024 px (SDXL, whose 128x128 latent has no attention layer at full size).
     3. Otherwise all cross-attention layers at the largest resolution <= 16, same ``t``.
 
     Args:
@@ -199,8 +202,9 @@ def default_attention_config(pipe) -> dict:
         res = layer_resolutions(unet)
         if not res:
             raise ValueError("this U-Net has no cross-attention layers")
-        if min(latent_size(pipe)) >= SD_LATENT_SIZE and 16 in res.values():
-            target = 16
+        side = min(latent_size(pipe))
+        if side >= SD_LATENT_SIZE:  # a quarter of the latent side: 16 at 512 px (SD 1.5),
+            target = min(res.values(), key=lambda r: abs(r - side / 4))  # 24 at 768, 32 SDXL
         else:
             small = [r for r in res.values() if r <= 16]
             target = max(small) if small else min(res.values())
@@ -297,16 +301,16 @@ def encode_prompt_with_ids(pipe, prompt: str) -> tuple[torch.Tensor, torch.Tenso
     Returns:
         ``(embeddings (1, T, D), input_ids (T,))``.
     """
-    tok = pipe.tokenizer
+    cond, ids = _conditioning_with_ids(pipe, prompt)
+    return cond.hidden, ids
+
+
+def _conditioning_with_ids(pipe, prompt: str):
+    """(:class:`~conceptlab.models.Conditioning` of the prompt, its first tokenizer's ids)."""
     check_prompt(pipe, prompt)
-    ids = torch.tensor(_prompt_ids(tok, prompt))
-    te = pipe.text_encoder
-    mask = None
-    if getattr(te.config, "use_attention_mask", False):
-        mask = (ids != tok.pad_token_id).long()[None].to(te.device)
+    ids = torch.tensor(_prompt_ids(pipe.tokenizer, prompt))
     with torch.no_grad():
-        emb = te(ids[None].to(te.device), attention_mask=mask)[0]
-    return emb, ids
+        return conditioning(pipe, [prompt], ids=ids[None]), ids
 
 
 def _noiser(pipe):
@@ -710,8 +714,7 @@ def _compute(pipe, image, prompt, *, n_timesteps, seed, layers, t_range, batch_s
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         latent = encode_pixels(vae, x).to(unet.device, unet.dtype)
-        emb, ids = encode_prompt_with_ids(pipe, prompt)
-        emb = emb.to(unet.device, unet.dtype)
+        cond, ids = _conditioning_with_ids(pipe, prompt)
 
         # all randomness drawn up front on the CPU: independent of batch_size and device
         t_all = torch.randint(lo, hi, (n_timesteps,), generator=g).sort().values
@@ -728,7 +731,7 @@ def _compute(pipe, image, prompt, *, n_timesteps, seed, layers, t_range, batch_s
                 t = t_all[start:start + bs].to(unet.device)
                 b = len(t)
                 z = noiser.add_noise(latent.expand(b, -1, -1, -1), noise[start:start + bs], t)
-                unet(z, t, encoder_hidden_states=emb.expand(b, -1, -1), return_dict=False)
+                unet(z, t, **cond.unet_kwargs(b, unet.dtype), return_dict=False)
                 for n in names:
                     calls = store.maps.get(n, [])
                     if len(calls) != 1:

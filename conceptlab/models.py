@@ -32,6 +32,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,9 @@ def resolve_model(name_or_path: str) -> str:
             bundled model, a folder nor a hub id.
     """
     name = os.fspath(name_or_path)
+    if not name.strip():
+        raise ValueError(f"the model name is empty: pass {BUNDLED_MODEL!r} (the bundled "
+                         "model), a diffusers pipeline folder or a hub id 'owner/name'")
     if name in bundled_models():
         return str(data_dir() / "models" / name)
     p = Path(name).expanduser()
@@ -122,7 +126,15 @@ def resolve_model(name_or_path: str) -> str:
         "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
 
 
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: the pipelines conceptlab runs, and the components each must have
+PIPELINES = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler",
+                                  "text_encoder_2", "tokenizer_2"),
+}
+REQUIRED_COMPONENTS = PIPELINES["StableDiffusionPipeline"]
+#: the components whose weights are loaded one by one, with the loaders' loading info
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 #: the largest JSON config read whole (model_index.json, conceptlab.json are < 1 KiB)
@@ -143,14 +155,26 @@ def _json_object(path, fix: str) -> dict:
     return obj
 
 
+def _pipeline_class_name(index: dict, source) -> str:
+    """The pipeline class model_index.json names, if conceptlab runs it (ValueError if not)."""
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(
+            f"{source} holds a {name!r}; conceptlab runs {' and '.join(PIPELINES)} folders "
+            "(Stable Diffusion 1.x / 2.x and SDXL, and the bundled model). Pass the base "
+            "text-to-image model's folder or hub id.")
+    return name
+
+
 def _check_component_folders(folder: Path):
     """ValueError when a component that model_index.json names has no folder: diffusers and
     transformers would load some of them silently empty (a tokenizer of 2 tokens)."""
     index = _json_object(folder / "model_index.json",
                          "the model folder is incomplete or corrupt; copy it again")
+    required = PIPELINES[_pipeline_class_name(index, folder)]
     named = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)
              and len(v) == 2 and v[0] is not None]
-    missing = [k for k in REQUIRED_COMPONENTS if k not in named or not (folder / k).is_dir()]
+    missing = [k for k in required if k not in named or not (folder / k).is_dir()]
     missing += [k for k in named if k not in missing and not (folder / k).is_dir()]
     if missing:
         raise ValueError(f"the model folder {folder} is incomplete: no {', '.join(missing)} "
@@ -174,25 +198,27 @@ def quiet() -> bool:
 
 def load_pipeline(name_or_path: str = BUNDLED_MODEL, device: str | None = None,
                   dtype: torch.dtype | None = None, progress: bool | None = None):
-    """Load a ``StableDiffusionPipeline`` (no safety checker).
+    """Load a Stable Diffusion (1.x / 2.x) or SDXL pipeline, with no safety checker.
+
+    The pipeline class is the one ``model_index.json`` names (``StableDiffusionPipeline``
+    or ``StableDiffusionXLPipeline``; any other is refused, and no code from the folder
+    runs). The U-Net, VAE and text encoder(s) are loaded one by one with their loaders'
+    loading info, and a model any of whose weights is missing from its files is refused:
+    diffusers and transformers would initialise those weights at random with only a warning.
 
     ``device`` defaults to CUDA when present; ``dtype`` to float16 on CUDA and float32 on
     the CPU (the bundled weights are stored in fp16 and upcast). Hub ids work where the
     machine has network or a local Hugging Face cache (``HF_HUB_OFFLINE=1`` is honoured).
     """
-    from diffusers import StableDiffusionPipeline
-
     device = device or default_device()
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     source = resolve_model(name_or_path)
     show = (not quiet()) if progress is None else progress
     _progress_bars(show)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, safety_checker=None, feature_extractor=None, **_dtype_kwarg(dtype),
-            requires_safety_checker=False, low_cpu_mem_usage=False)
+        pipe = _load_checked(source)
     except Exception as e:
-        if os.path.isdir(source):
+        if os.path.isdir(source) and not isinstance(e, MissingWeightsError):
             raise ValueError(
                 f"the model folder {source} is incomplete or corrupt ({type(e).__name__}: "
                 f"{e}). It needs model_index.json and the subfolders unet/, vae/, "
@@ -207,15 +233,64 @@ def load_pipeline(name_or_path: str = BUNDLED_MODEL, device: str | None = None,
             "cache. On a machine with network run `hf download "
             f"{source} --local-dir SOME/FOLDER` and pass that folder, or use the bundled "
             f"model {BUNDLED_MODEL!r}.\n(original error: {e})") from None
-    missing = [n for n in REQUIRED_COMPONENTS if getattr(pipe, n, None) is None]
+    missing = [n for n in PIPELINES[type(pipe).__name__] if getattr(pipe, n, None) is None]
     if missing:  # diffusers loads a folder without a component as None, silently
         raise ValueError(f"the model folder {source} is incomplete: no {', '.join(missing)}. "
                          "Copy the whole folder written by `pipe.save_pretrained(folder)`.")
     pipe = pipe.to(device)
-    if any(m.dtype != dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder)):
-        pipe = pipe.to(dtype=dtype)  # a diffusers version that ignored torch_dtype
+    if any(m.dtype != dtype for m in model_parts(pipe).values()):
+        pipe = pipe.to(dtype=dtype)  # fp16 files, or a loader that ignored the dtype
     pipe.set_progress_bar_config(disable=not show)
     return pipe
+
+
+class MissingWeightsError(ValueError):
+    """A model whose files lack some of its weights (the loaders would make them up)."""
+
+
+def model_parts(pipe) -> dict:
+    """The pipeline's weighted modules by name: unet, vae, text_encoder(s)."""
+    return {n: m for n in WEIGHTED_COMPONENTS if (m := getattr(pipe, n, None)) is not None}
+
+
+def _load_checked(source: str):
+    """The pipeline in ``source``, its weighted parts loaded with their loading info."""
+    import diffusers
+    import transformers
+
+    if os.path.isdir(source):
+        index = _json_object(Path(source) / "model_index.json", "copy the model folder again")
+    else:
+        index = diffusers.DiffusionPipeline.load_config(source)
+    cls = getattr(diffusers, _pipeline_class_name(index, source))
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    parts, problems = {}, []
+    for name in WEIGHTED_COMPONENTS:
+        library, class_name = (index.get(name) or [None, None])[:2]
+        if library is None:
+            continue
+        part_cls = getattr(libraries.get(library), str(class_name), None)
+        if part_cls is None or not hasattr(part_cls, "from_pretrained"):
+            raise ValueError(f"{source}: model_index.json names {library}.{class_name} for "
+                             f"{name}; conceptlab loads diffusers' and transformers' own "
+                             "classes only")
+        kw = {"low_cpu_mem_usage": False} if library == "diffusers" else {}
+        parts[name], info = part_cls.from_pretrained(source, subfolder=name,
+                                                     output_loading_info=True, **kw)
+        lost = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
+        if lost:
+            problems.append(f"{name}: {len(lost)} weights not in its files (for example "
+                            f"{', '.join(map(str, lost[:3]))})")
+    if problems:
+        raise MissingWeightsError(
+            f"the model in {source} is missing weights, which the loaders would initialise at "
+            f"random: {'; '.join(problems)}. The files were written for other library "
+            f"versions or are incomplete (here: diffusers {diffusers.__version__}, "
+            f"transformers {transformers.__version__}). Install the versions the model was "
+            "saved with, or copy the model folder again.")
+    extra = {"requires_safety_checker": False} if "safety_checker" in index else {}
+    extra |= {k: None for k in ("safety_checker", "feature_extractor") if k in index}
+    return cls.from_pretrained(source, **parts, **extra)
 
 
 def weights_fingerprint(pipe) -> str:
@@ -225,19 +300,13 @@ def weights_fingerprint(pipe) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for part in ("unet", "text_encoder", "vae"):
+    for part in ("unet", "text_encoder", "vae", "text_encoder_2"):
+        if getattr(pipe, part, None) is None:
+            continue  # SD 1.x / 2.x have no second text encoder
         for name, t in sorted(getattr(pipe, part).state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _dtype_kwarg(dtype) -> dict:
-    """Newer diffusers take ``dtype=`` (and deprecate ``torch_dtype=``); older ones only
-    ``torch_dtype=``."""
-    from diffusers.pipelines import pipeline_utils
-
-    return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
 def _progress_bars(show: bool):
@@ -600,10 +669,82 @@ def prompt_ids(tokenizer, prompts) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
+def text_encoders(pipe) -> list[tuple]:
+    """``[(tokenizer, text_encoder), ...]``: one pair for Stable Diffusion 1.x / 2.x and the
+    bundled model, two for SDXL (CLIP ViT-L, then OpenCLIP ViT-bigG)."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def is_sdxl(pipe) -> bool:
+    """True for an SDXL pipeline: two text encoders and a U-Net with ``text_time`` added
+    conditions."""
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+@dataclass
+class Conditioning:
+    """What the U-Net is conditioned on: ``unet(z, t, **cond.unet_kwargs(b))``.
+
+    Attributes:
+        hidden: (B, T, D) text-encoder hidden states (SDXL: both encoders' penultimate
+            layers, concatenated along D, as diffusers' SDXL pipeline does).
+        added: SDXL's added conditions ``{"text_embeds": (B, D2), "time_ids": (B, 6)}``;
+            None for Stable Diffusion 1.x / 2.x.
+    """
+
+    hidden: torch.Tensor
+    added: dict | None = None
+
+    def unet_kwargs(self, batch: int | None = None, dtype=None) -> dict:
+        """Keyword arguments of the U-Net call, the batch repeated to ``batch`` rows
+        (from one prompt) and cast to ``dtype``."""
+        def fit(x):
+            x = x if batch is None or x.shape[0] == batch else x.expand(batch, *x.shape[1:])
+            return x if dtype is None else x.to(dtype)
+
+        kw = {"encoder_hidden_states": fit(self.hidden)}
+        if self.added is not None:
+            kw["added_cond_kwargs"] = {k: fit(v) for k, v in self.added.items()}
+        return kw
+
+
+def conditioning(pipe, prompts, ids: torch.Tensor | None = None) -> Conditioning:
+    """The U-Net's conditioning for prompts, in the graph (wrap in ``torch.no_grad()``
+    when no gradient is wanted). ``ids`` are the first tokenizer's padded ids of the prompts
+    when already known (:func:`prompt_ids`); the prompts must then be checked already.
+
+    Stable Diffusion 1.x / 2.x (and the bundled model): the text encoder's last hidden state.
+    SDXL: the penultimate hidden states of both encoders, concatenated, the second
+    encoder's pooled projection as ``text_embeds``, and ``time_ids`` = (image size, crop
+    (0, 0), image size) at the model's native size, as diffusers' SDXL pipeline makes them.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if ids is None:
+        for p in prompts:
+            check_prompt(pipe, p)
+    pairs = text_encoders(pipe)
+    if len(pairs) == 1:
+        tok, te = pairs[0]
+        ids = prompt_ids(tok, prompts) if ids is None else ids
+        return Conditioning(te(ids.to(te.device))[0])
+    hidden, pooled = [], None
+    for j, (tok, te) in enumerate(pairs):
+        ids_j = ids if (j == 0 and ids is not None) else prompt_ids(tok, prompts)
+        out = te(ids_j.to(te.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's pooled projection (CLIPTextModelWithProjection)
+    side = native_size(pipe)
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=hidden[0].dtype,
+                            device=hidden[0].device).expand(len(prompts), -1)
+    return Conditioning(torch.cat(hidden, dim=-1),
+                        {"text_embeds": pooled, "time_ids": time_ids})
+
+
 @torch.no_grad()
 def encode_prompt(pipe, prompts) -> torch.Tensor:
-    """Text-encoder hidden states (B, T, D) for a prompt or a list of prompts."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    for p in prompts:
-        check_prompt(pipe, p)
-    return pipe.text_encoder(prompt_ids(pipe.tokenizer, prompts).to(pipe.device))[0]
+    """Text-encoder hidden states (B, T, D) for a prompt or a list of prompts (for SDXL, both
+    encoders' concatenated; :func:`conditioning` gives the added conditions too)."""
+    return conditioning(pipe, prompts).hidden

@@ -18,6 +18,10 @@ concepts again inside their own ``applied`` block does nothing (nested calls are
 Files (:mod:`conceptlab.concept_files`, ``save_concepts``): one diffusers textual-inversion file per concept,
 LoRA weights as ``pytorch_lora_weights.safetensors`` or a full U-Net as a diffusers
 ``unet/`` folder, and a small ``concepts.json`` sidecar.
+
+Why one module of about 450 lines: a token is a row in every text encoder of the model (two
+for SDXL) and an entry in every tokenizer; adding, applying, copying and checking them read
+the same per-encoder tables, and split they would pass those tables between modules.
 """
 
 from __future__ import annotations
@@ -53,8 +57,28 @@ def model_fingerprint(pipe) -> str:
 
 # ----------------------------------------------------------------------------- helpers
 def embedding_weight(pipe) -> torch.nn.Parameter:
-    """The text encoder's token-embedding table (V, D) of a pipeline."""
+    """The (first) text encoder's token-embedding table (V, D) of a pipeline."""
     return pipe.text_encoder.get_input_embeddings().weight
+
+
+#: the (tokenizer, text encoder) attribute pairs of a pipeline, in the order of their rows
+ENCODER_ATTRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+
+
+def encoder_attrs(pipe) -> list[tuple[str, str]]:
+    """The (tokenizer, text encoder) attribute names the pipeline has: one pair, or two for
+    SDXL. A concept's row is the concatenation of its rows in each encoder's table."""
+    return [a for a in ENCODER_ATTRS if getattr(pipe, a[1], None) is not None]
+
+
+def embedding_tables(pipe) -> list[torch.nn.Parameter]:
+    """Every text encoder's token-embedding table, in :func:`encoder_attrs` order."""
+    return [getattr(pipe, te).get_input_embeddings().weight for _, te in encoder_attrs(pipe)]
+
+
+def embedding_widths(pipe) -> list[int]:
+    """The hidden size of each text encoder (SDXL: [768, 1280])."""
+    return [int(w.shape[1]) for w in embedding_tables(pipe)]
 
 
 def model_name(pipe) -> str:
@@ -78,12 +102,16 @@ def added_token_ids(tokenizer) -> list[int]:
 def vocabulary_mean_norm(pipe, exclude_ids=()) -> float:
     """Mean L2 norm of the model's own embedding rows (added tokens and ``exclude_ids`` left
     out), the scale of a random initial row and of the norm penalty."""
-    w = embedding_weight(pipe).detach().float()
-    keep = torch.ones(w.shape[0], dtype=torch.bool)
-    drop = [i for i in list(exclude_ids) + added_token_ids(pipe.tokenizer) if i < w.shape[0]]
-    if drop:
-        keep[torch.as_tensor(drop, dtype=torch.long)] = False
-    return float(w[keep].norm(dim=1).mean())
+    squares = 0.0
+    for (tok_attr, _), table in zip(encoder_attrs(pipe), embedding_tables(pipe)):
+        w = table.detach().float()
+        keep = torch.ones(w.shape[0], dtype=torch.bool)
+        drop = [i for i in list(exclude_ids) + added_token_ids(getattr(pipe, tok_attr))
+                if i < w.shape[0]]
+        if drop:
+            keep[torch.as_tensor(drop, dtype=torch.long)] = False
+        squares += float(w[keep].norm(dim=1).mean()) ** 2
+    return squares ** 0.5  # one table: its mean norm; SDXL: that of the joined rows
 
 
 def single_token_id(tokenizer, name: str) -> int | None:
@@ -101,6 +129,10 @@ def _is_existing_token(tokenizer, name: str) -> bool:
     return i is not None and i != tokenizer.unk_token_id
 
 
+#: the longest concept token name accepted (``[v1]``, ``<cat-toy>``: a few characters)
+MAX_NAME_LENGTH = 64
+
+
 def check_concept_names(tokenizer, names) -> list[str]:
     """The rules every concept token name follows, whether given in code or read from a file.
 
@@ -112,9 +144,10 @@ def check_concept_names(tokenizer, names) -> list[str]:
         The names as strings.
 
     Raises:
-        ValueError: a name is empty, has spaces, repeats, does not begin and end with a
-            sign such as a bracket, or is already a token of the vocabulary (so a concept
-            can never redefine a word like 'star', nor match inside 'superstars').
+        ValueError: a name is empty, longer than ``MAX_NAME_LENGTH``, has spaces, repeats,
+            does not begin and end with a sign such as a bracket, or is already a token of
+            the vocabulary (so a concept can never redefine a word like 'star', nor match
+            inside 'superstars').
     """
     names = [str(n) for n in names]
     if not names:
@@ -122,6 +155,9 @@ def check_concept_names(tokenizer, names) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"concept names must be distinct, got {names}")
     for n in names:
+        if len(n) > MAX_NAME_LENGTH:
+            raise ValueError(f"a concept token name has at most {MAX_NAME_LENGTH} characters, "
+                             f"got one of {len(n)} ({n[:20]}...)")
         if not n or any(c.isspace() for c in n):
             raise ValueError(f"a concept token name must be one word without spaces, got {n!r}")
         if n[0].isalnum() or n[-1].isalnum():
@@ -151,11 +187,14 @@ class ConceptTokens:
     Attributes:
         names: token strings, e.g. ``['[v1]', '[v2]']``; concept k is ``names[k]``.
         init_words: the word each row started from (None: a random row).
-        embeddings: (K, D) float32 rows.
+        embeddings: (K, D) float32 rows (SDXL: each row is its CLIP-L row, 768 wide,
+            then its CLIP-G row, 1280 wide).
         base_model: name of the model they were learned on (:func:`model_name`).
         unet: the phase-2 U-Net change (:class:`~conceptlab.unet_delta.UNetChange`), or None.
         base_fingerprint: the weights fingerprint of the model they were learned on
             (:func:`model_fingerprint`); "" for concepts from elsewhere (no check).
+        widths: the width of each text encoder's part of a row (:func:`embedding_widths`:
+            ``[768, 1280]`` for SDXL); None: one text encoder, the whole row.
     """
 
     names: list[str]
@@ -164,6 +203,7 @@ class ConceptTokens:
     base_model: str = ""
     unet: UNetChange | None = field(default=None, repr=False)
     base_fingerprint: str = ""
+    widths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -191,8 +231,9 @@ class ConceptTokens:
 
     def update_from(self, pipe) -> ConceptTokens:
         """Copy the live rows of an applied pipeline into :attr:`embeddings`."""
-        ids = token_ids_in(pipe, self.names)
-        self.embeddings = embedding_weight(pipe).detach()[ids].float().cpu().clone()
+        rows = [table.detach()[ids].float().cpu()
+                for table, ids in zip(embedding_tables(pipe), token_ids_per_encoder(pipe, self.names))]
+        self.embeddings = torch.cat(rows, dim=1).clone()
         return self
 
     def applied(self, pipe):
@@ -217,13 +258,32 @@ def token_ids_in(pipe, names) -> list[int]:
     return ids
 
 
+def token_ids_per_encoder(pipe, names) -> list[list[int]]:
+    """The ids of ``names`` in each tokenizer of an applied pipeline (:func:`encoder_attrs`)."""
+    out = []
+    for tok_attr, _ in encoder_attrs(pipe):
+        ids = [single_token_id(getattr(pipe, tok_attr), n) for n in names]
+        if any(i is None for i in ids):
+            raise ValueError(f"the tokens {list(names)} are not in this pipeline's {tok_attr}: "
+                             "use them inside `with concepts.applied(pipe):`")
+        out.append(ids)
+    return out
+
+
 def _check_fits(pipe, concepts: ConceptTokens):
-    D = embedding_weight(pipe).shape[1]
-    if concepts.hidden_size != D:
+    D = sum(embedding_widths(pipe))
+    if concepts.widths is not None and list(concepts.widths) != embedding_widths(pipe):
         raise ValueError(
-            f"these concepts were learned on {concepts.base_model!r} (text hidden size "
-            f"{concepts.hidden_size}), but this pipeline's text encoder has hidden size {D}: "
-            "use them with that model")
+            f"these concepts have rows for text encoders of widths {list(concepts.widths)}, "
+            f"but this pipeline's are {embedding_widths(pipe)}: use them with the model they "
+            "were learned on")
+    if concepts.hidden_size != D:
+        where = f"were learned on {concepts.base_model!r}" if concepts.base_model else \
+            "come from another model"
+        raise ValueError(
+            f"these concepts {where} (text hidden size {concepts.hidden_size}), but this "
+            f"pipeline's text encoder has hidden size {D}: use them with the model they were "
+            "learned on")
     if concepts.base_fingerprint:   # the model's identity is its weights, not its name
         here = model_fingerprint(pipe)
         if here != concepts.base_fingerprint:
@@ -242,9 +302,23 @@ def _check_fits(pipe, concepts: ConceptTokens):
 
 @contextlib.contextmanager
 def _tokens_added(pipe, names: list[str], rows: torch.Tensor):
-    """The tokenizer swapped for a copy with ``names`` added, the embedding module for a
-    copy with ``rows`` at their ids; both originals put back afterwards."""
-    tok, te = pipe.tokenizer, pipe.text_encoder
+    """Each tokenizer swapped for a copy with ``names`` added, each text encoder's embedding
+    module for a copy with its part of ``rows`` at their ids; the originals put back
+    afterwards. Yields the ids in the first tokenizer."""
+    with contextlib.ExitStack() as stack:
+        first_ids, start = None, 0
+        for tok_attr, te_attr in encoder_attrs(pipe):
+            te = getattr(pipe, te_attr)
+            D = te.get_input_embeddings().weight.shape[1]
+            ids = stack.enter_context(_tokens_added_to(pipe, tok_attr, te, names,
+                                                       rows[:, start:start + D]))
+            first_ids, start = first_ids or ids, start + D
+        yield first_ids
+
+
+@contextlib.contextmanager
+def _tokens_added_to(pipe, tok_attr: str, te, names: list[str], rows: torch.Tensor):
+    tok = getattr(pipe, tok_attr)
     new_tok = copy.deepcopy(tok)
     if new_tok.add_tokens(list(names)) != len(names):
         raise ValueError(f"the tokenizer did not add all of {names}")
@@ -257,13 +331,13 @@ def _tokens_added(pipe, names: list[str], rows: torch.Tensor):
         new.weight[:V] = old.weight
         new.weight[ids] = rows.to(new.weight)
     new.weight.requires_grad_(False)
-    pipe.tokenizer = new_tok
+    setattr(pipe, tok_attr, new_tok)
     te.set_input_embeddings(new)
     try:
         yield ids
     finally:
         te.set_input_embeddings(old)
-        pipe.tokenizer = tok
+        setattr(pipe, tok_attr, tok)
 
 
 @contextlib.contextmanager
@@ -326,17 +400,23 @@ def new_concepts(pipe, concepts=1, init_words=None, *, init: str = "mean", prefi
         raise ValueError(f"got {len(init_words)} init words for {len(names)} concepts {names}")
     if init not in ("mean", "first"):
         raise ValueError(f"init must be 'mean' or 'first', got {init!r}")
-    table = embedding_weight(pipe).detach().float().cpu()
-    ref_norm = float(table.norm(dim=1).mean())
-    rows = []
-    for k, w in enumerate(init_words):
-        if w is None:
-            v = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(seed + k))
-            rows.append(v / v.norm() * ref_norm)
-        else:
-            ids = _init_word_ids(tok, w, init)
-            rows.append(table[ids].mean(0) if init == "mean" else table[ids[0]])
-    return ConceptTokens(names=names, init_words=init_words, embeddings=torch.stack(rows),
+    parts = []  # the rows in each text encoder's table (SDXL: two), joined below
+    for j, ((tok_attr, _), table) in enumerate(zip(encoder_attrs(pipe), embedding_tables(pipe))):
+        table = table.detach().float().cpu()
+        ref_norm = float(table.norm(dim=1).mean())
+        rows = []
+        for k, w in enumerate(init_words):
+            if w is None:
+                g = torch.Generator().manual_seed(seed + k + 7919 * j)
+                v = torch.randn(table.shape[1], generator=g)
+                rows.append(v / v.norm() * ref_norm)
+            else:
+                ids = _init_word_ids(getattr(pipe, tok_attr), w, init)
+                rows.append(table[ids].mean(0) if init == "mean" else table[ids[0]])
+        parts.append(torch.stack(rows))
+    widths = embedding_widths(pipe)
+    return ConceptTokens(names=names, init_words=init_words, embeddings=torch.cat(parts, 1),
+                         widths=widths if len(widths) > 1 else None,
                          base_model=model_name(pipe), base_fingerprint=model_fingerprint(pipe))
 
 
@@ -362,12 +442,16 @@ __all__ = [
     "added_token_ids",
     "apply_concepts",
     "check_concept_names",
+    "embedding_tables",
     "embedding_weight",
+    "embedding_widths",
+    "encoder_attrs",
     "model_fingerprint",
     "model_name",
     "new_concepts",
     "same_model",
     "single_token_id",
     "token_ids_in",
+    "token_ids_per_encoder",
     "vocabulary_mean_norm",
 ]

@@ -96,6 +96,8 @@ def remove_lora_adapter(unet, adapter_name: str = ADAPTER, had_adapters: bool = 
         unet.delete_adapters(adapter_name)
     else:
         unet.unload_lora()
+        unet._hf_peft_config_loaded = None  # diffusers < 0.36 leave it set: a later
+        # add_adapter would then look for the deleted peft_config
 
 
 @contextlib.contextmanager

@@ -14,9 +14,10 @@ PKG = Path(__file__).resolve().parents[1] / "conceptlab"
 
 LAYERS = [
     # foundations: no conceptlab imports
-    ["_version", "fileio", "attention", "masks", "shapes.world", "viz.figures"],
+    ["_version", "fileio", "attention", "masks", "parallel", "shapes.world", "viz.figures"],
     ["models"],                                   # loading, model kind, images, prompts
     ["crf", "maps", "losses", "unet_delta"],
+    ["discovery"],                                # concepts found in the model's attention
     ["tokens"],
     ["concept_files"],
     ["train.config", "train.history", "train.data", "train.embedding"],
@@ -26,9 +27,11 @@ LAYERS = [
     ["estep", "result", "viz.widgets"],
     ["experimental", "em_callbacks"],
     ["em", "generation", "legacy"],
+    ["many"],                                     # a folder of images, one learn run each
     ["viz"],
     ["shapes.model", "shapes.examples", "shapes.judge", "shapes.suites"],
     ["shapes.identity"],                          # reads the judge's shape probabilities
+    ["families"],                                 # random-weight SD 1.5 / 2.1 / SDXL shapes
     ["shapes.train"],
     ["shapes"],
     ["evaluate"],                                 # the paper's measures: judges, prompts, tables

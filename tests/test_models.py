@@ -43,6 +43,51 @@ def test_bad_names_and_folders(tmp_path):
         resolve_model(str(tmp_path))
 
 
+@pytest.mark.parametrize("part, file", [
+    ("text_encoder", "model.safetensors"),
+    ("unet", "diffusion_pytorch_model.safetensors"),
+])
+def test_a_model_with_weights_missing_from_its_files_is_refused(tmp_path, part, file):
+    """The loaders would initialise the missing weights at random with only a warning (a
+    text encoder saved by another transformers version reads no text at all)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conceptlab.models import MissingWeightsError
+
+    folder = tmp_path / "model"
+    shutil.copytree(resolve_model(BUNDLED_MODEL), folder)
+    tensors = load_file(folder / part / file)
+    dropped = min(tensors)
+    del tensors[dropped]
+    save_file(tensors, folder / part / file, metadata={"format": "pt"})
+    with pytest.raises(MissingWeightsError, match=rf"{part}: 1 weights not in its files.*"
+                       r"diffusers \d.*transformers \d"):
+        load_pipeline(str(folder), progress=False)
+    tensors[dropped + "_misspelt"] = torch.zeros(1)  # present under another name
+    save_file(tensors, folder / part / file, metadata={"format": "pt"})
+    with pytest.raises(MissingWeightsError):
+        load_pipeline(str(folder), progress=False)
+
+
+def test_only_stable_diffusion_and_sdxl_pipelines_are_loaded(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(resolve_model(BUNDLED_MODEL), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "MyPipeline"}))
+    with pytest.raises(ValueError, match="conceptlab runs StableDiffusionPipeline and "
+                                         "StableDiffusionXLPipeline"):
+        load_pipeline(str(folder), progress=False)
+    index["unet"] = ["mypackage", "UNet2DConditionModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="diffusers' and transformers' own classes only"):
+        load_pipeline(str(folder), progress=False)
+
+
 def test_hub_id_offline_gives_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="hf download"):

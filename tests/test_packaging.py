@@ -191,6 +191,40 @@ def test_ci_entry_point_runs_make_test():
     assert re.search(r"^make test$", text, flags=re.MULTILINE)
 
 
+def floors(requirements) -> dict:
+    """{name: lowest version} of the requirements that declare one (``name>=X``)."""
+    from packaging.version import Version
+
+    out = {}
+    for r in requirements:
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*>=\s*([0-9][0-9A-Za-z.]*)", r)
+        if m:
+            out[normalize(m.group(1))] = Version(m.group(2))
+    return out
+
+
+def test_floors_file_pins_every_declared_floor_and_ci_tests_them(pyproject, env):
+    from packaging.version import Version
+
+    declared = floors(pyproject["project"]["dependencies"])
+    for extra in pyproject["project"]["optional-dependencies"].values():
+        declared |= floors(extra)
+    pins = {}
+    for line in (ROOT / "tests" / "floors.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[normalize(name)] = Version(version.strip())
+    for name in ("torch", "diffusers", "transformers"):
+        assert name in declared, f"{name} has no declared floor in pyproject.toml"
+    assert pins == declared, "tests/floors.txt must pin exactly pyproject.toml's floors"
+    conda = {CONDA_NAME.get(k, k): v for k, v in declared.items()}
+    in_env = {k: v for k, v in floors(env["dependencies"]).items() if k != "python"}
+    assert in_env == {k: v for k, v in conda.items() if k in in_env}, \
+        "environment.yml's floors must equal pyproject.toml's"
+    assert re.search(r"^make test-floors$", (ROOT / ".ci" / "run").read_text(), re.MULTILINE)
+    assert floors(["torch>=2.13", "peft"]) == {"torch": Version("2.13.0")}
+
+
 def test_makefile_targets():
     text = (ROOT / "Makefile").read_text(encoding="utf-8")
     for target in ("venv", "demo", "test", "lab", "lint", "clean"):

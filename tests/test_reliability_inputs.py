@@ -365,3 +365,36 @@ def test_cli_sample_refuses_out_of_range_seeds_and_guidance(tmp_path, capsys, ar
     assert rc == 2
     assert re.search(msg, capsys.readouterr().err)
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------ found by probing further
+def test_an_empty_model_name_is_named_as_such():
+    for name in ("", "  "):
+        with pytest.raises(ValueError, match="the model name is empty"):
+            resolve_model(name)
+
+
+def test_concept_names_from_files_have_a_length_limit(tmp_path):
+    from safetensors.torch import save_file
+
+    from conceptlab.concept_files import load_concepts
+    from conceptlab.generation import generate
+    from conceptlab.shapes.model import tiny_pipeline
+
+    long = "[" + "v" * 100 + "]"
+    save_file({long: torch.zeros(1, 32)}, str(tmp_path / "long.safetensors"))
+    c = load_concepts(tmp_path / "long.safetensors")
+    with pytest.raises(ValueError, match="at most 64 characters"):
+        generate(tiny_pipeline(0), c, f"a photo of {long}", n=1, num_inference_steps=1)
+
+
+def test_the_same_picture_twice_is_warned(tmp_path):
+    from conceptlab.em import check_inputs
+    from conceptlab.shapes.model import tiny_pipeline
+
+    pipe = tiny_pipeline(0)
+    image = np.zeros((32, 32, 3), np.uint8)
+    other = image.copy()
+    other[0, 0] = 1
+    with pytest.warns(UserWarning, match="image 2 is the same picture as image 0"):
+        check_inputs(pipe, [image, other, image.copy()], ["star", "heart"])

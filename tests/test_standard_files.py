@@ -145,7 +145,7 @@ STOCK = textwrap.dedent("""
     for t in side["tokens"]:
         pipe.load_textual_inversion(os.path.join(folder, t["file"]))
     if os.path.exists(os.path.join(folder, "pytorch_lora_weights.safetensors")):
-        pipe.load_lora_weights(folder)
+        pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors")
     if os.path.isdir(os.path.join(folder, "unet")):
         pipe.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     pipe.set_progress_bar_config(disable=True)

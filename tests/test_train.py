@@ -338,3 +338,21 @@ def test_half_precision_pipeline_trains_fp32_masters(scene, tmp_path):
     m2 = {k: tr2.live(p) for k, p in p2.unet.named_parameters()}
     assert all(torch.equal(m2[k], masters[k]) for k in masters)
     tr2.close()
+
+
+@pytest.mark.parametrize("phase2", ["none", "full"])
+def test_gradient_checkpointing_gives_the_same_steps(scene, phase2):
+    # the attention loss reads maps recorded inside checkpointed blocks: backward() runs
+    # those blocks again, and must run them through the same recording processors
+    def run(checkpointing):
+        pipe, concepts, data = setup(scene)
+        cfg = TrainConfig(steps=2, lr=5e-2, lambda_attn=0.1, batch_size=2, seed=1,
+                          phase2=phase2, phase2_steps=2, gradient_checkpointing=checkpointing)
+        with ConceptTrainer(pipe, data, concepts, cfg, progress=False,
+                            attention_every=0) as tr:
+            losses = [tr.step()["loss"] for _ in range(cfg.total_steps)]
+            assert pipe.unet.is_gradient_checkpointing == checkpointing
+            return losses, tr.embedding.rows().detach().clone()
+    (l0, rows0), (l1, rows1) = run(False), run(True)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    torch.testing.assert_close(rows1, rows0, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,8 @@ works on it also works on Stable Diffusion:
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -96,7 +98,18 @@ def build_tokenizer(max_length: int = 32):
     from transformers import CLIPTokenizer
 
     vocab, merges = build_vocab()
-    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    try:
+        tok = CLIPTokenizer(vocab=vocab, merges=merges)  # transformers 5
+    except TypeError:  # transformers 4 reads the vocabulary and merges from files only
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "vocab.json"), "w") as f:
+                json.dump(vocab, f)
+            with open(os.path.join(d, "merges.txt"), "w") as f:
+                f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+            tok = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
+                                pad_token="<|endoftext|>")
     tok.model_max_length = max_length
     for w in world.vocabulary():
         for piece in _split_like_clip(w):

@@ -24,10 +24,22 @@ weights is never saved.
 
 Usage: ``conceptlab train-model --out runs/bundled`` (see ``conceptlab train-model -h``).
 
-Why one module of about 830 lines: it is the bundled model's whole recipe (settings and
-their checks, data, VAE, U-Net with EMA and the grounding loss, exact resume), kept in one
-file so that it reads top to bottom like the model card's recipe; a third of it is
-docstrings.
+Several processes (``accelerate launch --multi_gpu --num_processes N -m conceptlab
+train-model ...``; on a machine without CUDA they are CPU processes joined by gloo) train
+the VAE and the U-Net stages data-parallel through ``accelerate``: every process draws the
+same global batch of ``batch`` (``vae_batch``) rows from the same generator and keeps its
+``batch / N`` of them, and DDP averages the gradients, so N processes compute what one
+process computes with the same batch, up to the order of floating-point sums: the same
+logged losses, and models whose outputs agree to ~1e-5 (a weight whose gradient is ~0, a
+bias just before a GroupNorm, may differ by a few learning rates: Adam scales its float
+noise up to full steps). The main process alone renders the data, encodes the latents,
+writes logs, checkpoints and the pipeline, and trains the optional decoder stage; the
+others read what it wrote. With CUDA each process trains on its GPU.
+
+Why one module of about 1000 lines: it is the bundled model's whole recipe (settings and
+their checks, data, VAE, U-Net with EMA and the grounding loss, exact resume, several
+processes), kept in one file so that it reads top to bottom like the model card's recipe;
+a third of it is docstrings.
 """
 
 from __future__ import annotations
@@ -151,12 +163,93 @@ class ModelTrainConfig:
 
 
 def _log(path, **rec):
+    if path is None:  # not the main process: it logs nothing
+        return
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
 def _atomic_save(obj, path):
     torch_save(obj, path)
+
+
+# ----------------------------------------------------------------------------- processes
+def new_accelerator():
+    """The ``accelerate.Accelerator`` that :func:`train_model` trains with.
+
+    Under ``accelerate launch`` it joins the launched processes (GPUs with NCCL, or CPU
+    processes with gloo where there is no CUDA); a plain ``python`` process gets a single
+    process on the GPU, or on the CPU without CUDA. Mixed precision stays off: the recipe
+    is float32, and a resume must continue it exactly.
+
+    Returns:
+        An ``accelerate.Accelerator``.
+    """
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
+class _Processes:
+    """This process's place among the training processes: one process without an
+    accelerator, else the accelerator's (one, or those of ``accelerate launch``)."""
+
+    def __init__(self, accelerator=None):
+        self.acc = accelerator
+        self.n = accelerator.num_processes if accelerator else 1
+        self.index = accelerator.process_index if accelerator else 0
+        self.main = accelerator.is_main_process if accelerator else True
+        self.device = accelerator.device if accelerator else torch.device("cpu")
+
+    def rows(self, batch: int) -> slice:
+        """This process's rows of a global batch (all of them for one process)."""
+        if self.n == 1:
+            return slice(None)
+        share = batch // self.n
+        return slice(self.index * share, (self.index + 1) * share)
+
+    def wrap(self, *modules):
+        """The modules as the processes train them (DDP for several, moved to the device)."""
+        if self.acc is None:
+            return modules if len(modules) > 1 else modules[0]
+        return self.acc.prepare(*modules)
+
+    def backward(self, loss):
+        if self.acc is None:
+            loss.backward()
+        else:
+            self.acc.backward(loss)
+
+    def reduce(self, t, how: str = "mean"):
+        """The detached ``t`` reduced over the processes (itself for one process)."""
+        t = t.detach()
+        return self.acc.reduce(t, how) if self.n > 1 else t
+
+    def barrier(self):
+        if self.n > 1:
+            self.acc.wait_for_everyone()
+
+    def release(self):
+        """Drop the accelerator's references to the models it wrapped (a stage's DDP)."""
+        if self.acc is not None:
+            self.acc.free_memory()
+
+
+def check_batches(cfg: ModelTrainConfig, num_processes: int) -> None:
+    """Check that the global batches split evenly between ``num_processes`` processes.
+
+    Args:
+        cfg: the run's settings (``batch``, ``vae_batch``).
+        num_processes: the number of training processes.
+
+    Raises:
+        ValueError: ``batch`` or ``vae_batch`` is not a multiple of ``num_processes``.
+    """
+    for name in ("vae_batch", "batch"):
+        if getattr(cfg, name) % num_processes:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)} does not split "
+                             f"between {num_processes} processes: give a multiple of "
+                             f"{num_processes} (it is the global batch, summed over processes)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -233,20 +326,42 @@ def _recon_loss(rec, x):
             + (gx - tx).abs().mean())
 
 
-def vae_loss(vae, x, kl_weight=1e-6):
+def vae_loss(vae, x, kl_weight=1e-6, rows=None, batch=None):
     """The VAE stage's loss.
 
     Args:
         vae: the ``AutoencoderKL``.
         x: (B, 3, H, W) images in [-1, 1].
         kl_weight: weight of the KL term.
+        rows: for one of several processes, its rows of the global batch: the posterior
+            noise is then drawn for the whole global batch (``batch`` rows, from torch's
+            global generator, as one process draws it) and these rows are kept. None: the
+            posterior's own sample.
+        batch: the global batch size (with ``rows``).
 
     Returns:
         (loss, reconstruction).
     """
     post = vae.encode(x).latent_dist
-    rec = vae.decode(post.sample()).sample
+    if rows is None:
+        z = post.sample()
+    else:
+        eps = torch.randn((batch, *post.mean.shape[1:]), dtype=post.mean.dtype)[rows]
+        z = post.mean + post.std * eps.to(post.mean.device)
+    rec = vae.decode(z).sample
     return _recon_loss(rec, x) + kl_weight * post.kl().mean(), rec
+
+
+class _VAEObjective(torch.nn.Module):
+    """:func:`vae_loss` as a module's ``forward``: DDP synchronises the gradients of what
+    runs inside the forward of the module it wraps (not of ``vae.encode`` called beside)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, rows=None, batch=None):
+        return vae_loss(self.vae, x, rows=rows, batch=batch)
 
 
 def _cosine_schedule(opt, base_lr: float, total: int, start: int = 0):
@@ -260,9 +375,12 @@ def _cosine_schedule(opt, base_lr: float, total: int, start: int = 0):
                          last_epoch=start - 1)
 
 
-def _optimise(opt, loss, params, max_norm: float = 1.0):
+def _optimise(opt, loss, params, max_norm: float = 1.0, procs=None):
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if procs is None:
+        loss.backward()
+    else:
+        procs.backward(loss)  # several processes: DDP averages the gradients here
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()
 
@@ -278,17 +396,21 @@ def _check_loss(loss: float, stage: str, step: int, fix: str):
 
 
 def train_vae(vae, images, cfg: ModelTrainConfig, log_path, start_step=0, opt_state=None,
-              ckpt_path=None):
+              ckpt_path=None, accelerator=None):
     """Stage 1: train the VAE on random crops, from ``start_step`` on.
 
     Args:
         vae: the ``AutoencoderKL`` (trained in place).
         images: (n, H, W, 3) uint8 training images.
         cfg: the run's settings (``vae_*``, ``seed``, ``log_every``, ``checkpoint_every``).
-        log_path: the JSON-lines log.
+        log_path: the JSON-lines log (None: none).
         start_step: the step to resume from.
         opt_state: the optimiser state to resume (None: a fresh AdamW).
         ckpt_path: where to write checkpoints (None: none).
+        accelerator: an ``accelerate.Accelerator`` (:func:`new_accelerator`): its device,
+            and with several processes each trains on its rows of every ``vae_batch``
+            (data-parallel) and only the main one logs and checkpoints. None: this process
+            alone, on the CPU.
 
     Returns:
         ``vae``, in eval mode.
@@ -296,31 +418,38 @@ def train_vae(vae, images, cfg: ModelTrainConfig, log_path, start_step=0, opt_st
     Raises:
         RuntimeError: the loss became NaN or infinite.
     """
+    procs = _Processes(accelerator)
     g = torch.Generator().manual_seed(cfg.seed + 1 + start_step)
+    vae.train().to(memory_format=torch.channels_last)
+    objective = procs.wrap(_VAEObjective(vae))
     params = list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
     if opt_state:
         opt.load_state_dict(opt_state)
     sched = _cosine_schedule(opt, cfg.vae_lr, cfg.vae_steps, start_step)
-    vae.train().to(memory_format=torch.channels_last)
+    rows = procs.rows(cfg.vae_batch)
+    noise = {} if procs.n == 1 else {"rows": rows, "batch": cfg.vae_batch}
     t0 = time.time()
     for step in range(start_step, cfg.vae_steps):
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=g)
         x = _random_flip(images_to_tensor(images[idx.numpy()]), g)
         c = min(cfg.vae_crop, x.shape[-1])
         oy, ox = (int(v) for v in torch.randint(0, x.shape[-1] - c + 1, (2,), generator=g))
-        x = x[..., oy:oy + c, ox:ox + c].contiguous(memory_format=torch.channels_last)
-        loss, _ = vae_loss(vae, x)
-        _optimise(opt, loss, params)
+        x = x[rows, :, oy:oy + c, ox:ox + c].contiguous(memory_format=torch.channels_last)
+        loss, _ = objective(x.to(procs.device), **noise)
+        _optimise(opt, loss, params, procs=procs)
         sched.step()
         if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
-            _check_loss(loss.item(), "VAE", step, f"lower --vae-lr (now {cfg.vae_lr:g})")
-            _log(log_path, stage="vae", step=step, loss=round(loss.item(), 5),
+            mean = procs.reduce(loss).item()
+            _check_loss(mean, "VAE", step, f"lower --vae-lr (now {cfg.vae_lr:g})")
+            _log(log_path, stage="vae", step=step, loss=round(mean, 5),
                  time=round(time.time() - t0, 1))
-        if ckpt_path and (step + 1) % cfg.checkpoint_every == 0:
+        if ckpt_path and procs.main and (step + 1) % cfg.checkpoint_every == 0:
             _atomic_save({"stage": "vae", "step": step + 1, "vae": vae.state_dict(),
                           "opt": opt.state_dict(), "run": run_fingerprint(cfg, "vae"),
                           "settings": run_settings(cfg, "vae")}, ckpt_path)
+    del objective
+    procs.release()
     vae.eval().to(memory_format=torch.contiguous_format)
     return vae
 
@@ -351,13 +480,14 @@ def finetune_decoder(vae, images, cfg: ModelTrainConfig, log_path=None, steps=No
     opt = torch.optim.AdamW(dec, lr=lr, weight_decay=0.0)
     sched = _cosine_schedule(opt, lr, steps)
     vae.train()
+    device = dec[0].device
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(len(images), (cfg.decoder_batch,), generator=g)
-        x = _random_flip(images_to_tensor(images[idx.numpy()]), g)
+        x = _random_flip(images_to_tensor(images[idx.numpy()]), g).to(device)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
         loss = _recon_loss(vae.decode(z).sample, x)
         _optimise(opt, loss, dec)
         sched.step()
@@ -373,15 +503,16 @@ def encode_latents(vae, images, batch=256):
     """(n, 2C, h, w) VAE posterior means of the images (channels :C) and of their mirror
     images (channels C:)."""
     out = []
+    device = next(vae.parameters()).device
     for i in range(0, len(images), batch):
-        x = images_to_tensor(images[i:i + batch])
+        x = images_to_tensor(images[i:i + batch]).to(device)
         out.append(torch.cat([vae.encode(x).latent_dist.mean,
-                              vae.encode(x.flip(-1)).latent_dist.mean], 1))
+                              vae.encode(x.flip(-1)).latent_dist.mean], 1).cpu())
     return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- U-Net
-def grounding_loss(store, soft, region, is_shape, weight_rows):
+def grounding_loss(store, soft, region, is_shape, weight_rows, n_tokens=None, n_shapes=None):
     """Attention-grounding loss on recorded maps (see module docstring).
 
     Args:
@@ -390,6 +521,10 @@ def grounding_loss(store, soft, region, is_shape, weight_rows):
         region: (B, T) the region of each token (-1 none, 0 background, i object i).
         is_shape: (B, T) whether each token is a shape word.
         weight_rows: (B,) bool, which samples get the loss (t < tmax and a non-empty caption).
+        n_tokens: the number of grounded tokens the token term is averaged over (default:
+            those of this batch). One of several processes passes the count of the global
+            batch, so that the processes' losses add up to the global batch's.
+        n_shapes: the same for the shape words' pixel term.
 
     Returns:
         The loss averaged over the recorded layers (a 0-dim tensor).
@@ -397,7 +532,10 @@ def grounding_loss(store, soft, region, is_shape, weight_rows):
     total, n_layers = 0.0, 0
     sel = (region >= 0) & weight_rows[:, None]
     if sel.sum() == 0:
-        return torch.zeros(())
+        return torch.zeros((), device=region.device)
+    shp = sel & is_shape
+    n_tokens = sel.sum() if n_tokens is None else n_tokens
+    n_shapes = shp.sum() if n_shapes is None else n_shapes
     for calls in store.maps.values():
         a = calls[-1].mean(1)  # (B, h, w, T)
         B, h, w, T = a.shape
@@ -405,10 +543,9 @@ def grounding_loss(store, soft, region, is_shape, weight_rows):
         m = soft[h].reshape(B, 4, h * w).float()
         tgt = torch.gather(m, 1, region.clamp(min=0)[..., None].expand(B, T, h * w))
         mass = (a * tgt).sum(-1) / (a.sum(-1) + 1e-6)
-        l_tok = ((1 - mass).pow(2) * sel).sum() / sel.sum()
-        shp = sel & is_shape
+        l_tok = ((1 - mass).pow(2) * sel).sum() / n_tokens
         bce = F.binary_cross_entropy(a.clamp(1e-5, 1 - 1e-5), tgt, reduction="none").mean(-1)
-        l_pix = (bce * shp).sum() / shp.sum().clamp(min=1)
+        l_pix = (bce * shp).sum() / n_shapes.clamp(min=1)
         total = total + l_tok + l_pix
         n_layers += 1
     return total / n_layers
@@ -460,12 +597,17 @@ def _warmup_cosine_schedule(opt, base_lr: float, total: int, start: int = 0):
 
 
 class _UNetStage:
-    """Stage 2: the U-Net and the text encoder, with EMA weights; resumable."""
+    """Stage 2: the U-Net and the text encoder, with EMA weights; resumable. With several
+    processes each trains on its rows of every batch (DDP) and the main one writes."""
 
-    def __init__(self, cfg: ModelTrainConfig, comps: dict, data: dict, z, ckpt):
+    def __init__(self, cfg: ModelTrainConfig, comps: dict, data: dict, z, ckpt, procs=None):
         self.cfg, self.comps, self.data, self.z = cfg, comps, data, z
+        self.procs = procs or _Processes()
         self.C = z.shape[1] // 2  # z holds the latents and those of the mirror images
         self.unet, self.te = comps["unet"], comps["text_encoder"]
+        # the wrapped models run the forward passes; the models themselves (same parameters)
+        # are what the optimiser, the EMA, checkpoints and the pipeline read
+        self.unet_fwd, self.te_fwd = self.procs.wrap(self.unet, self.te)
         self.params = list(self.unet.parameters()) + list(self.te.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.01)
         self.ema = new_ema([self.unet, self.te], cfg.ema_decay)
@@ -475,6 +617,7 @@ class _UNetStage:
             self.te.load_state_dict(ckpt["text_encoder"])
             self.opt.load_state_dict(ckpt["opt"])
             _load_ema(self.ema, ckpt["ema"], [self.unet, self.te], ckpt["step"])
+            self.ema.to(self.procs.device)
             self.start = ckpt["step"]
         self.lr_sched = _warmup_cosine_schedule(self.opt, cfg.lr, cfg.unet_steps, self.start)
         tok = comps["tokenizer"]
@@ -483,21 +626,35 @@ class _UNetStage:
         self.g = torch.Generator().manual_seed(cfg.seed + 2 + self.start)
 
     def batch(self) -> SimpleNamespace:
-        """A random batch: latents (randomly mirrored), captions (some dropped), t, noise."""
-        cfg, g, C, z = self.cfg, self.g, self.C, self.z
+        """A random batch: latents (randomly mirrored), captions (some dropped), t, noise.
+
+        Every process draws the whole global batch from the same generator and keeps its
+        rows; the grounding loss's token counts are those of the global batch."""
+        cfg, g, C, z, data = self.cfg, self.g, self.C, self.z, self.data
         idx = torch.randint(len(z), (cfg.batch,), generator=g)
         flip = torch.rand(cfg.batch, generator=g)[:, None, None, None] < 0.5
-        z0 = torch.where(flip, z[idx, C:], z[idx, :C])
-        soft = {r: torch.where(flip, m[idx].flip(-1), m[idx]) for r, m in self.data["soft"].items()}
-        ids = self.data["ids"][idx].clone()
         drop = torch.rand(cfg.batch, generator=g) < cfg.p_uncond
-        ids[drop] = self.uncond
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (cfg.batch,), generator=g)
-        noise = torch.randn(z0.shape, generator=g)
-        return SimpleNamespace(idx=idx, z0=z0, soft=soft, ids=ids, drop=drop, t=t, noise=noise)
+        noise = torch.randn((cfg.batch, C, *z.shape[2:]), generator=g)
+        sel = (data["region"][idx] >= 0) & ((t < cfg.grounding_tmax) & ~drop)[:, None]
+        n_tokens, n_shapes = sel.sum(), (sel & data["is_shape"][idx]).sum()
+        r = self.procs.rows(cfg.batch)
+        idx, flip, drop, t, noise = idx[r], flip[r], drop[r], t[r], noise[r]
+        z0 = torch.where(flip, z[idx, C:], z[idx, :C])
+        soft = {res: torch.where(flip, m[idx].flip(-1), m[idx]) for res, m in data["soft"].items()}
+        ids = data["ids"][idx].clone()
+        ids[drop] = self.uncond
+        dev = self.procs.device
+        return SimpleNamespace(idx=idx, z0=z0.to(dev), soft={k: v.to(dev) for k, v in soft.items()},
+                               ids=ids.to(dev), drop=drop.to(dev), t=t.to(dev),
+                               noise=noise.to(dev), n_tokens=n_tokens.to(dev),
+                               n_shapes=n_shapes.to(dev))
 
     def losses(self, step: int, b: SimpleNamespace):
-        """(min-SNR-weighted diffusion loss, grounding loss, total loss) of a batch."""
+        """(min-SNR-weighted diffusion loss, grounding loss, total loss) of this process's
+        rows of a batch. The processes' diffusion losses average, and their grounding losses
+        add up, to the global batch's; the total is scaled so that DDP's average of the
+        gradients is the global batch's gradient."""
         from diffusers.training_utils import compute_snr
 
         cfg, sched = self.cfg, self.comps["scheduler"]
@@ -505,40 +662,44 @@ class _UNetStage:
         ground = cfg.grounding_weight > 0 and step % cfg.grounding_every == 0
         with record_attention(self.unet, keep_graph=True) if ground else \
                 contextlib.nullcontext() as store:
-            pred = self.unet(zt, b.t, self.te(b.ids)[0]).sample
+            pred = self.unet_fwd(zt, b.t, self.te_fwd(b.ids)[0]).sample
         snr = compute_snr(sched, b.t)
         w = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
         l_diff = ((pred - b.noise).pow(2).mean((1, 2, 3)) * w).mean()
         if not ground:
-            return l_diff, torch.zeros(()), l_diff
+            return l_diff, torch.zeros((), device=l_diff.device), l_diff
         rows = (b.t < cfg.grounding_tmax) & ~b.drop
-        l_g = grounding_loss(store, b.soft, self.data["region"][b.idx],
-                             self.data["is_shape"][b.idx], rows)
-        return l_diff, l_g, l_diff + cfg.grounding_weight * l_g
+        dev = self.procs.device
+        l_g = grounding_loss(store, b.soft, self.data["region"][b.idx].to(dev),
+                             self.data["is_shape"][b.idx].to(dev), rows, b.n_tokens, b.n_shapes)
+        return l_diff, l_g, l_diff + cfg.grounding_weight * self.procs.n * l_g
 
     def run(self, progress: bool, log_path: str, ckpt_path: str):
-        """Train from ``start`` to ``unet_steps``, logging, checkpointing and snapshotting."""
+        """Train from ``start`` to ``unet_steps``, logging, checkpointing and snapshotting
+        (the main process writes)."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
+        cfg, procs = self.cfg, self.procs
         self.unet.train()
         self.te.train()
         bar = tqdm(range(self.start, cfg.unet_steps), initial=self.start, total=cfg.unet_steps,
-                   disable=not progress, desc="unet")
+                   disable=not (progress and procs.main), desc="unet")
         t0 = time.time()
         for step in bar:
             lr = self.opt.param_groups[0]["lr"]
             l_diff, l_g, loss = self.losses(step, self.batch())
-            _optimise(self.opt, loss, self.params)
+            _optimise(self.opt, loss, self.params, procs=procs)
             self.ema.step(self.params)
             self.lr_sched.step()
             if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
-                _check_loss(l_diff.item(), "U-Net", step, f"lower --lr (now {cfg.lr:g})")
+                l_diff, l_g = procs.reduce(l_diff).item(), procs.reduce(l_g, "sum").item()
+                _check_loss(l_diff, "U-Net", step, f"lower --lr (now {cfg.lr:g})")
                 _adjust_threads(cfg.out)
-                _log(log_path, stage="unet", step=step, loss=round(l_diff.item(), 5),
-                     grounding=round(float(l_g.detach()), 5), lr=lr,
-                     time=round(time.time() - t0, 1))
-                bar.set_postfix(loss=f"{l_diff.item():.4f}", ground=f"{float(l_g.detach()):.3f}")
+                _log(log_path, stage="unet", step=step, loss=round(l_diff, 5),
+                     grounding=round(l_g, 5), lr=lr, time=round(time.time() - t0, 1))
+                bar.set_postfix(loss=f"{l_diff:.4f}", ground=f"{l_g:.3f}")
+            if not procs.main:
+                continue
             if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.unet_steps - 1:
                 self.save_checkpoint(step + 1, ckpt_path)
             if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0:
@@ -546,6 +707,8 @@ class _UNetStage:
                               os.path.join(cfg.out, f"snapshot-{step + 1:05d}"))
         self.unet.eval()
         self.te.eval()
+        self.unet_fwd = self.te_fwd = None
+        procs.release()
 
     def save_checkpoint(self, step: int, path: str):
         _atomic_save({"stage": "unet", "step": step, "vae": self.comps["vae"].state_dict(),
@@ -600,37 +763,55 @@ def save_pipeline(components, ema, out_dir, fp16=True):
 
 
 # ----------------------------------------------------------------------------- the run
-def train_model(cfg: ModelTrainConfig, progress: bool = True) -> str:
+def train_model(cfg: ModelTrainConfig, progress: bool = True, accelerator=None) -> str:
     """Train (or resume) the model.
 
     A checkpoint in ``cfg.out`` is checked against ``cfg`` before anything is written, so
-    a refused resume leaves the folder as it was.
+    a refused resume leaves the folder as it was. Under ``accelerate launch`` every
+    process calls this; they train data-parallel (module doc) and the main process writes
+    every file.
 
     Args:
         cfg: the run's settings (checked when it was made).
-        progress: show a progress bar for the U-Net stage.
+        progress: show a progress bar for the U-Net stage (on the main process).
+        accelerator: the ``accelerate.Accelerator`` to train with (default:
+            :func:`new_accelerator`); after each stage it drops its references to what it
+            prepared (``free_memory``).
 
     Returns:
-        The folder of the saved pipeline (``cfg.out/model``).
+        The folder of the saved pipeline (``cfg.out/model``; the main process writes it,
+            the others return its name when their share of the training is done).
 
     Raises:
         RuntimeError: the checkpoint in ``cfg.out`` belongs to another run, or training
             diverged (NaN or infinite loss or weights: nothing is saved).
-        ValueError: a file in ``cfg.out`` is corrupt, planted or not a regular file.
+        ValueError: a file in ``cfg.out`` is corrupt, planted or not a regular file, or a
+            batch does not split between the processes.
     """
+    procs = _Processes(accelerator if accelerator is not None else new_accelerator())
+    check_batches(cfg, procs.n)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     ckpt = _resume_checkpoint(cfg, ckpt_path)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
-    atomic_write_json(os.path.join(cfg.out, "train_config.json"), asdict(cfg), indent=1)
-    log_path = os.path.join(cfg.out, "train_log.jsonl")
+    log_path = None
+    if procs.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        atomic_write_json(os.path.join(cfg.out, "train_config.json"), asdict(cfg), indent=1)
+        log_path = os.path.join(cfg.out, "train_log.jsonl")
     comps = build_components(cfg.model_config, seed=cfg.seed)
-    data = _dataset(cfg, comps["tokenizer"], log_path)
-    vae = _vae_stage(cfg, comps["vae"], data["images"], ckpt, log_path, ckpt_path)
-    z = _latents(cfg, vae, data["images"], ckpt, log_path)
-    stage = _UNetStage(cfg, comps, data, z, ckpt)
+    data = _dataset(cfg, comps["tokenizer"], log_path, procs)
+    if procs.n > 1:  # the VAE's posterior noise: one stream, drawn alike by every process
+        from accelerate.utils import synchronize_rng_states
+
+        synchronize_rng_states(["torch"])
+    vae = _vae_stage(cfg, comps["vae"], data["images"], ckpt, log_path, ckpt_path, procs)
+    z = _latents(cfg, vae, data["images"], ckpt, log_path, procs)
+    stage = _UNetStage(cfg, comps, data, z, ckpt, procs)
     stage.run(progress, log_path, ckpt_path)
+    out_dir = os.path.join(cfg.out, "model")
+    if not procs.main:
+        return out_dir
     # stage 3: the decoder alone (encoder frozen: the U-Net's latents are unchanged)
     dec_path = os.path.join(cfg.out, "decoder.pt")
     if os.path.exists(dec_path):
@@ -638,7 +819,7 @@ def train_model(cfg: ModelTrainConfig, progress: bool = True) -> str:
     elif cfg.decoder_steps:
         finetune_decoder(vae, data["images"], cfg, log_path)
         _atomic_save(vae.state_dict(), dec_path)
-    return save_pipeline(comps, stage.ema, os.path.join(cfg.out, "model"))
+    return save_pipeline(comps, stage.ema, out_dir)
 
 
 def _resume_checkpoint(cfg: ModelTrainConfig, path: str):
@@ -653,22 +834,27 @@ def _resume_checkpoint(cfg: ModelTrainConfig, path: str):
     return ckpt
 
 
-def _dataset(cfg: ModelTrainConfig, tokenizer, log_path) -> dict:
-    """The rendered training data, from ``cfg.out/dataset.pt`` when it is there."""
+def _dataset(cfg: ModelTrainConfig, tokenizer, log_path, procs=None) -> dict:
+    """The rendered training data, from ``cfg.out/dataset.pt`` when it is there (the main
+    process renders and writes it; the others read it)."""
+    procs = procs or _Processes()
     t0 = time.time()
     cache = os.path.join(cfg.out, "dataset.pt")
-    if os.path.exists(cache):
-        data = load_tensors(cache)  # tensors, lists and str only: no pickle
-    else:
+    data = None
+    if procs.main and not os.path.exists(cache):
         data = build_dataset(cfg, tokenizer, cfg.model_config.image_size)
         _atomic_save(data, cache)
+    procs.barrier()
+    if data is None:
+        data = load_tensors(cache)  # tensors, lists and str only: no pickle
     data["images"] = np.asarray(data["images"])
     _log(log_path, stage="data", n=cfg.n_images, time=round(time.time() - t0, 1))
     return data
 
 
-def _vae_stage(cfg: ModelTrainConfig, vae, images, ckpt, log_path, ckpt_path):
+def _vae_stage(cfg: ModelTrainConfig, vae, images, ckpt, log_path, ckpt_path, procs=None):
     """Stage 1, resumed from ``ckpt`` (whose VAE weights are loaded in any stage)."""
+    procs = procs or _Processes()
     vae_start, vae_opt = 0, None
     if ckpt is not None:
         vae.load_state_dict(ckpt["vae"])
@@ -676,21 +862,28 @@ def _vae_stage(cfg: ModelTrainConfig, vae, images, ckpt, log_path, ckpt_path):
             vae_start, vae_opt = ckpt["step"], ckpt["opt"]
         else:
             vae_start = cfg.vae_steps
+    vae.to(procs.device)
     if vae_start < cfg.vae_steps:
-        train_vae(vae, images, cfg, log_path, vae_start, vae_opt, ckpt_path)
+        train_vae(vae, images, cfg, log_path, vae_start, vae_opt, ckpt_path, procs.acc)
     return vae.eval().requires_grad_(False)
 
 
-def _latents(cfg: ModelTrainConfig, vae, images, ckpt, log_path):
+def _latents(cfg: ModelTrainConfig, vae, images, ckpt, log_path, procs=None):
     """The scaled latents of the training images (cached once the VAE stage is done); sets
-    the VAE's ``scaling_factor`` to 1 / their std."""
+    the VAE's ``scaling_factor`` to 1 / their std. The main process encodes them, the
+    others read its cache."""
+    procs = procs or _Processes()
     lat_cache = os.path.join(cfg.out, "latents.pt")
     vae_done = ckpt is not None and (ckpt["stage"] == "unet" or ckpt["step"] >= cfg.vae_steps)
-    if os.path.exists(lat_cache) and vae_done:  # written once the VAE stage had finished
+    if procs.main:
+        if os.path.exists(lat_cache) and vae_done:  # written once the VAE stage had finished
+            z = load_tensors(lat_cache)
+        else:
+            z = encode_latents(vae, images)
+            _atomic_save(z, lat_cache)
+    procs.barrier()
+    if not procs.main:
         z = load_tensors(lat_cache)
-    else:
-        z = encode_latents(vae, images)
-        _atomic_save(z, lat_cache)
     scale = float(1.0 / z[:, :cfg.model_config.latent_channels].std())
     if not math.isfinite(scale):
         raise RuntimeError(f"the VAE's latents have a std of {1 / scale}: the VAE stage "

@@ -19,7 +19,7 @@ from .config import TrainConfig
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "conceptlab-training-3"
 # a run may be extended: how long it runs and how often it saves do not define it
-_NOT_IDENTITY = ("checkpoint_every", "steps", "phase2_steps")
+_NOT_IDENTITY = ("checkpoint_every", "steps", "phase2_steps", "gradient_checkpointing")
 
 
 def run_fingerprint(trainer) -> str:
@@ -36,31 +36,34 @@ def run_fingerprint(trainer) -> str:
 
 
 def compact_optimizer_state(sd: dict, rows) -> dict:
-    """Optimizer state with the embedding table's moments (parameter 0) cut to ``rows``
-    (the other rows' moments are exactly zero: their gradient is always zeroed)."""
+    """Optimizer state with the embedding tables' moments (parameters 0, 1, ...: one per
+    text encoder) cut to their concept rows ``rows[j]`` (the other rows' moments are
+    exactly zero: their gradient is always zeroed)."""
     state = dict(sd["state"])
-    if 0 in state:
-        st = dict(state[0])
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                st[k] = st[k][rows].clone()
-        st["compact_rows"] = torch.tensor(rows)
-        state[0] = st
+    for j, rows_j in enumerate(rows):
+        if j in state:
+            st = dict(state[j])
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = st[k][rows_j].clone()
+            st["compact_rows"] = torch.tensor(rows_j)
+            state[j] = st
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
-def expand_optimizer_state(sd: dict, table: torch.Tensor) -> dict:
-    """Undo :func:`compact_optimizer_state` for an embedding table like ``table``."""
+def expand_optimizer_state(sd: dict, tables) -> dict:
+    """Undo :func:`compact_optimizer_state` for embedding tables like ``tables``."""
     state = dict(sd["state"])
-    if 0 in state and "compact_rows" in state[0]:
-        st = dict(state[0])
-        rows = st.pop("compact_rows").tolist()
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                full = torch.zeros_like(table, memory_format=torch.preserve_format)
-                full[rows] = st[k].to(full)
-                st[k] = full
-        state[0] = st
+    for j, table in enumerate(tables):
+        if j in state and "compact_rows" in state[j]:
+            st = dict(state[j])
+            rows = st.pop("compact_rows").tolist()
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    full = torch.zeros_like(table, memory_format=torch.preserve_format)
+                    full[rows] = st[k].to(full)
+                    st[k] = full
+            state[j] = st
     return {"state": state, "param_groups": sd["param_groups"]}
 
 

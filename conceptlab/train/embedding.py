@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tokens import embedding_weight
+from ..tokens import encoder_attrs
 
 
 class TrainableEmbedding:
@@ -35,11 +35,12 @@ class TrainableEmbedding:
         ValueError: a token id is outside the embedding table.
     """
 
-    def __init__(self, pipe, token_ids):
+    def __init__(self, pipe, token_ids, text_encoder=None):
         self.pipe = pipe
         self.token_ids = list(token_ids)
-        pipe.text_encoder.requires_grad_(False)
-        self.parameter = embedding_weight(pipe)
+        te = pipe.text_encoder if text_encoder is None else text_encoder
+        te.requires_grad_(False)
+        self.parameter = te.get_input_embeddings().weight
         V = self.parameter.shape[0]
         if max(self.token_ids) >= V:
             raise ValueError(f"token ids {self.token_ids} outside the embedding table ({V} rows)")
@@ -84,6 +85,46 @@ class TrainableEmbedding:
         return False
 
 
+class TrainableEmbeddings:
+    """:class:`TrainableEmbedding` over every text encoder of a pipeline (SDXL has two):
+    a concept's row is its rows in each table, joined.
+
+    Args:
+        pipe: the pipeline (its concepts applied).
+        token_ids: per text encoder, the ids of the concept rows
+            (:func:`conceptlab.tokens.token_ids_per_encoder`).
+
+    Attributes:
+        tables: one :class:`TrainableEmbedding` per text encoder.
+        parameters: the tables' (V, D_j) weights, for the optimizer.
+    """
+
+    def __init__(self, pipe, token_ids):
+        encoders = [getattr(pipe, te) for _, te in encoder_attrs(pipe)]
+        if len(token_ids) != len(encoders):
+            raise ValueError(f"{len(token_ids)} id lists for {len(encoders)} text encoders")
+        self.tables = [TrainableEmbedding(pipe, ids, te) for ids, te in zip(token_ids, encoders)]
+        self.parameters = [t.parameter for t in self.tables]
+        self.token_ids = [t.token_ids for t in self.tables]
+
+    def rows(self) -> torch.Tensor:
+        """(K, D) live concept rows, the tables' rows joined, in the graph."""
+        return torch.cat([t.rows() for t in self.tables], dim=1)
+
+    def restore_frozen_rows(self):
+        for t in self.tables:
+            t.restore_frozen_rows()
+
+    def remove(self):
+        for t in self.tables:
+            t.remove()
+
+    def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """(K, D) joined rows -> one (K, D_j) block per table."""
+        widths = [p.shape[1] for p in self.parameters]
+        return list(torch.split(rows, widths, dim=1))
+
+
 def trainable_embedding(pipe, token_ids) -> TrainableEmbedding:
     """Freeze the text encoder except the rows ``token_ids`` (see `TrainableEmbedding`).
 
@@ -100,4 +141,4 @@ def trainable_embedding(pipe, token_ids) -> TrainableEmbedding:
     return TrainableEmbedding(pipe, token_ids)
 
 
-__all__ = ["TrainableEmbedding", "trainable_embedding"]
+__all__ = ["TrainableEmbedding", "TrainableEmbeddings", "trainable_embedding"]

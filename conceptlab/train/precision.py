@@ -23,13 +23,16 @@ class MasterWeights:
     """The float32 masters of the half-precision tensors a trainer trains.
 
     Args:
-        text_encoder: the pipeline's text encoder (its embedding output is cast back to the
-            half dtype, so the float32 table does not make its activations float32).
+        text_encoder: the pipeline's text encoder, or a list of them (SDXL): their
+            embedding outputs are cast back to the half dtype, so a float32 table does not
+            make their activations float32.
         device_type: "cuda" or "cpu", for ``torch.autocast``.
     """
 
     def __init__(self, text_encoder, device_type: str):
-        self.text_encoder, self.device_type = text_encoder, device_type
+        self.text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) \
+            else [text_encoder]
+        self.device_type = device_type
         self.masters: dict = {}
 
     @contextlib.contextmanager
@@ -45,13 +48,14 @@ class MasterWeights:
                 master = self.masters.get(p)
                 p.data = p.detach().float() if master is None or master.shape != p.shape \
                     else master
-        emb = self.text_encoder.get_input_embeddings()
-        hook = emb.register_forward_hook(lambda mod, args, out: out.to(half))
+        hooks = [te.get_input_embeddings().register_forward_hook(
+            lambda mod, args, out: out.to(half)) for te in self.text_encoders]
         try:
             with torch.autocast(device_type=self.device_type, dtype=half):
                 yield
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
             with torch.no_grad():
                 for p in params:
                     self.masters[p] = p.data

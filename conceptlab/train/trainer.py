@@ -45,8 +45,15 @@ from ..losses import (
     masked_diffusion_loss,
 )
 from ..maps import default_attention_config
-from ..models import encode_pixels, prompt_ids
-from ..tokens import ConceptTokens, model_fingerprint, vocabulary_mean_norm
+from ..models import conditioning, encode_pixels, prompt_ids
+from ..parallel import average_gradients, average_scalars, is_main, shard, world
+from ..tokens import (
+    ConceptTokens,
+    encoder_attrs,
+    model_fingerprint,
+    token_ids_per_encoder,
+    vocabulary_mean_norm,
+)
 from ..unet_delta import (
     UNetChange,
     lora_applied,
@@ -58,7 +65,7 @@ from ..unet_delta import (
 from . import checkpoint as _ckpt
 from .config import TrainConfig
 from .data import Sample, as_data, assemble, draw_samples, full_size_masks, token_positions
-from .embedding import trainable_embedding
+from .embedding import TrainableEmbeddings
 from .history import TrainingHistory
 from .precision import MasterWeights
 
@@ -80,6 +87,18 @@ def diffusion_target(scheduler, z0, noise, t):
     if pt == "sample":
         return z0
     raise ValueError(f"unsupported prediction_type {pt!r}")
+
+
+@contextlib.contextmanager
+def _checkpointing_on(unet):
+    """The U-Net's gradient checkpointing on for the block, then as it was."""
+    was = bool(getattr(unet, "is_gradient_checkpointing", False))
+    unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if not was:
+            unet.disable_gradient_checkpointing()
 
 
 class ConceptTrainer:
@@ -112,7 +131,8 @@ class ConceptTrainer:
         # everything this trainer changes in the pipeline is undone by close()
         self._undo = contextlib.ExitStack()
         self.token_ids = self._undo.enter_context(concepts.applied(pipe))
-        for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+        self.encoders = [getattr(pipe, te) for _, te in encoder_attrs(pipe)]  # SDXL: two
+        for m in (pipe.unet, pipe.vae, *self.encoders):
             self._undo.enter_context(requires_grad_kept(m))
         self.vocab_norm = vocabulary_mean_norm(pipe, self.token_ids)
         from diffusers import DDPMScheduler
@@ -120,17 +140,21 @@ class ConceptTrainer:
         pipe.unet.requires_grad_(False)
         pipe.vae.requires_grad_(False)
         pipe.unet.eval()
-        pipe.text_encoder.eval()
-        self.embedding = trainable_embedding(pipe, self.token_ids)
+        for te in self.encoders:
+            te.eval()
+        self.embedding = TrainableEmbeddings(pipe, token_ids_per_encoder(pipe, concepts.names))
+        if self.config.gradient_checkpointing:
+            self._undo.enter_context(_checkpointing_on(pipe.unet))
         self._latent_cache: dict = {}
         self.set_data(data)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.step_count, self.phase = 0, 1
+        self._attn_share = 1.0  # this process's weight of the attention loss (parallel)
         self.optimizer = self._make_optimizer()
         self.history = TrainingHistory(names=list(concepts.names), vocab_norm=self.vocab_norm,
                                        config=self.config.to_dict())
         self._acc: dict = {}
-        self.masters = MasterWeights(pipe.text_encoder, self.device.type)  # fp16 pipelines
+        self.masters = MasterWeights(self.encoders, self.device.type)  # fp16 pipelines
         self._closed = False
         if self.checkpoint_dir and resume and os.path.exists(self.checkpoint_path):
             self.load_checkpoint(self.checkpoint_path)
@@ -200,7 +224,7 @@ class ConceptTrainer:
 
     # ------------------------------------------------------------------ optimisation
     def _trainable(self) -> list:
-        params = [self.embedding.parameter]
+        params = list(self.embedding.parameters)
         if self.phase == 2:
             params += [p for p in self.pipe.unet.parameters() if p.requires_grad]
         return params
@@ -208,10 +232,18 @@ class ConceptTrainer:
     def _make_optimizer(self):
         c = self.config
         if self.phase == 1:
-            groups = [{"params": [self.embedding.parameter], "lr": c.lr}]
+            groups = [{"params": list(self.embedding.parameters), "lr": c.lr}]
         else:
-            groups = [{"params": [self.embedding.parameter], "lr": c.phase2_lr},
-                      {"params": self._trainable()[1:], "lr": c.phase2_lr}]
+            n = len(self.embedding.parameters)
+            groups = [{"params": list(self.embedding.parameters), "lr": c.phase2_lr},
+                      {"params": self._trainable()[n:], "lr": c.phase2_lr}]
+        if c.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install "
+                                  "conceptlab[gpu] (a CUDA optimizer), or use 'adamw'") from None
+            return bnb.optim.AdamW8bit(groups, weight_decay=c.weight_decay)
         return torch.optim.AdamW(groups, weight_decay=c.weight_decay)
 
     def start_phase2(self):
@@ -236,26 +268,34 @@ class ConceptTrainer:
         """The value training works on (:meth:`MasterWeights.live`)."""
         return self.masters.live(p)
 
-    def losses(self, samples, noise, *, with_graph: bool = True) -> dict:
-        """The loss terms of one batch of samples and their noise (B, C, h, w)."""
-        c, unet, te = self.config, self.pipe.unet, self.pipe.text_encoder
+    def _recording(self):
+        """The attention recording of one step (``nullcontext`` without an attention loss)."""
+        if self.config.lambda_attn <= 0:
+            return contextlib.nullcontext()
+        return record_attention(self.pipe.unet, keep_graph=True, layers=self.layers,
+                                max_resolution=self.max_res)
+
+    def losses(self, samples, noise, *, with_graph: bool = True, store=None) -> dict:
+        """The loss terms of one batch of samples and their noise (B, C, h, w). ``store``:
+        an open :meth:`_recording` to record into (default: one opened for this call)."""
+        c, unet = self.config, self.pipe.unet
         b = assemble(samples, noise, self.latents, self.masks, self.row_of,
                      self.pipe.tokenizer, self.concepts, self.token_ids, c)
         zt = self.noise_scheduler.add_noise(b.z0, b.noise, b.t)
         target = diffusion_target(self.noise_scheduler, b.z0, b.noise, b.t)
         zero = torch.zeros((), device=b.z0.device)
         with torch.set_grad_enabled(with_graph):
-            emb = te(b.ids.to(self.device))[0].to(unet.dtype)
+            cond = conditioning(self.pipe, b.prompts, ids=b.ids).unet_kwargs(dtype=unet.dtype)
             if c.lambda_attn > 0:
-                with record_attention(unet, keep_graph=True, layers=self.layers,
-                                      max_resolution=self.max_res) as store:
-                    pred = unet(zt.to(unet.dtype), b.t, emb).sample
-                maps = concept_attention_maps(store, b.positions, self.layers,
+                with (contextlib.nullcontext(store) if store is not None
+                      else self._recording()) as recorded:
+                    pred = unet(zt.to(unet.dtype), b.t, **cond).sample
+                maps = concept_attention_maps(recorded, b.positions, self.layers,
                                               resolution=c.attn_resolution)
                 l_attn = cross_attention_loss(maps, b.masks, b.valid, reduction=c.attn_reduction,
-                                              target=c.attn_target)
+                                              target=c.attn_target) * self._attn_share
             else:
-                pred, l_attn = unet(zt.to(unet.dtype), b.t, emb).sample, zero
+                pred, l_attn = unet(zt.to(unet.dtype), b.t, **cond).sample, zero
             l_mask = masked_diffusion_loss(pred, target, b.masks.to(pred.device),
                                            normalize=c.loss_normalize)
             l_norm = (embedding_norm_penalty(self.embedding.rows(), self.vocab_norm)
@@ -272,20 +312,32 @@ class ConceptTrainer:
         c = self.config
         if self.phase == 1 and c.phase2 != "none" and self.step_count >= c.steps:
             self.start_phase2()
-        if samples is None:
+        self._attn_share = 1.0
+        if samples is None:  # under several processes, each takes its share of the batch
             samples, noise = self._sample()
+            pairs = sum(len(s.subset) for s in samples)
+            samples, noise = shard(samples, len(samples)), shard(noise, len(samples))
+            if c.attn_reduction == "mean" and world()[1] > 1:
+                # the loss averages over the (sample, concept) pairs: the shards' means,
+                # averaged, make the whole batch's mean when weighted by their pair counts
+                self._attn_share = sum(len(s.subset) for s in samples) * world()[1] / pairs
         elif noise is None:
             raise ValueError("pass noise together with samples")
-        with self.masters.step(self._trainable()):
-            out = self.losses(samples, noise)
+        # the recording processors stay in place through backward(): with gradient
+        # checkpointing, the U-Net's blocks run again there and must take the same path
+        with self.masters.step(self._trainable()), self._recording() as store:
+            out = self.losses(samples, noise, store=store)
+            if store is not None:
+                store.active = False   # the recomputation in backward() stores nothing
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
+            average_gradients(self._trainable())   # no-op in one process
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self._trainable(), c.grad_clip)
             self.optimizer.step()
             self.embedding.restore_frozen_rows()
         self.step_count += 1
-        logs = {k: float(out[k].detach()) for k in SCALARS}
+        logs = average_scalars({k: float(out[k].detach()) for k in SCALARS})
         logs.update(step=self.step_count, phase=self.phase, prompt=out["prompts"][0],
                     timesteps=[s.t for s in samples])
         return logs
@@ -331,9 +383,9 @@ class ConceptTrainer:
         positions = token_positions(ids, samples, self.token_ids, self.concepts.names,
                                     prompts, strict=False)
         unet = self.pipe.unet
-        emb = self.pipe.text_encoder(ids.to(self.device))[0]
+        cond = conditioning(self.pipe, prompts, ids=ids).unet_kwargs(dtype=unet.dtype)
         with record_attention(unet, layers=self.layers, max_resolution=self.max_res) as store:
-            unet(zt.to(unet.dtype), tt, emb.to(unet.dtype))
+            unet(zt.to(unet.dtype), tt, **cond)
         maps = concept_attention_maps(store, positions, self.layers,
                                       resolution=c.attn_resolution).float().cpu()
         out = torch.zeros(K, *maps.shape[-2:])
@@ -455,10 +507,11 @@ class ConceptTrainer:
             trained = {k: self.live(v).detach().cpu().clone()
                        for k, v in unet.named_parameters() if keep(k)}
         return {"step": self.step_count, "phase": self.phase,
-                "rows": self.live(self.embedding.parameter)[self.token_ids].detach().float()
-                .cpu().clone(),
+                "rows": torch.cat([self.live(p)[ids].detach().float().cpu()
+                                   for p, ids in zip(self.embedding.parameters,
+                                                     self.embedding.token_ids)], dim=1),
                 "optimizer": _ckpt.compact_optimizer_state(self.optimizer.state_dict(),
-                                                           self.token_ids),
+                                                           self.embedding.token_ids),
                 "generator": self.generator.get_state(),
                 "history": json.dumps(self.history.to_dict()),
                 "unet": trained or None, "pending": dict(self._acc)}
@@ -470,10 +523,11 @@ class ConceptTrainer:
             params = dict(self.pipe.unet.named_parameters())
             for k, v in (state["unet"] or {}).items():
                 self.masters.set(params[k], v)
-        w = self.embedding.parameter
-        self.masters.set(w, state["rows"], index=self.token_ids)
-        self.optimizer.load_state_dict(
-            _ckpt.expand_optimizer_state(state["optimizer"], w))
+        tables = self.embedding.parameters
+        for w, ids, rows in zip(tables, self.embedding.token_ids,
+                                self.embedding.split(state["rows"])):
+            self.masters.set(w, rows, index=ids)
+        self.optimizer.load_state_dict(_ckpt.expand_optimizer_state(state["optimizer"], tables))
         self.generator.set_state(state["generator"])
         self.step_count = int(state["step"])
         self.history = TrainingHistory.from_dict(json.loads(state["history"]))
@@ -487,8 +541,10 @@ class ConceptTrainer:
         return os.path.join(self.checkpoint_dir, _ckpt.CHECKPOINT_FILE)
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """Write the full training state atomically (:mod:`conceptlab.train.checkpoint`)."""
-        return _ckpt.save_checkpoint(self, path or self.checkpoint_path)
+        """Write the full training state atomically (:mod:`conceptlab.train.checkpoint`);
+        only the main process writes."""
+        path = path or self.checkpoint_path
+        return _ckpt.save_checkpoint(self, path) if is_main() else path
 
     def load_checkpoint(self, path: str):
         """Restore a state written by :meth:`save_checkpoint` (same inputs)."""

@@ -125,6 +125,30 @@ def attention_view(maps, word: str, layer: str = "all", timestep: int | str = "a
     return {"map": m.numpy(), "t": t, "layer": layer}
 
 
+def discovery_view(discovery, threshold: float) -> dict:
+    """The concepts ``discover_concepts`` would find with another merge threshold.
+
+    Args:
+        discovery: a :class:`conceptlab.discovery.Discovery` of ``method="agglomerative"``.
+        threshold: the relative merge distance at which the tree is cut, in (0, 1].
+
+    Returns:
+        ``{"k", "grid_labels" (h, w), "scores"}``: K, the attention grid's clusters (small
+            clusters absorbed, as the library does) and the relative merge distances.
+
+    Raises:
+        ValueError: the discovery did not merge a tree (``method`` is not "agglomerative").
+    """
+    from ..discovery import cluster_cells
+
+    if discovery.method != "agglomerative":
+        raise ValueError(f"the threshold cuts the tree of method='agglomerative'; this "
+                         f"discovery used {discovery.method!r}")
+    f = discovery.features.reshape(-1, discovery.features.shape[-1]).astype(np.float64)
+    labels, _, scores = cluster_cells(f, discovery.attention_shape, threshold=threshold)
+    return {"k": int(labels.max()) + 1, "grid_labels": labels, "scores": scores}
+
+
 # ----------------------------------------------------------------------------- explorers
 def _show(images, titles, suptitle=None):
     import matplotlib.pyplot as plt
@@ -203,6 +227,44 @@ def crf_explorer(image, maps, gt_masks=None, **defaults):
         compat_bilateral=w.FloatSlider(value=p["compat_bilateral"], min=0, max=20, step=0.5),
         n_iters=w.IntSlider(value=p["n_iters"], min=0, max=20),
         background_threshold=w.FloatSlider(value=0.3, min=0.05, max=0.95, step=0.05))
+
+
+def discovery_explorer(image, discovery, threshold: float | None = None):
+    """Slider: the merge threshold -> K, the clusters of the attention grid, and where the
+    threshold cuts the merge distances.
+
+    Args:
+        image: (H, W, 3) uint8, the discovered image.
+        discovery: its :class:`conceptlab.discovery.Discovery` (``method="agglomerative"``).
+        threshold: the slider's start value (default: the discovery's own).
+
+    Returns:
+        The ``ipywidgets.interactive``.
+    """
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    start = discovery.threshold if threshold is None else threshold
+
+    def f(threshold=start):
+        v = discovery_view(discovery, threshold)
+        fig, axes = plt.subplots(1, 3, figsize=(8, 2.6), width_ratios=[1, 1, 1.6])
+        axes[0].imshow(image)
+        axes[0].set_title("image", fontsize=8)
+        axes[1].imshow(v["grid_labels"], cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        axes[1].set_title(f"K = {v['k']}", fontsize=8)
+        for ax in axes[:2]:
+            ax.set_axis_off()
+        last = v["scores"][-15:]
+        axes[2].bar(np.arange(len(last)) - len(last) + 1, last, color="0.6")
+        axes[2].axhline(threshold, color="C3", lw=1)
+        axes[2].set_xlabel("merge (0: the last)", fontsize=8)
+        axes[2].set_title("merge distance / largest", fontsize=8)
+        fig.tight_layout()
+        plt.show()
+        return v
+
+    return w.interactive(f, threshold=w.FloatSlider(value=start, min=0.05, max=1.0, step=0.05))
 
 
 FUNCTION_WORDS = {"a", "an", "and", "on", "of", "with", "the", "photo", "picture", "image", "in",
