@@ -14,7 +14,7 @@ transformers' own classes with random weights:
   conditions, no attention at the first level, several transformer layers per block.
 
 ``size="tiny"`` gives the same structure with a few channels (seconds on a CPU: the
-tests); ``size="full"`` gives the real architectures' sizes (``benchmarks/gpu_memory``
+tests); ``size="full"`` gives the real architectures' sizes (``benchmarks/gpu_memory.py``
 measures their training memory). The tokenizer is the bundled model's small one (the
 shapes world's words) in both, so prompts and init words are the same as in the course.
 

@@ -381,13 +381,15 @@ def _learn_one(pipeline, path, dest, words, **learn) -> ImageOutcome:
     """Learn one image into ``dest``, as ``conceptlab learn PATH --out DEST`` would."""
     from .fileio import folder_lock
     from .models import to_uint8
+    from .parallel import alone
 
     image = to_uint8(path)                      # a bad image: before the model load
     check_learn_folder(dest, overwrite=learn["overwrite"])
     with folder_lock(dest):                     # one run at a time into a folder
         pipe = pipeline()
         images, notes = fit_to_model(pipe, [image], [os.path.basename(path)])
-        concepts = learn_into_folder(pipe, images, words, dest, **learn)
+        with alone():                           # this image is this process's alone
+            concepts = learn_into_folder(pipe, images, words, dest, **learn)
     if not concepts.complete:
         return ImageOutcome(path, dest, "interrupted", "its checkpoint resumes it")
     w = len(concepts.warnings)

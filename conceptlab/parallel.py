@@ -7,19 +7,37 @@ on its own share of the batch (rows ``rank * B / N`` to ``(rank + 1) * B / N``),
 gradients of the trained tensors (concept rows, LoRA or U-Net weights) are averaged over
 the processes, and every process takes the same optimizer step. N processes thus train
 what one process trains with the whole batch, up to float rounding. Only the main process
-writes files. Without ``torch.distributed`` initialised everything here is a no-op.
+writes files. Without ``torch.distributed`` initialised everything here is a no-op, and
+inside :func:`alone` too: there each process runs a job of its own (``learn-many`` gives
+each process its own images), which it trains and writes by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+_ALONE = [False]
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside the block this process works by itself: :func:`world` is (0, 1)."""
+    before = _ALONE[0]
+    _ALONE[0] = True
+    try:
+        yield
+    finally:
+        _ALONE[0] = before
 
 
 def world() -> tuple[int, int]:
-    """(this process's rank, the number of processes); (0, 1) without torch.distributed."""
+    """(this process's rank, the number of processes); (0, 1) without torch.distributed,
+    and inside :func:`alone`."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not _ALONE[0] and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -76,4 +94,4 @@ def average_scalars(values: dict) -> dict:
     return dict(zip(keys, (t / world()[1]).tolist()))
 
 
-__all__ = ["average_gradients", "average_scalars", "barrier", "is_main", "shard", "world"]
+__all__ = ["alone", "average_gradients", "average_scalars", "barrier", "is_main", "shard", "world"]
