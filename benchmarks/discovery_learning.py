@@ -11,7 +11,11 @@ library's defaults for each start, phase 1 only (the tokens; ``--steps`` of it):
   defaults), every object token starts from one shared word, EM starts from the discovered
   masks;
 - ``named``: the true number of concepts and each object's class word (``star``, ...), the
-  background's "background"; EM starts from the attention of those words.
+  background's "background"; EM starts from the attention of those words;
+- ``profile words``: the discovered number of concepts, each object token started from the
+  word its discovered concept attends to most (``Discovery.concept_profiles``; not the
+  background's own top word), the background's from "background"; EM starts from the
+  attention of those words (the words are read from the model, not given).
 
 Figures:
 
@@ -34,6 +38,7 @@ import time
 
 import numpy as np
 
+from conceptlab.discovery import discover_concepts
 from conceptlab.em import discovered_task, learn_concepts
 from conceptlab.generation import generate
 from conceptlab.models import load_pipeline
@@ -43,7 +48,7 @@ from conceptlab.shapes.judge import judge, load_classifier
 from conceptlab.train import TrainConfig
 
 SEED = 4_000_000          # the held-out suite of benchmarks/discovery.py
-SETTINGS = ("discovered", "named")
+SETTINGS = ("discovered", "named", "profile words")
 THREADS = 2
 RESULT_NAME = "held_out"
 QUICK = {"n_scenes": 2, "steps": 20, "n": 2}
@@ -75,6 +80,17 @@ def matched(masks: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return out, match
 
 
+def profile_words(pipe, image) -> list[str]:
+    """Per discovered object, the word its concept attends to most (not the background's
+    top word), objects in the order ``learn_concepts`` puts them, then "background"."""
+    d = discover_concepts(pipe, image, seed=0)
+    top = np.argsort(-d.concept_profiles, axis=1)
+    bg_word = top[d.background, 0]
+    words = [d.words[next(v for v in top[k] if v != bg_word)]
+             for k in range(d.k) if k != d.background]
+    return words + ["background"]
+
+
 def config(pipe, image, steps, setting, words):
     """The library's default config for how the tokens start, phase 1 only."""
     if setting == "discovered":
@@ -95,7 +111,10 @@ def fidelity(pipe, learned, token: int, obj, n: int, clf, pnet) -> float:
 def run_one(pipe, sc, setting, args, clf, pnet) -> dict:
     truth = sc.masks                                   # background first, then the objects
     objects = list(sc.spec.objects)
-    words = None if setting == "discovered" else [o.shape for o in objects] + ["background"]
+    if setting == "named":
+        words = [o.shape for o in objects] + ["background"]
+    else:
+        words = profile_words(pipe, sc.image) if setting == "profile words" else None
     cfg = config(pipe, sc.image, args.steps, setting, words)
     t0 = time.perf_counter()
     r = learn_concepts(pipe, sc.image, words, config=cfg, seed=0, progress=False)

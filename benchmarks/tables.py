@@ -492,7 +492,12 @@ def block_discovery(results) -> list[str]:
                    f"{f3(s['discovered']['iou_before_em'])} before EM and "
                    f"{f3(s['discovered']['iou_after_em'])} after, concept fidelity "
                    f"{f3(s['discovered']['concept_fidelity'])} against "
-                   f"{f3(s['named']['concept_fidelity'])} with the true count and class words.")
+                   f"{f3(s['named']['concept_fidelity'])} with the true count and class words")
+        if "profile words" in s:
+            out[0] += (f", and {f3(s['profile words']['concept_fidelity'])} when each "
+                       "discovered object's token starts from the word its attention profile "
+                       "reads most instead of a shared word")
+        out[0] += "."
     return out + ["", "Measured by `python -m benchmarks discovery` and `python -m benchmarks "
                   "discovery_learning`; all settings tried are in `docs/results.md`."]
 

@@ -37,7 +37,7 @@
 # | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 153 s |
 # | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 198 s |
 # | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 91 s |
-# | 07 discovering concepts | how many concepts an image holds, and where, with no words | 53 s |
+# | 07 discovering concepts | how many concepts an image holds, and where, with no words | 60 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
 # building on *Break-a-Scene*, Avrahami et al. 2023) takes one image containing several
