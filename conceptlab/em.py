@@ -310,6 +310,7 @@ def discovered_task(pipe, images, method, masks, concept_images, resize, seed,
         raise ValueError("masks and concept_images go with init_words (one word per concept)")
     imgs = check_inputs(pipe, images, ["background"], method, resize=resize).images
     word, words, ids, start, found = shared_object_word(pipe), [], [], [], []
+    concept_of = []                     # per image: discovered index -> concept id
     for i, im in enumerate(imgs):
         d = discover_concepts(pipe, im, seed=seed, **(options or {}))
         if d.k < 2:
@@ -318,16 +319,15 @@ def discovered_task(pipe, images, method, masks, concept_images, resize, seed,
                              "discovery threshold")
         order = [k for k in range(d.k) if k != d.background] + [d.background]
         ids.append(list(range(len(words), len(words) + d.k)))
+        concept_of.append(dict(zip(order, ids[-1])))
         words += [word] * (d.k - 1) + ["background"]
         start.append(d.masks[order])
         found.append(d)
     notes = []
     if len(found) > 1:
         for m in similar_concepts(found):
-            a = ids[m.image_a][[k for k in range(found[m.image_a].k)
-                                if k != found[m.image_a].background].index(m.concept_a)]
-            b = ids[m.image_b][[k for k in range(found[m.image_b].k)
-                                if k != found[m.image_b].background].index(m.concept_b)]
+            a = concept_of[m.image_a][m.concept_a]
+            b = concept_of[m.image_b][m.concept_b]
             notes.append(f"concept {a + 1} of image {m.image_a} and concept {b + 1} of image "
                          f"{m.image_b} look alike (similarity {m.similarity:.2f}): they may "
                          "be one concept")
