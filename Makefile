@@ -10,7 +10,9 @@
 #   make lint   ruff
 #   make results  regenerate docs/results.md (and the other generated result tables) from
 #               the committed benchmarks/results/ files; runs no benchmark
-#   make site   the course as static HTML in site/ (committed outputs, solutions collapsed)
+#   make site   the course as static HTML in site/ (mkdocs, docs/site/mkdocs.yml): the README,
+#               the lessons with their committed outputs (never executed; solutions
+#               collapsed), docs/*.md and the API reference generated from the docstrings
 #   make sync   re-pair notebooks/NN_*.ipynb with their jupytext sources notebooks/NN_*.py
 #               (run after editing either; the newer file wins, outputs stay in the .ipynb)
 #   make clean  remove build artefacts, caches and outputs/ (keeps .venv; see distclean)
@@ -96,7 +98,7 @@ results: venv
 	$(VENV_PY) -m benchmarks tables
 
 site: venv
-	$(VENV_PY) docs/build_site.py --out site
+	$(VENV_PY) -m mkdocs build --clean -f docs/site/mkdocs.yml -d $(CURDIR)/site
 
 sync: venv
 	$(VENV)/bin/jupytext --sync notebooks/[0-9]*.ipynb

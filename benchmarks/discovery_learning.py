@@ -7,15 +7,18 @@ objects, plain and textured backgrounds, every object pattern), none used for tu
 scene's concepts are learned twice with EM through ``conceptlab.learn_concepts``, the
 library's defaults for each start, phase 1 only (the tokens; ``--steps`` of it):
 
-- ``discovered``: no words: the concepts are discovered (``discover_concepts``, its
-  defaults), every object token starts from one shared word, EM starts from the discovered
-  masks;
+- ``discovered``: no words, the library's default: the concepts are discovered
+  (``discover_concepts``, its defaults), each object token starts from the word its
+  discovered concept's attention reads most (``Discovery.top_words``), EM starts from the
+  discovered masks;
+- ``shared word``: the same, but every object token starts from one shared word (the
+  paper's setting, ``discovery={"object_words": "shared"}``);
 - ``named``: the true number of concepts and each object's class word (``star``, ...), the
   background's "background"; EM starts from the attention of those words;
 - ``profile words``: the discovered number of concepts, each object token started from the
-  word its discovered concept attends to most (``Discovery.concept_profiles``; not the
-  background's own top word), the background's from "background"; EM starts from the
-  attention of those words (the words are read from the model, not given).
+  word its discovered concept attends to most (``Discovery.top_words``), the background's
+  from "background", as named words: EM starts from the attention of those words, not from
+  the discovered masks (the words are read from the model, not given).
 
 Figures:
 
@@ -48,7 +51,9 @@ from conceptlab.shapes.judge import judge, load_classifier
 from conceptlab.train import TrainConfig
 
 SEED = 4_000_000          # the held-out suite of benchmarks/discovery.py
-SETTINGS = ("discovered", "named", "profile words")
+SETTINGS = ("discovered", "shared word", "named", "profile words")
+#: the object-word rule of the settings that learn without words
+OBJECT_WORDS = {"discovered": "top", "shared word": "shared"}
 THREADS = 2
 RESULT_NAME = "held_out"
 QUICK = {"n_scenes": 2, "steps": 20, "n": 2}
@@ -84,17 +89,20 @@ def profile_words(pipe, image) -> list[str]:
     """Per discovered object, the word its concept attends to most (not the background's
     top word), objects in the order ``learn_concepts`` puts them, then "background"."""
     d = discover_concepts(pipe, image, seed=0)
-    top = np.argsort(-d.concept_profiles, axis=1)
-    bg_word = top[d.background, 0]
-    words = [d.words[next(v for v in top[k] if v != bg_word)]
-             for k in range(d.k) if k != d.background]
-    return words + ["background"]
+    top = d.top_words()
+    return [top[k] for k in range(d.k) if k != d.background] + ["background"]
+
+
+def discovery_options(setting) -> dict | None:
+    """``learn_concepts(discovery=...)`` of a setting that learns without words."""
+    return {"object_words": OBJECT_WORDS[setting]} if setting in OBJECT_WORDS else None
 
 
 def config(pipe, image, steps, setting, words):
     """The library's default config for how the tokens start, phase 1 only."""
-    if setting == "discovered":
-        words = discovered_task(pipe, image, "em", None, None, False, 0, None)[0].words
+    if setting in OBJECT_WORDS:
+        words = discovered_task(pipe, image, "em", None, None, False, 0,
+                                discovery_options(setting))[0].words
     cfg = TrainConfig.for_model(pipe, "em", words).replace(phase2="none")
     return cfg if steps is None else cfg.with_total_steps(steps)
 
@@ -117,7 +125,8 @@ def run_one(pipe, sc, setting, args, clf, pnet) -> dict:
         words = profile_words(pipe, sc.image) if setting == "profile words" else None
     cfg = config(pipe, sc.image, args.steps, setting, words)
     t0 = time.perf_counter()
-    r = learn_concepts(pipe, sc.image, words, config=cfg, seed=0, progress=False)
+    r = learn_concepts(pipe, sc.image, words, config=cfg, seed=0, progress=False,
+                       discovery=discovery_options(setting))
     seconds = time.perf_counter() - t0
     first, final = r.mask_history[0][0], r.masks[0]
     before, _ = matched(first, truth)
@@ -153,8 +162,10 @@ def run(args, ctx):
     for setting in SETTINGS:
         rows = []
         for i, sc in enumerate(scenes(args.n_scenes)):
-            rows.append(ctx.cached({"scene": SEED + i, "setting": setting, "steps": args.steps,
-                                    "n": args.n},
+            key = {"scene": SEED + i, "setting": setting, "steps": args.steps, "n": args.n}
+            if setting in OBJECT_WORDS:
+                key["object_words"] = OBJECT_WORDS[setting]
+            rows.append(ctx.cached(key,
                                    lambda sc=sc, setting=setting: run_one(pipe, sc, setting, args,
                                                                       clf, pnet)))
             ctx.log(f"{setting:>10} scene {i}: K {rows[-1]['k']}/{rows[-1]['true_k']} IoU "

@@ -53,6 +53,7 @@ REGISTRY = {
     "concept_step_time": "benchmarks.concept_step_time",
     "discovery": "benchmarks.discovery",
     "discovery_learning": "benchmarks.discovery_learning",
+    "editability": "benchmarks.editability",
     "em_suite": "benchmarks.em_suite",
     "generation_sweep": "benchmarks.generation_sweep",
     "gpu_memory": "benchmarks.gpu_memory",

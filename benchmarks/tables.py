@@ -12,8 +12,13 @@ Writes
 - ``docs/results/headline.md``: at most five headline numbers, a snippet for the README;
 - ``docs/results/shipped_model.json``: the bundled model's weights fingerprint, with the
   sha256 of its weight files (the fingerprint is recomputed only when they change);
-- the generated blocks of the hand-written notes ``benchmarks/results/PRESETS.md`` and
-  ``model_recipes.md`` (between ``<!-- results:KEY -->`` and ``<!-- /results:KEY -->``).
+- the generated blocks (between ``<!-- results:KEY -->`` and ``<!-- /results:KEY -->``) of
+  the README (only the short ``headline`` and ``discovery``: it is the entry point),
+  ``docs/gpu.md`` (``gpu-memory``) and the hand-written notes
+  ``benchmarks/results/PRESETS.md`` and ``model_recipes.md``.
+
+Results measured on other models than the shipped one are described by what those models
+are (``neutral``), not by their place in the project's history (that is CHANGELOG.md).
 
 Everything is deterministic: files sorted by path, fixed float formats, no generation date.
 This module imports neither torch nor conceptlab unless the weights changed.
@@ -43,7 +48,8 @@ NOTES = ("benchmarks/results/PRESETS.md", "benchmarks/results/model_recipes.md",
          "docs/gpu.md")
 ORDER = ("model_quality", "generation_sweep", "attention_speed", "mask_quality",
          "concept_fidelity", "concept_step_time", "em_suite", "background_channel",
-         "multi_concept", "discovery", "discovery_learning", "gpu_memory", "notebook_runtimes")
+         "editability", "multi_concept", "discovery", "discovery_learning", "gpu_memory",
+         "notebook_runtimes")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -456,13 +462,12 @@ def phase2_files_rows(r: Result) -> list[str]:
 def discovery_learning_rows(r: Result) -> list[str]:
     d = r.data
     rows = [[name, pct(v["k_accuracy"]), f3(v["iou_before_em"]), f3(v["iou_after_em"]),
-             f"{v['concept_fidelity']:.3f} ± {v['fidelity_sem']:.3f}", v["n_objects"],
-             f"{v['train_seconds']:.0f}"]
+             f"{v['concept_fidelity']:.3f} ± {v['fidelity_sem']:.3f}", v["n_objects"]]
             for name, v in d["summary"].items()]
     out = [f"Held-out scenes (seeds {d['seeds']}), EM phase 1, {d['n_samples']} samples per "
            "concept; matched IoU over the true masks (objects and background).", ""]
     out += table(["concepts", "K right", "matched IoU before EM", "after EM",
-                  "concept fidelity", "objects", "s / run"], rows)
+                  "concept fidelity", "objects"], rows)
     if "fidelity_gap" in d:
         out += ["", f"Concept fidelity gap, named minus discovered: {d['fidelity_gap']:.3f}."]
     w = d.get("when_k_right")
@@ -470,6 +475,18 @@ def discovery_learning_rows(r: Result) -> list[str]:
         out[-1] += (f" On the {w['n_scenes']} scenes where discovery found the right K: "
                     f"discovered {w['discovered']:.3f}, named {w['named']:.3f}.")
     return out
+
+
+def editability_rows(r: Result) -> list[str]:
+    d = r.data
+    rows = [[f"{x['lambda_attn']:g}", x["phase2_steps"], ms(x["identity"]),
+             ms(x["prompt_fidelity"]), ms(x["concept_fidelity"]), x["identity"]["n"]]
+            for x in d["summary"]]
+    return ([f"Identity against editability (prompt fidelity) over phase-2 steps and "
+             f"lambda_attn, given masks, {d['n_samples']} samples per prompt; mean ± standard "
+             "error over concepts.", ""]
+            + table(["lambda_attn", "phase-2 steps", "identity", "prompt fidelity",
+                     "concept fidelity", "concepts"], rows))
 
 
 def block_discovery(results) -> list[str]:
@@ -485,19 +502,19 @@ def block_discovery(results) -> list[str]:
            f"textured backgrounds, patterned objects) it finds the right number of concepts "
            f"in {pct(v['k_accuracy'])} of them, with a matched mask IoU of {f3(v['iou'])}, "
            f"in {v['seconds_per_image']:.2f} s per image on this CPU."]
-    if learned:
-        s = learned[0].data["summary"]
-        out[0] += (f" Learning from the discovered concepts (EM, phase 1) on "
-                   f"{s['discovered']['n_scenes']} of those scenes: mask IoU "
-                   f"{f3(s['discovered']['iou_before_em'])} before EM and "
-                   f"{f3(s['discovered']['iou_after_em'])} after, concept fidelity "
-                   f"{f3(s['discovered']['concept_fidelity'])} against "
-                   f"{f3(s['named']['concept_fidelity'])} with the true count and class words")
-        if "profile words" in s:
-            out[0] += (f", and {f3(s['profile words']['concept_fidelity'])} when each "
-                       "discovered object's token starts from the word its attention profile "
-                       "reads most instead of a shared word")
-        out[0] += "."
+    s = learned[0].data["summary"] if learned else {}
+    if "discovered" in s:      # a partial run (still going) may lack the other settings
+        d = s["discovered"]
+        out[0] += (f" Learning the discovered concepts (EM, phase 1; each object's token starts "
+                   f"from the word its attention reads most) on {d['n_scenes']} of those "
+                   f"scenes: mask IoU {f3(d['iou_before_em'])} before EM and "
+                   f"{f3(d['iou_after_em'])} after, concept fidelity "
+                   f"{f3(d['concept_fidelity'])}")
+        others = [f"{f3(s[k]['concept_fidelity'])} {how}" for k, how in (
+            ("shared word", "when every object token starts from one shared word (the "
+                            "paper's setting)"),
+            ("named", "with the true count and class words")) if k in s]
+        out[0] += (", against " + " and ".join(others) if others else "") + "."
     return out + ["", "Measured by `python -m benchmarks discovery` and `python -m benchmarks "
                   "discovery_learning`; all settings tried are in `docs/results.md`."]
 
@@ -531,6 +548,7 @@ FORMATTERS = {
     "mask_quality": mask_quality_rows, "attention_speed": scalar_rows,
     "phase2_files": phase2_files_rows, "discovery": discovery_rows,
     "gpu_memory": gpu_memory_rows, "discovery_learning": discovery_learning_rows,
+    "editability": editability_rows,
 }
 
 
@@ -552,6 +570,32 @@ def headline_of(r: Result) -> str:
 
 
 # ----------------------------------------------------------------------------- documents
+# How a result's recorded model and notes read in docs/results.md: what the model IS (its
+# architecture, its step count), not where it stood in the project's history (CHANGELOG.md).
+NEUTRAL = (
+    ("model v1: the bundled model shipped before model v2 (4-channel VAE, U-Net (48, 96))",
+     "a smaller shapes model (4-channel VAE, U-Net (48, 96), solid objects only)"),
+    ("its run warm-restarted from 1600 to 2000 steps", "trained 2000 U-Net steps instead of 1600"),
+    ("shapes-ldm: model v2 at 9000 U-Net steps (the shipped model)", "shapes-ldm, the shipped model"),
+    ("the bundled model of the day; checkpoint not recorded",
+     "a bundled shapes model, its weights not recorded"),
+    ("judge v1 (solid objects only)", "scored by a judge trained on solid objects only"),
+    ("; judge v2", ""),
+    ("fill_empty before its threshold was mended", "fill_empty with another threshold"),
+)
+NEUTRAL_RE = ((re.compile(r"shapes-ldm: model v2 at (\d+) U-Net steps \(an earlier checkpoint\)"),
+               r"the shipped model's run at \1 U-Net steps (a snapshot)"),)
+
+
+def neutral(text: str) -> str:
+    """``text`` with the recorded descriptions of models and judges put as what they are."""
+    for old, new in NEUTRAL:
+        text = text.replace(old, new)
+    for pattern, new in NEUTRAL_RE:
+        text = pattern.sub(new, text)
+    return text
+
+
 def render_results_md(results: list[Result], shipped: dict, descriptions: dict) -> str:
     fp = shipped["weights_fingerprint"]
     main = [r for r in results if not r.pilot]
@@ -603,7 +647,7 @@ def render_results_md(results: list[Result], shipped: dict, descriptions: dict) 
         others = [x for x in fidelity_pilots if x is not r]
         out += [f"### `{r.name}` beside the preset on the same concepts", "",
                 model_line(r, fp), ""] + pilot_vs_preset(r, preset, others) + [""]
-    return "\n".join(out).rstrip("\n") + "\n"
+    return neutral("\n".join(out).rstrip("\n") + "\n")
 
 
 def find(results, name) -> Result | None:

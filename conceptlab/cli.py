@@ -120,6 +120,12 @@ def cmd_learn(args):
 
     _threads(args.threads)
     words = None if args.concepts is None else _concept_words(args.concepts)  # None: discover
+    if words is not None and args.object_words is not None:
+        raise ValueError("--object-words is for discovered concepts: leave out --concepts, "
+                         "or --object-words")
+    if words is None and args.background_threshold is not None:
+        raise ValueError("--background-threshold goes with --concepts: discovered concepts "
+                         "use the E-step's defaults for their start words")
     images = [to_uint8(path) for path in args.images]     # bad images: before the model load
     ckpt = os.path.join(args.out, "checkpoint")
     state = launched_processes() if "RANK" in os.environ else None  # accelerate launch
@@ -135,8 +141,10 @@ def cmd_learn(args):
             print("note:", note)
         concepts = learn_into_folder(pipe, images, words, args.out, method=args.method,
                                      steps=args.steps, em_every=args.em_every, seed=args.seed,
-                                     background_threshold=args.background_threshold,
-                                     overwrite=args.overwrite, progress=not args.quiet)
+                                     background_threshold=0.3 if args.background_threshold
+                                     is None else args.background_threshold,
+                                     overwrite=args.overwrite, progress=not args.quiet,
+                                     object_words=args.object_words or "top")
         if not concepts.complete:
             raise Interrupted(f"interrupted: the run is INCOMPLETE and nothing was saved to "
                               f"{args.out} as a result; its checkpoint is in {ckpt}: run the "
@@ -144,8 +152,10 @@ def cmd_learn(args):
     if main:
         if words is None:
             for i, ids in enumerate(concepts.concept_ids):
+                starts = concepts.tokens.init_words
                 print(f"image {i}: discovered {len(ids) - 1} object(s) and the background: "
-                      f"{', '.join(concepts.names[c] for c in ids)}")
+                      + ", ".join(f"{concepts.names[c]} (from {starts[c] or 'a random row'})"
+                                  for c in ids))
         print(f"learned {', '.join(concepts.names)} ({args.method}); saved to {args.out}")
         for w in concepts.warnings:
             print("warning:", w)
@@ -270,7 +280,7 @@ def cmd_demo(args):
     from .masks import iou
     from .models import load_pipeline
     from .shapes.examples import load_example
-    from .viz.figures import image_grid_figure, overlay_masks, save_captioned_grid
+    from .viz.figures import image_grid_figure, label_image, save_captioned_grid
 
     _threads(args.threads)
     _safe_output(args.out)
@@ -290,8 +300,8 @@ def cmd_demo(args):
     fig = concepts.plot_mask_evolution()
     fig.savefig(os.path.join(args.out, "mask_evolution.png"), dpi=100)
     final = concepts.masks[0]
-    fig = image_grid_figure([[ex.image, overlay_masks(ex.image, final),
-                              overlay_masks(ex.image, ex.masks)]],
+    fig = image_grid_figure([[ex.image, label_image(ex.image, final),
+                              label_image(ex.image, ex.masks)]],
                             col_titles=["image", "learned masks", "ground truth"], scale=2.5)
     fig.savefig(os.path.join(args.out, "final_masks.png"), dpi=100)
     names = concepts.names
@@ -396,7 +406,12 @@ def _add_learn(sub):
     sp.add_argument("--steps", type=_int_at_least(1), default=None,
                     help="training steps in all, phases 1 and 2 (default: the preset's)")
     sp.add_argument("--em-every", type=_int_at_least(1), default=None)
-    sp.add_argument("--background-threshold", type=_float_in(0, 1), default=0.3)
+    sp.add_argument("--background-threshold", type=_float_in(0, 1), default=None,
+                    help="the E-step's background threshold, with --concepts (default 0.3)")
+    sp.add_argument("--object-words", choices=["top", "shared"], default=None,
+                    help="without --concepts, what the discovered objects' tokens start "
+                         "from: top, the word each one's attention reads most (default), "
+                         "or shared, one word for all (the paper's setting)")
     sp.add_argument("--quiet", action="store_true")
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--overwrite", action="store_true",

@@ -159,6 +159,23 @@ class Discovery:
         """(h, w) of the attention grid."""
         return tuple(self.features.shape[:2])
 
+    def top_words(self) -> list[str]:
+        """Per concept, the probe word its attention reads most (``concept_profiles``).
+
+        An object never gets the background's own top word: it gets its next one, so that
+        an object's word names what sets it apart. These are the words `learn_concepts`
+        starts the discovered concepts' tokens from (the background's token starts from
+        "background").
+
+        Returns:
+            One word per concept, in the order of ``masks``.
+        """
+        top = np.argsort(-self.concept_profiles, axis=1, kind="stable")
+        bg_word = top[self.background, 0]
+        return [self.words[top[k, 0] if k == self.background
+                           else next(v for v in top[k] if v != bg_word)]
+                for k in range(self.k)]
+
     def distances(self) -> np.ndarray:
         """(h*w, h*w) symmetric KL divergence between the grid cells' features.
 

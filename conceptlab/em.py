@@ -18,10 +18,13 @@ coordinate ascent in which the masks are the latent variables:
 
 Without ``init_words`` the concepts are discovered first
 (:func:`conceptlab.discovery.discover_concepts`: how many each image holds, and their masks):
-every object token starts from one shared word (:func:`shared_object_word`: the paper's
-setting), the background's from "background", and EM starts from the discovered masks
-(``method="fixed"`` keeps them). Concepts of several images that look alike are named in
-the result's ``warnings``.
+every object token starts from the word its discovered concept's attention reads most
+(:meth:`conceptlab.discovery.Discovery.top_words`), the background's from "background", and
+EM starts from the discovered masks (``method="fixed"`` keeps them).
+``discovery={"object_words": "shared"}`` starts every object token from one shared word
+instead (:func:`shared_object_word`: the paper's setting; its concept fidelity is lower,
+``docs/results.md``). Concepts of several images that look alike are named in the result's
+``warnings``.
 
 Baselines through the same call: ``method="fixed"`` (E-step once at step 0),
 ``method="given"`` (masks passed in: Break-a-Scene), ``method="none"`` (no masks: plain
@@ -178,7 +181,10 @@ def learn_concepts(pipe, images, init_words=None, *, method: str = "em", masks=N
             ``GroundTruthIoU(true_masks)``.
         resize: resize images of another size instead of refusing them.
         discovery: without ``init_words``, options of
-            :func:`~conceptlab.discovery.discover_concepts` (e.g. ``{"threshold": 0.5}``).
+            :func:`~conceptlab.discovery.discover_concepts` (e.g. ``{"threshold": 0.5}``),
+            and ``"object_words"``: what the object tokens start from, one of
+            `OBJECT_WORDS` (default ``"top"``, the word each concept's attention reads most;
+            ``"shared"``: one shared word for all, the paper's setting).
 
     Returns:
         LearnedConcepts: the tokens, masks and history; ``.complete`` is False when the
@@ -296,6 +302,42 @@ def shared_object_word(pipe) -> str | None:
     return None
 
 
+#: what the tokens of discovered objects start from (``learn_concepts(discovery=...)``):
+#: "top", the word each concept's attention reads most; "shared", one shared word for all
+OBJECT_WORDS = ("top", "shared")
+
+
+def object_start_words(pipe, discovery, how: str = "top") -> list:
+    """The start word of each discovered object's token, objects in ``discovery``'s order
+    (the background left out): its top word (`Discovery.top_words`), or the shared word
+    (`shared_object_word`; None: a random row). A top word that is not one token in each
+    of the model's tokenizers falls back to the shared word."""
+    from .tokens import _is_existing_token, encoder_attrs
+
+    shared = shared_object_word(pipe)
+    if how == "shared":
+        top = [shared] * discovery.k
+    else:
+        top = [w if all(_is_existing_token(getattr(pipe, tok), w)
+                        for tok, _ in encoder_attrs(pipe)) else shared
+               for w in discovery.top_words()]
+    return [w for k, w in enumerate(top) if k != discovery.background]
+
+
+def _discovery_options(options) -> tuple[dict, str]:
+    """(the options of discover_concepts, the object-word rule), checked."""
+    if options is None:
+        return {}, "top"
+    if not isinstance(options, dict):
+        raise TypeError(f"discovery must be a dict of options, got {type(options).__name__}")
+    opts = dict(options)
+    how = opts.pop("object_words", "top")
+    if how not in OBJECT_WORDS:
+        raise ValueError(f"discovery['object_words'] must be one of {OBJECT_WORDS}, got "
+                         f"{how!r}")
+    return opts, how
+
+
 def discovered_task(pipe, images, method, masks, concept_images, resize, seed,
                     options) -> tuple[Task, list[str]]:
     """The task of a call without words: each image's concepts discovered, its objects
@@ -308,11 +350,12 @@ def discovered_task(pipe, images, method, masks, concept_images, resize, seed,
                          "the concepts are discovered, for method='em' or 'fixed'")
     if masks is not None or concept_images is not None:
         raise ValueError("masks and concept_images go with init_words (one word per concept)")
+    opts, how = _discovery_options(options)
     imgs = check_inputs(pipe, images, ["background"], method, resize=resize).images
-    word, words, ids, start, found = shared_object_word(pipe), [], [], [], []
+    words, ids, start, found = [], [], [], []
     concept_of = []                     # per image: discovered index -> concept id
     for i, im in enumerate(imgs):
-        d = discover_concepts(pipe, im, seed=seed, **(options or {}))
+        d = discover_concepts(pipe, im, seed=seed, **opts)
         if d.k < 2:
             raise ValueError(f"image {i}: no concept stands out from the background; name "
                              "the concepts (init_words / --concepts), or pass a lower "
@@ -320,7 +363,7 @@ def discovered_task(pipe, images, method, masks, concept_images, resize, seed,
         order = [k for k in range(d.k) if k != d.background] + [d.background]
         ids.append(list(range(len(words), len(words) + d.k)))
         concept_of.append(dict(zip(order, ids[-1])))
-        words += [word] * (d.k - 1) + ["background"]
+        words += object_start_words(pipe, d, how) + ["background"]
         start.append(d.masks[order])
         found.append(d)
     notes = []
@@ -359,5 +402,5 @@ def check_schedule(pipe, cfg: TrainConfig, em_every, K: int):
                          "per image")
 
 
-__all__ = ["METHODS", "EMRun", "MaskConfig", "Task", "check_inputs", "e_step_schedule",
-           "learn_concepts"]
+__all__ = ["METHODS", "OBJECT_WORDS", "EMRun", "MaskConfig", "Task", "check_inputs",
+           "e_step_schedule", "learn_concepts", "object_start_words", "shared_object_word"]

@@ -162,7 +162,7 @@ def fit_to_model(pipe, images: list, names: list) -> tuple[list, list[str]]:
 def learn_into_folder(pipe, images: list, words: list[str], out, *, method: str = "em",
                       steps: int | None = None, em_every: int | None = None, seed: int = 0,
                       background_threshold: float = 0.3, overwrite: bool = False,
-                      progress: bool = True):
+                      progress: bool = True, object_words: str = "top"):
     """One run of ``conceptlab learn``: learn, then save the result into ``out``.
 
     The run checkpoints into ``out/checkpoint`` (the same call resumes it, or rebuilds a
@@ -184,6 +184,8 @@ def learn_into_folder(pipe, images: list, words: list[str], out, *, method: str 
             (:meth:`conceptlab.estep.MaskConfig.for_words`).
         overwrite: replace another run's checkpoint in ``out/checkpoint``.
         progress: show a progress bar.
+        object_words: without ``words``, what the discovered objects' tokens start from
+            (:data:`conceptlab.em.OBJECT_WORDS`).
 
     Returns:
         LearnedConcepts: the result; ``.complete`` is False when the run was interrupted
@@ -196,12 +198,18 @@ def learn_into_folder(pipe, images: list, words: list[str], out, *, method: str 
     from .parallel import is_main
 
     out = os.fspath(out)
+    mask_config = None                 # the E-step defaults for the tokens' start words
+    if background_threshold != MaskConfig.background_threshold:
+        if words is None:
+            raise ValueError("--background-threshold goes with --concepts: discovered "
+                             "concepts use the E-step's defaults for their start words")
+        mask_config = MaskConfig.for_words(words, background_threshold=background_threshold)
     concepts = learn_concepts(pipe, images, words, method=method, steps=steps,
                               em_every=em_every, seed=seed, progress=progress,
                               checkpoint_dir=os.path.join(out, "checkpoint"),
-                              overwrite=overwrite,
-                              mask_config=MaskConfig.for_words(
-                                  words, background_threshold=background_threshold))
+                              overwrite=overwrite, mask_config=mask_config,
+                              discovery=None if words is not None
+                              else {"object_words": object_words})
     if not concepts.complete or not is_main():  # several processes: the main one saves
         return concepts
     concepts.save(out)                 # written whole, then switched in

@@ -181,7 +181,7 @@ class LearnedConcepts:
         """Rows: E-steps; columns: the image with each concept's mask."""
         import matplotlib.pyplot as plt
 
-        from .viz.figures import overlay_masks
+        from .viz.figures import label_image
 
         rows = self.mask_history or [self.masks]
         steps = self.e_steps or [0]
@@ -191,7 +191,7 @@ class LearnedConcepts:
         img = self.images[image]
         for r, per_image in enumerate(rows):
             m = per_image[image]
-            axes[r][0].imshow(overlay_masks(img, m))
+            axes[r][0].imshow(label_image(img, m))
             axes[r][0].set_ylabel(f"step {steps[r]}", fontsize=8)
             for k in range(K):
                 axes[r][k + 1].imshow(m[k], cmap="gray", vmin=0, vmax=1)

@@ -16,6 +16,8 @@
 # %% [markdown]
 # # 00 · The shapes world and the course's own text-to-image model
 #
+# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/conceptlab/conceptlab/blob/main/notebooks/00_the_shapes_world.ipynb)
+#
 # **What you will learn**
 # - what this course builds, notebook by notebook;
 # - the *shapes world*: procedural scenes with captions and exact masks;
@@ -31,13 +33,13 @@
 # | notebook | idea | CPU time (idle 2-core CPU, measured) |
 # |---|---|---|
 # | 00 the shapes world (this one) | the data, the model, the measurements | 31 s |
-# | 01 cross-attention | where does the model look for each word? | 26 s |
-# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 28 s |
-# | 03 concept tokens | textual inversion, with and without a mask | 98 s |
-# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 153 s |
-# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 198 s |
-# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 91 s |
-# | 07 discovering concepts | how many concepts an image holds, and where, with no words | 60 s |
+# | 01 cross-attention | where does the model look for each word? | 27 s |
+# | 02 attention to masks | thresholds, argmax with background, DenseCRF from scratch | 27 s |
+# | 03 concept tokens | textual inversion, with and without a mask | 120 s |
+# | 04 many concepts with masks | union sampling and the cross-attention loss (Break-a-Scene) | 139 s |
+# | 05 EM: concepts *and* masks | no user masks: estimate masks from attention, learn, repeat | 189 s |
+# | 06 multi-concept generation | recombining learned concepts; the paper's evaluation, four methods | 87 s |
+# | 07 discovering concepts | how many concepts an image holds, and where, with no words | 158 s |
 #
 # The method we build towards (*Visual Concept-driven Image Generation*, Rahman et al. 2024,
 # building on *Break-a-Scene*, Avrahami et al. 2023) takes one image containing several
@@ -45,21 +47,13 @@
 
 # %%
 # NBVAL_SKIP
-# Colab, or a machine without the course: set COURSE to the course's git URL and run this cell
-# once. It clones the course, installs it, and moves into the clone's notebooks/ folder (some
-# lessons read ../benchmarks/results). Where `import conceptlab` works already (a clone set
-# up with `make venv`), it does nothing.
-COURSE = ""  # e.g. "https://github.com/<owner>/conceptlab.git"
-import importlib, importlib.util, os, subprocess, sys
+# On Colab, or a machine without the course: install it and move into its notebooks/ folder.
+import importlib.util, os, subprocess, sys
+COURSE = "https://github.com/conceptlab/conceptlab"  # the course's one URL: pyproject.toml
 if importlib.util.find_spec("conceptlab") is None:
-    if not COURSE:
-        raise RuntimeError("conceptlab is not installed: set COURSE in this cell to the course's git "
-                           "URL (README, 'The course on a GPU'), then run the cell again")
-    if not os.path.isdir("conceptlab-course"):
-        subprocess.check_call(["git", "clone", "--depth", "1", COURSE, "conceptlab-course"])
+    subprocess.check_call(["git", "clone", "-q", "--depth", "1", COURSE, "conceptlab-course"])
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "./conceptlab-course"])
-    importlib.invalidate_caches()
-    os.chdir(os.path.join("conceptlab-course", "notebooks"))
+    os.chdir("conceptlab-course/notebooks")
 
 # %%
 import json, os
@@ -68,7 +62,7 @@ import torch
 import matplotlib.pyplot as plt
 import conceptlab
 from conceptlab.shapes import world
-from conceptlab.viz.figures import image_grid_figure, overlay_masks
+from conceptlab.viz.figures import draw_masks, image_grid_figure, label_image
 
 torch.set_num_threads(2)
 print("conceptlab", conceptlab.__version__)
@@ -91,20 +85,61 @@ plt.show()
 
 # %% [markdown]
 # Each scene also returns one boolean mask per object (in drawing order; a later object
-# hides an earlier one) and one for the background. The masks partition the image:
+# hides an earlier one) and one for the background. The masks partition the image. The
+# course draws masks one way everywhere (`draw_masks`): each object's mask as a flat colour
+# over a dimmed grey copy of the image, with a legend (the grey pixels are the background):
 
 # %%
 sc = scenes[4]
 print(sc.caption)
 print("masks:", sc.masks.shape, sc.masks.dtype, "pixels per mask:", sc.masks.sum((1, 2)).tolist())
-_ = plt.figure(figsize=(3, 3)); _ = plt.imshow(overlay_masks(sc.image, sc.masks[1:])); _ = plt.axis("off")
-plt.show()
+fig, axes = plt.subplots(1, 2, figsize=(5, 3))
+axes[0].imshow(sc.image); axes[0].set_axis_off(); axes[0].set_title("image", fontsize=8)
+draw_masks(axes[1], sc.image, sc.masks[1:], names=[f"{c} {s}" for c, s in sc.words],
+           title="object masks")
+fig.tight_layout(); plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
 # masks partition the image: every pixel belongs to exactly one region
 print(all(bool((s.masks.sum(0) == 1).all()) for s in scenes))
 print(world.render_scene(world.sample_scene(seed=4)).caption)
+
+# %% [markdown]
+# ### Compose a scene yourself
+# `conceptlab.viz.widgets.scene_view` draws a scene whose first object you choose (shape,
+# colour, pattern) on the background you choose; `seed` picks the layout and the other
+# objects. The explorer shows the scene and its true masks (rendering takes milliseconds,
+# so it draws each scene as you ask for it):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from conceptlab.viz.widgets import scene_explorer, scene_view
+
+scene_explorer()
+
+# %% [markdown]
+# The explorer at its default values (two objects, a solid red star first, gray
+# background, seed 0), as a static figure, and then the same layout with a striped star on
+# a striped background:
+
+# %%
+fig, axes = plt.subplots(1, 4, figsize=(9, 2.9))
+for j, v in enumerate([scene_view(), scene_view(pattern="striped", background="striped")]):
+    axes[2 * j].imshow(v["image"]); axes[2 * j].set_axis_off()
+    axes[2 * j].set_title(v["caption"].replace(" on ", "\non "), fontsize=7)
+    draw_masks(axes[2 * j + 1], v["image"], v["masks"][1:], names=v["names"], title="true masks")
+    print(v["caption"], "| pixels per mask (background first):", v["pixels"])
+fig.tight_layout(); plt.show()
+
+# %% [markdown]
+# The layout is the same in both: the star has the same size, angle and place, and the
+# masks have the same pixel counts. A mask is the object's outline, whatever its fill: the
+# striped star's white stripes belong to the star. On the striped background those white
+# stripes sit next to light background stripes of much the same grey, which is why
+# textured backgrounds are the hardest case for masks estimated from attention
+# (notebook 02). (The label colours are the course's fixed mask colours, not the objects'
+# own: the legend says which is which.)
 
 # %% [markdown]
 # ### Concepts and instances
@@ -121,7 +156,7 @@ from conceptlab.shapes.examples import list_examples, load_example
 
 examples = [load_example(n) for n in list_examples()]
 fig = image_grid_figure([[e.image for e in examples],
-                         [overlay_masks(e.image, e.masks[:-1]) for e in examples]], scale=2.0)
+                         [label_image(e.image, e.masks[:-1]) for e in examples]], scale=2.0)
 for ax, e in zip(fig.axes, examples):
     ax.set_title("\n".join(e.concepts[:-1]), fontsize=6)
 plt.show()
@@ -157,18 +192,7 @@ for k, v in info.items():
 # The model was trained from scratch on this course's 2-core CPU (the exact command, wall
 # time and figures are in its model card, `data/models/shapes-ldm/README.md`).
 #
-# **Train your own in under half an hour.** The card's *quick recipe* trains the same
-# architecture on a third of the data for 1200 U-Net steps (26 minutes on this 2-core CPU):
-#
-#     conceptlab train-model --out runs/quick --n-images 10000 --vae-steps 2500 \
-#         --unet-steps 1200 --batch 32 --snapshot-every 0 --threads 2
-#
-# Measured (`benchmarks/results/model_quality/quick_recipe.json`): its attention already localises
-# each shape word as well as the bundled model's (IoU 0.785 vs 0.793) and its colours are
-# right (0.90), but it draws blobs (shape 0.48 vs 0.87) and often loses the background
-# (0.38 vs 0.99). Pass `CONCEPTLAB_MODEL=runs/quick/model` to run notebooks 01-02 on it.
-#
-# **Honesty note.** A CPU-sized model trained for under an hour does not learn, by itself,
+# **Honesty note.** A CPU-sized model trained for a few hours does not learn, by itself,
 # cross-attention maps that cleanly localise each word: Stable Diffusion learns that from
 # billions of captioned images. So the base model was trained with an extra
 # *attention-grounding loss* (after TokenCompose, Wang et al. 2024) that uses the renderer's
@@ -258,6 +282,36 @@ if "control" in q:
     print(f"control (no grounding loss, same steps): IoU {q['control']['localisation']['best']['iou']:.2f}")
 
 # %% [markdown]
+# ### Train your own in under half an hour
+# The model card's *quick recipe* trains the same architecture on a third of the data for
+# 1200 U-Net steps:
+#
+#     conceptlab train-model --out runs/quick --n-images 10000 --vae-steps 2500 \
+#         --unet-steps 1200 --batch 32 --snapshot-every 0 --threads 2
+#
+# The same benchmark has measured the result (its file carries the command and the wall
+# time); side by side with the bundled model:
+
+# %%
+quick = json.load(open(os.path.join("..", "benchmarks", "results", "model_quality",
+                                    "quick_recipe.json")))
+print(quick["provenance"]["command"].split(";")[0])
+rows_q = [("shape-word attention IoU", lambda r: r["localisation"]["best"]["iou"]),
+          ("VAE reconstruction PSNR, dB", lambda r: r["vae_psnr"]["all"]),
+          ("generation: colour right", lambda r: r["generation"]["colour"]),
+          ("generation: shape right", lambda r: r["generation"]["shape"]),
+          ("generation: background kept", lambda r: r["generation"]["background"])]
+print(f"{'':<30}{'quick recipe':>13}{'bundled':>9}")
+for label, get in rows_q:
+    print(f"{label:<30}{get(quick):>13.2f}{get(q):>9.2f}")
+
+# %% [markdown]
+# Half an hour buys attention that localises each shape word about as well as the bundled
+# model's, and mostly the right colours; it does not buy shapes (most of its objects are
+# blobs the judge cannot name) or backgrounds (it loses the named background more often
+# than it keeps it). Pass `CONCEPTLAB_MODEL=runs/quick/model` to run notebooks 01-02 on it.
+
+# %% [markdown]
 # ## 3. Switching to Stable Diffusion
 #
 # Every notebook takes the model from one line,
@@ -276,19 +330,109 @@ if "control" in q:
 # Images are then 512x512, attention maps default to SD's 16x16 layers, and the concept
 # trainer has SD-scale defaults (`TrainConfig.for_stable_diffusion()`).
 #
+# ## Summary
+# - The shapes world draws one to three coloured shapes on a plain or textured background,
+#   deterministically from a seed, with exact masks that partition the image: ground truth
+#   for every attention map and mask in the course.
+# - A *user concept* is one particular instance (a star with white stripes, this size, this
+#   angle) that the model's coarse captions cannot name; five ship in `data/examples`.
+# - The bundled model is Stable Diffusion's architecture at miniature scale (64x64 images,
+#   16x16 latents with 8 channels), trained on a CPU with an attention-grounding loss: its
+#   shape words' attention localises their objects and its generations have the right
+#   colours and backgrounds, with squares its weakest shape.
+# - Every number about it is read from its measurement files, not typed in; one line
+#   (`CONCEPTLAB_MODEL`) switches every notebook to a real Stable Diffusion checkpoint.
+#
 # ## Exercises
 # 1. Render 200 scenes and count how often objects overlap. How does `max_overlap` in
 #    `world.sample_scene` change that?
 # 2. Generate "a star on a gray background" (no colour). Which colours does the model pick,
-#    and how often?
-# 3. Read the model card. Which part of the model has the most parameters, and why is the
-#    text encoder so small compared with Stable Diffusion's?
+#    and how often? (`conceptlab.shapes.judge` has a classifier of colours and shapes.)
+# 3. Read the model card (or the table of section 2). Which part of the model has the most
+#    parameters, and why is the text encoder so small compared with Stable Diffusion's?
+# 4. **The noise schedule keeps the scale (derivation).** The forward process noises a latent
+#    as $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \varepsilon$ with
+#    $\varepsilon \sim \mathcal N(0, I)$ independent of $z_0$. Show that if the entries of
+#    $z_0$ have mean 0 and variance 1, so do those of $z_t$, at every $t$. Check it with the
+#    model's own scheduler (`pipe.scheduler.add_noise`). At which $t$ are signal and noise
+#    equally strong ($\bar\alpha_t = 1/2$)?
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
-# Solution sketch for exercise 2
-rows2, _ = sample_grid(pipe, ["a star on a gray background"], n_per_prompt=6, seed=1)
-sample_sheet(rows2, ["a star on a gray background"])
+# Solution 1: two objects overlap when their full polygons (drawn alone, before one hides the
+# other) share a pixel. sample_scene rejects positions closer than
+# (r1 + r2) * (1 - max_overlap); with max_overlap = 0 the circumcircles cannot meet.
+from PIL import Image, ImageDraw
 
+def polygon_mask(o, size=64):
+    m = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(m).polygon(world.shape_polygon(o.shape, o.cx * size, o.cy * size,
+                                                  o.radius * size, o.angle), fill=1)
+    return np.asarray(m, bool)
+
+for max_overlap in (0.0, 0.15, 0.3, 0.5):
+    specs = [world.sample_scene(seed=s, max_overlap=max_overlap) for s in range(200)]
+    multi = [sp for sp in specs if len(sp.objects) > 1]
+    n_overlap = sum(bool((np.sum([polygon_mask(o) for o in sp.objects], 0) > 1).any()) for sp in multi)
+    print(f"max_overlap {max_overlap:.2f}: {n_overlap} of {len(multi)} multi-object scenes overlap")
+# With max_overlap = 0 no two objects touch; the default (0.15) lets about one
+# multi-object scene in seven overlap, and at 0.5 nearly half of them do. An overlap is
+# an occlusion: the later object hides part of the earlier one, and its mask loses those
+# pixels.
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
+# Solution 2: 8 samples, each classified by the course's judge (a small CNN trained on
+# rendered scenes); the colour is its most probable colour.
+from collections import Counter
+from conceptlab.shapes import judge
+
+rows2, _ = sample_grid(pipe, ["a star on a gray background"], n_per_prompt=8, seed=1)
+p2 = judge.predict(judge.load_classifier(), np.asarray(rows2[0]))
+picked = [judge.COLOURS[i] for i in p2["colour"].argmax(1)]
+print("colours picked:", dict(Counter(picked).most_common()))
+print("shapes seen:   ", dict(Counter(judge.SHAPES[i] for i in p2["shape"].argmax(1)).most_common()))
+sample_sheet(rows2, ["a star on a gray background"])
+# With no colour word the model does not spread its choice over the seven colours: it picks
+# among a few (here orange, blue and red). Several of its stars are also small or
+# blob-like: the judge takes some of them for triangles.
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
+# Solution 3: the U-Net has by far the most parameters (it does the denoising, at every
+# step). The text encoder only has to embed captions of a 242-word vocabulary in a fixed
+# grammar ("a red star and a blue circle on a striped background"); Stable Diffusion's CLIP
+# text encoder (about 123 M parameters, 49408 tokens) must embed open English.
+n_total = sum(v for k, v in info.items() if k in ("text_encoder", "vae", "unet"))
+for k in ("text_encoder", "vae", "unet"):
+    print(f"{k:>12}: {info[k]:>9,} parameters ({info[k] / n_total:.0%})")
+print("vocabulary:", info["vocab_size"], "words")
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 4.** $z_0$ and $\varepsilon$ are independent, so the mean and the variance of a
+# sum are the sums:
+#
+# $$\mathbb E[z_t] = \sqrt{\bar\alpha_t}\,\mathbb E[z_0] + \sqrt{1-\bar\alpha_t}\,\mathbb E[\varepsilon] = 0,\qquad
+#   \mathrm{Var}[z_t] = \bar\alpha_t \mathrm{Var}[z_0] + (1 - \bar\alpha_t)\,\mathrm{Var}[\varepsilon]
+#   = \bar\alpha_t + 1 - \bar\alpha_t = 1 .$$
+#
+# This is why the VAE's latents are scaled to unit variance (`vae.config.scaling_factor`):
+# the U-Net then sees inputs of the same scale at every timestep, and only the *share* of
+# signal, $\bar\alpha_t$, changes. Signal and noise are equally strong where
+# $\bar\alpha_t = 1/2$ (signal-to-noise ratio $\bar\alpha_t / (1 - \bar\alpha_t) = 1$).
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
+# Solution 4, checked with the model's scheduler on unit-variance "latents"
+gen = torch.Generator().manual_seed(0)
+z0 = torch.randn(64, 8, 16, 16, generator=gen)
+abar = pipe.scheduler.alphas_cumprod
+for t in (0, 250, 500, 750, 999):
+    zt = pipe.scheduler.add_noise(z0, torch.randn(z0.shape, generator=gen), torch.tensor([t]))
+    print(f"t = {t:>3}: alpha_bar {abar[t]:.3f}, mean {zt.mean():+.3f}, variance {zt.var():.3f}")
+print("signal and noise equally strong at t =", int((abar < 0.5).nonzero()[0]))
+# and the bundled VAE's scaled latents of real scenes do have about unit variance:
+from conceptlab.models import encode_image
+z_real = torch.cat([encode_image(pipe, world.render_scene(world.sample_scene(seed=s)).image)
+                    for s in range(8)])
+print(f"latents of 8 scenes: {tuple(z_real.shape)}, mean {z_real.mean():+.2f}, "
+      f"variance {z_real.var():.2f}")
 
 # %% [markdown]
 # ## References

@@ -16,6 +16,8 @@
 # %% [markdown]
 # # 01 · Cross-attention: where does the model look for each word?
 #
+# [![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/conceptlab/conceptlab/blob/main/notebooks/01_cross_attention.ipynb)
+#
 # **What you will learn**
 # - what a cross-attention layer computes, first as five lines of torch on toy tensors;
 # - that the course's U-Net computes exactly that: we recompute one real layer's attention
@@ -36,21 +38,13 @@
 
 # %%
 # NBVAL_SKIP
-# Colab, or a machine without the course: set COURSE to the course's git URL and run this cell
-# once. It clones the course, installs it, and moves into the clone's notebooks/ folder (some
-# lessons read ../benchmarks/results). Where `import conceptlab` works already (a clone set
-# up with `make venv`), it does nothing.
-COURSE = ""  # e.g. "https://github.com/<owner>/conceptlab.git"
-import importlib, importlib.util, os, subprocess, sys
+# On Colab, or a machine without the course: install it and move into its notebooks/ folder.
+import importlib.util, os, subprocess, sys
+COURSE = "https://github.com/conceptlab/conceptlab"  # the course's one URL: pyproject.toml
 if importlib.util.find_spec("conceptlab") is None:
-    if not COURSE:
-        raise RuntimeError("conceptlab is not installed: set COURSE in this cell to the course's git "
-                           "URL (README, 'The course on a GPU'), then run the cell again")
-    if not os.path.isdir("conceptlab-course"):
-        subprocess.check_call(["git", "clone", "--depth", "1", COURSE, "conceptlab-course"])
+    subprocess.check_call(["git", "clone", "-q", "--depth", "1", COURSE, "conceptlab-course"])
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "./conceptlab-course"])
-    importlib.invalidate_caches()
-    os.chdir(os.path.join("conceptlab-course", "notebooks"))
+    os.chdir("conceptlab-course/notebooks")
 
 # %%
 import os
@@ -167,7 +161,7 @@ def grab_inputs(module, args, kwargs):
     captured["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
     captured["c"] = kwargs["encoder_hidden_states"].detach()
 
-z0 = encode_image(pipe, sc.image)                          # (1, 4, 16, 16)
+z0 = encode_image(pipe, sc.image)                          # (1, 8, 16, 16)
 t = torch.tensor([400])
 zt = pipe.scheduler.add_noise(z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)), t)
 emb = encode_prompt(pipe, sc.caption)                      # (1, 32 tokens, 128)
@@ -178,7 +172,8 @@ try:
         pipe.unet(zt, t, encoder_hidden_states=emb)
 finally:
     handle.remove()
-print("image features x:", tuple(captured["x"].shape), " text embeddings c:", tuple(captured["c"].shape))
+print("latent z0:", tuple(z0.shape), " image features x:", tuple(captured["x"].shape),
+      " text embeddings c:", tuple(captured["c"].shape))
 
 # %% [markdown]
 # The same five lines as in the toy, now with the layer's own projections and its heads:
@@ -186,7 +181,7 @@ print("image features x:", tuple(captured["x"].shape), " text embeddings c:", tu
 # %%
 with torch.no_grad():
     x, c = captured["x"], captured["c"]
-    q, k = attn.to_q(x), attn.to_k(c)                  # (1, 256, 48), (1, 32, 48)
+    q, k = attn.to_q(x), attn.to_k(c)                  # (1, 256, 64), (1, 32, 64)
     h = attn.heads
     d = q.shape[-1] // h
     q = q.reshape(1, -1, h, d).transpose(1, 2)         # (1, heads, 256 pixels, d)
@@ -318,8 +313,8 @@ fig.tight_layout(); plt.show()
 # %% [markdown]
 # ### Per timestep
 # At a small $t$ the latent is almost clean and the U-Net "sees" the objects; at a large
-# $t$ it is mostly noise and the maps are vaguer. Averaging over timesteps combines many
-# noisy views of the same image (the 40 timesteps, grouped into four ranges):
+# $t$ it is mostly noise. Does that show in the maps? The 40 timesteps, grouped into four
+# ranges, and their average:
 
 # %%
 bins = [(0, 250), (250, 500), (500, 750), (750, 1000)]
@@ -335,6 +330,33 @@ for i, w in enumerate(shape_words):
 fig.tight_layout(); plt.show()
 
 # %% [markdown]
+# On this scene the columns look much alike: each shape word's peak sits on its object in
+# every range. The differences are small and show best as numbers: for each word and range,
+# the IoU of the map's mask (above half its peak) with the object's true mask, and the share
+# of the map's total (normalised) attention that falls *outside* the object:
+
+# %%
+from conceptlab.masks import iou
+
+print(f"{'':>9}" + "".join(f"{f't {lo}-{hi}':>13}" for lo, hi in bins + [(0, 1000)]))
+for k, w in enumerate(shape_words):
+    gt_k = sc.masks[k + 1]
+    cells = []
+    for lo, hi in bins + [(0, 1000)]:
+        a = maps.for_word(w, size=64, t_range=(lo, hi)).numpy()
+        cells.append(f"{iou(a >= 0.5, gt_k):.2f} / {a[~gt_k].sum() / a.sum():.2f}")
+    print(f"{w:>9}" + "".join(f"{c:>13}" for c in cells))
+print("(IoU / share of attention outside the object)")
+
+# %% [markdown]
+# The peak is in the same place in every range, and for the star and the triangle the IoU
+# hardly moves. What changes at $t \ge 750$ is the attention *away* from the object: the
+# share outside grows sharply for the star and the triangle (more than half of it lies
+# outside them), as faint stray patches that the min-max colour scale of the figure barely
+# shows; the circle's map also spreads and its IoU drops. Even at low $t$ a fair share lies
+# outside the object: a 16x16 map, upsampled, has soft edges. One scene is one example;
+# section 6 measures this on 30.
+#
 # ## 6. Measured: which layers and timesteps localise best?
 # Looking at one image proves little. We measure on **30 held-out scenes** (seeds
 # $\ge 10^6$, never used in training; 1-3 objects each): for every object, take the map of
@@ -421,7 +443,7 @@ print("t < 250 beats t >= 750 (16x16):", result[(16, (0, 250))] > result[(16, (7
 # %% [markdown]
 # ### An honest note on this model
 # Stable Diffusion learns word-localising attention from billions of captioned images. A
-# model trained for under three hours on a CPU does not, so the bundled model was trained with an
+# model trained for a few hours on a CPU does not, so the bundled model was trained with an
 # extra **attention-grounding loss** that uses the renderer's exact masks (see its model
 # card, `data/models/shapes-ldm/README.md`): what you see above was partly *taught*. The
 # same recipe trained **without** that loss (the control in the card) localises clearly
@@ -472,6 +494,19 @@ fig = image_row([sc.image, v["map"], overlay_map(sc.image, v["map"])],
 plt.show()
 
 # %% [markdown]
+# ## Summary
+# - A cross-attention layer computes $P = \mathrm{softmax}(QK^\top/\sqrt d)$ over the
+#   prompt's tokens for every pixel; the column of word $j$, on the image grid, is its
+#   attention map. The course's U-Net computes exactly that (checked by hand above).
+# - `record_attention` hooks every `attn2` through `unet.set_attn_processor`, keeps $P$,
+#   and restores the model's processors on exit without changing its output.
+# - Most of each pixel's attention goes to padding tokens, so every word's map is
+#   normalised on its own before it is compared or thresholded.
+# - Measured on held-out scenes, the 16x16 layers and the low timesteps localise shape
+#   words best, and an average over many timesteps comes close to the best range; the shape
+#   word beats both word-blind baselines. This bundled model was *taught* to localise
+#   (the grounding loss); Stable Diffusion learns it from data.
+#
 # ## Exercises
 # 1. **Heads.** `store.maps[name][0]` keeps the 4 heads of the layer of section 3. Plot the
 #    map of one shape word for each head. Do the heads agree?
@@ -484,51 +519,106 @@ plt.show()
 # 4. **Softmax over what?** In the toy of section 1, what happens to the map of "square" if
 #    you take the softmax over *pixels* (`dim=0`) instead of tokens? What does a column
 #    then mean?
+# 5. **Why divide by $\sqrt d$? (derivation)** Let the $d$ entries of a query $q$ and a key
+#    $k$ be independent, with mean 0 and variance 1. Derive the mean and the variance of the
+#    logit $q \cdot k$, and of $q \cdot k / \sqrt d$. What would happen to the softmax of
+#    section 1 for large $d$ without the division? Check the variances numerically for
+#    $d$ = 16 (this model's head size) and $d$ = 64.
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
-# Solution 1: one map per head, each scaled to its own maximum. Here the four heads of this
-# layer largely agree on the object; the library averages them, keeping what they share.
+# Solution 1: one map per head, each scaled to its own maximum, and two numbers per head:
+# the share of the head's attention to the word that falls inside the object (its true
+# mask, on the 16x16 grid) and its correlation with the average of the heads.
 tok = maps.word_indices(shape_words[0])[0]
 per_head = P_lib[0, ..., tok]                               # (heads, 16, 16)
+gt16 = sc.masks[1].reshape(16, 4, 16, 4).mean((1, 3)) > 0.5  # the object, on the 16x16 grid
+mean_map = per_head.mean(0).flatten()
+for i, m in enumerate(per_head):
+    inside = float(m[torch.from_numpy(gt16)].sum() / m.sum())
+    corr = float(torch.corrcoef(torch.stack([m.flatten(), mean_map]))[0, 1])
+    print(f"head {i}: {inside:.2f} of its attention inside the {shape_words[0]}, "
+          f"correlation with the mean of the heads {corr:.2f}")
 fig = image_row([sc.image] + [m for m in per_head],
                 ["image"] + [f"head {i}" for i in range(len(per_head))], cmap="magma")
 plt.show()
+# The four heads agree on where the star is (each correlates strongly with their mean), but
+# not on how tightly: heads 0 and 1 put nearly all their attention to the word inside the
+# star, heads 2 and 3 spread a third or a quarter of it around. The average keeps the
+# shared peak.
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 2: colour words vs shape words (one set of maps per scene serves both)
 vals = {"colour": [], "shape": []}
+prec = {"colour": [], "shape": []}          # share of the predicted mask inside the object
+rec = {"colour": [], "shape": []}           # share of the object the predicted mask covers
 for i in range(10):
     s = world.render_scene(world.sample_scene(seed=1_000_000 + i))
     m = attention_maps(pipe, s.image, s.caption, n_timesteps=8, seed=i)   # default layers / t
     for k, o in enumerate(s.spec.objects):
+        gt_k = s.masks[k + 1]
         for kind, w in (("colour", o.colour), ("shape", o.shape)):
-            vals[kind].append(iou((m.for_word(w, size=64) >= 0.5).numpy(), s.masks[k + 1]))
-print(", ".join(f"{kind} words: mean IoU {np.mean(v):.2f}" for kind, v in vals.items()))
-# The shape word is the better handle on an object in this model. A colour word's map is in
-# the right place but sharply peaked on a small part of its object, so "above half the
-# peak" covers only a fraction of the object (plot a few with m.for_word(o.colour) to see).
+            pred = (m.for_word(w, size=64) >= 0.5).numpy()
+            vals[kind].append(iou(pred, gt_k))
+            prec[kind].append((pred & gt_k).sum() / max(pred.sum(), 1))
+            rec[kind].append((pred & gt_k).sum() / gt_k.sum())
+for kind, v in vals.items():
+    print(f"{kind} words: mean IoU {np.mean(v):.2f}, inside the object "
+          f"{np.mean(prec[kind]):.2f}, object covered {np.mean(rec[kind]):.2f}")
+# The shape word is the better handle on an object in this model. A colour word's mask is
+# in the right place (all of it inside the object) but covers only about a fifth of the
+# object: its map is sharply peaked on a small part, so "above half the peak" is small.
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
-# Solution 3: over the full range, one random timestep is often a noisy one; a handful
-# averaged already recovers most of the IoU. (With t_range=(0, 250), the model's default,
-# even a single timestep gives a good map: every draw is a low-noise one.)
-for n_t in (1, 4, 16):
-    vals = []
-    for i in range(8):
-        s = world.render_scene(world.sample_scene(seed=1_000_000 + i))
-        m = attention_maps(pipe, s.image, s.caption, n_timesteps=n_t, seed=i, layers=16,
-                           t_range=(0, 1000))
-        vals += [iou((m.for_word(o.shape, size=64) >= 0.5).numpy(), s.masks[k + 1])
-                 for k, o in enumerate(s.spec.objects)]
-    print(f"n_timesteps={n_t:>2}: mean IoU {np.mean(vals):.2f}")
+# Solution 3: the same 8 scenes, timesteps drawn from the full range and from [0, 250)
+scenes3 = [world.render_scene(world.sample_scene(seed=1_000_000 + i)) for i in range(8)]
+for t_range in ((0, 1000), (0, 250)):
+    for n_t in (1, 4, 16):
+        vals = []
+        for i, s in enumerate(scenes3):
+            m = attention_maps(pipe, s.image, s.caption, n_timesteps=n_t, seed=i, layers=16,
+                               t_range=t_range)
+            vals += [iou((m.for_word(o.shape, size=64) >= 0.5).numpy(), s.masks[k + 1])
+                     for k, o in enumerate(s.spec.objects)]
+        print(f"t_range={t_range}, n_timesteps={n_t:>2}: mean IoU {np.mean(vals):.2f}")
+# Over the full range one random timestep is often a noisy one and the IoU is poor; 4
+# averaged recover most of it and 16 nearly all. With t_range=(0, 250), the model's
+# default, every draw is a low-noise timestep: a single one already gives the best IoU,
+# and more add nothing here.
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
 # Solution 4: softmax over pixels makes each *column* a distribution over the image:
 # "where does this word send its value", not "what does this pixel read". Every word,
 # even "<start>", then has a map summing to 1, and the competition between words is gone.
 P_pix = torch.softmax(Q @ K.T / D**0.5, dim=0)
+print("each column sums to 1:", bool(torch.allclose(P_pix.sum(0), torch.ones(T))))
 fig = image_row([P_pix[:, j].reshape(8, 8) for j in range(T)], tokens, cmap="magma")
 plt.show()
+
+# %% [markdown] jupyter={"source_hidden": true} tags=["solution"]
+# **Solution 5.** With $q \cdot k = \sum_{i=1}^{d} q_i k_i$ and $q_i$, $k_i$ independent:
+# $\mathbb E[q_i k_i] = \mathbb E[q_i]\,\mathbb E[k_i] = 0$ and
+# $\mathrm{Var}[q_i k_i] = \mathbb E[q_i^2]\,\mathbb E[k_i^2] - 0 = 1$. The $d$ terms are
+# independent, so
+#
+# $$\mathbb E[q\cdot k] = 0,\qquad \mathrm{Var}[q \cdot k] = d,\qquad
+#   \mathrm{Var}\big[q \cdot k / \sqrt d\big] = d / d = 1 .$$
+#
+# Without the division the logits' spread grows like $\sqrt d$; the softmax of widely
+# spread logits puts almost all of a pixel's probability on its single largest logit (it
+# saturates into an argmax), its gradients vanish, and the maps turn into hard, noisy
+# one-hot choices. Dividing by $\sqrt d$ keeps the logits at unit scale whatever the head
+# size.
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["solution"]
+# Solution 5, checked: variance of the logits, and how peaked the softmax over 32 tokens gets
+gen = torch.Generator().manual_seed(0)
+for d_head in (16, 64):
+    q5, k5 = torch.randn(5000, d_head, generator=gen), torch.randn(5000, 32, d_head, generator=gen)
+    logits = (q5[:, None, :] * k5).sum(-1)                            # (5000 pixels, 32 tokens)
+    for name5, z in (("q.k", logits), ("q.k / sqrt(d)", logits / d_head**0.5)):
+        top = torch.softmax(z, -1).max(-1).values.mean()
+        print(f"d = {d_head:>2}, {name5:<13}: variance {z.var():6.2f}, "
+              f"mean largest softmax probability {top:.2f}")
 
 
 # %% [markdown]

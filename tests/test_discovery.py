@@ -351,15 +351,39 @@ def test_learn_concepts_without_words_discovers_them(pipe):
     d = discover_concepts(pipe, sc.image)
     before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
     r = learn_concepts(pipe, sc.image, steps=4, em_every=2, progress=False)
-    # objects first, the background last; the tokens start from one shared word
-    assert r.tokens.init_words == ["shape", "shape", "background"]
-    assert r.concept_ids == [[0, 1, 2]] and r.masks[0].shape == (3, 64, 64)
+    # objects first, the background last; each object token starts from its top word
     objects = [k for k in range(d.k) if k != d.background]
+    top = d.top_words()
+    assert r.tokens.init_words == [top[k] for k in objects] + ["background"]
+    assert top[d.background] not in [top[k] for k in objects]
+    assert r.concept_ids == [[0, 1, 2]] and r.masks[0].shape == (3, 64, 64)
     np.testing.assert_array_equal(r.mask_history[0][0], d.masks[objects + [d.background]])
     assert r.e_steps[0] == 0 and len(r.e_steps) > 1          # EM went on from there
     fixed = learn_concepts(pipe, sc.image, method="fixed", steps=2, progress=False)
     np.testing.assert_array_equal(fixed.masks[0], r.mask_history[0][0])
     assert all(torch.equal(v, before[k]) for k, v in pipe.text_encoder.state_dict().items())
+    shared = learn_concepts(pipe, sc.image, steps=2, progress=False,
+                            discovery={"object_words": "shared"})
+    assert shared.tokens.init_words == ["shape", "shape", "background"]
+    np.testing.assert_array_equal(shared.mask_history[0][0], r.mask_history[0][0])
+
+
+def test_top_words_read_each_concepts_profile():
+    """Each concept's word is its profile's largest entry; an object whose largest entry
+    is the background's word gets its next one."""
+    from conceptlab.discovery import Discovery
+
+    prof = np.array([[0.6, 0.3, 0.1, 0.0],      # background: "sky"
+                     [0.5, 0.1, 0.4, 0.0],      # "sky" too, then "star"
+                     [0.1, 0.0, 0.2, 0.7]], np.float32)
+    masks = np.zeros((3, 4, 4), bool)
+    masks[0, :2], masks[1, 2], masks[2, 3] = True, True, True
+    d = Discovery(masks=masks, background=0, labels=masks.argmax(0), grid_labels=None,
+                  features=None, feature_kind="cross-attention",
+                  words=("sky", "ball", "star", "heart"), profiles=None,
+                  concept_profiles=prof, labels_per_k={}, scores=np.zeros(0),
+                  threshold=0.4, method="agglomerative", timesteps=np.zeros(1), seed=0)
+    assert d.top_words() == ["sky", "star", "heart"]
 
 
 def test_learn_without_words_across_images_and_its_errors(pipe):
@@ -368,7 +392,9 @@ def test_learn_without_words_across_images_and_its_errors(pipe):
     a, b = easy_scene(1, 7), easy_scene(2, 11)
     r = learn_concepts(pipe, [a.image, b.image], steps=2, progress=False)
     assert r.concept_ids == [[0, 1], [2, 3, 4]]
-    assert r.tokens.init_words == ["shape", "background", "shape", "shape", "background"]
+    starts = r.tokens.init_words            # each image: its objects, then its background
+    assert [starts[1], starts[4]] == ["background"] * 2
+    assert "background" not in [starts[0], starts[2], starts[3]]
     # the first image's object is one of the second's: the result says which look alike
     assert any("of image 0 and concept" in w and "look alike" in w for w in r.warnings)
     with pytest.raises(ValueError, match="needs init_words"):
@@ -377,6 +403,10 @@ def test_learn_without_words_across_images_and_its_errors(pipe):
         learn_concepts(pipe, a.image, concept_images=[[0]], steps=2, progress=False)
     with pytest.raises(ValueError, match="only without init_words"):
         learn_concepts(pipe, a.image, ["shape", "background"], discovery={"threshold": 0.5})
+    with pytest.raises(ValueError, match="object_words.*must be one of"):
+        learn_concepts(pipe, a.image, discovery={"object_words": "random"})
+    with pytest.raises(TypeError, match="dict of options"):
+        learn_concepts(pipe, a.image, discovery="shared")
     with pytest.raises(ValueError, match="no concept stands out"):
         learn_concepts(pipe, np.full((64, 64, 3), 128, np.uint8), steps=2, progress=False)
 
@@ -390,9 +420,21 @@ def test_the_command_line_learns_without_concepts(tmp_path, capsys):
     assert main(["learn", str(path), "--out", str(tmp_path / "out"), "--steps", "2",
                  "--quiet"]) in (0, None)
     out = capsys.readouterr().out
-    assert "image 0: discovered 2 object(s) and the background: [v1], [v2], [v3]" in out
-    assert LearnedConcepts.load(str(tmp_path / "out")).tokens.init_words == \
+    starts = LearnedConcepts.load(str(tmp_path / "out")).tokens.init_words
+    assert starts[-1] == "background" and "background" not in starts[:2]
+    assert ("image 0: discovered 2 object(s) and the background: [v1] (from "
+            f"{starts[0]}), [v2] (from {starts[1]}), [v3] (from background)") in out
+    assert main(["learn", str(path), "--out", str(tmp_path / "shared"), "--steps", "2",
+                 "--quiet", "--object-words", "shared"]) in (0, None)
+    assert LearnedConcepts.load(str(tmp_path / "shared")).tokens.init_words == \
         ["shape", "shape", "background"]
+    for bad in (["--concepts", "shape,background", "--object-words", "top"],
+                ["--background-threshold", "0.5"]):
+        assert main(["learn", str(path), "--out", str(tmp_path / "bad"), "--steps", "2",
+                     "--quiet", *bad]) not in (0, None)
+    err = capsys.readouterr().err
+    assert "--object-words is for discovered concepts" in err
+    assert "--background-threshold goes with --concepts" in err
 
 
 def test_the_threshold_explorer_shows_k_changing(pipe, monkeypatch):

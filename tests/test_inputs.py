@@ -1,7 +1,7 @@
 """Every class of bad input gets a clear error (or a documented, warned conversion), and the
 functions that take the same kind of input accept and refuse the same things.
 
-The table of cases is in the README ("Inputs and errors"); each row names its test here.
+The table of cases is docs/inputs-and-errors.md; each row names its test here.
 """
 
 import json

@@ -2,7 +2,7 @@
 
 ``LAYERS`` lists the modules lowest first; a module may import (at the top or inside a
 function) only modules of an EARLIER entry. A new module must be placed here, so the
-README's module table and this list stay the design. An upward or circular import fails.
+docs/architecture.md's module table and this list stay the design. An upward or circular import fails.
 """
 
 import ast

@@ -102,9 +102,23 @@ def runtime_deps(pyproject) -> list[str]:
     return pyproject["project"]["dependencies"]
 
 
+def expand_extras(requirements: list[str], extras: dict) -> list[str]:
+    """The requirements with ``conceptlab[x]`` (an extra that installs another) expanded."""
+    out = []
+    for r in requirements:
+        m = re.fullmatch(r"\s*conceptlab\[([^\]]+)\]\s*", r)
+        if m:
+            for name in m.group(1).split(","):
+                out += expand_extras(extras[name.strip()], extras)
+        else:
+            out.append(r)
+    return out
+
+
 @pytest.fixture(scope="module")
 def dev_deps(pyproject) -> list[str]:
-    return pyproject["project"]["optional-dependencies"]["dev"]
+    extras = pyproject["project"]["optional-dependencies"]
+    return expand_extras(extras["dev"], extras)
 
 
 # ------------------------------------------------------------------- tests
@@ -129,6 +143,17 @@ def test_core_runtime_deps_declared(runtime_deps, dev_deps):
     for needed in ("torch", "diffusers", "transformers", "safetensors", "numpy", "pydensecrf2"):
         assert needed in names, f"{needed} missing from [project].dependencies"
     assert {req_name(d) for d in dev_deps} >= {"pytest", "nbval", "jupyterlab", "ipykernel", "ruff"}
+
+
+def test_site_tools_are_an_extra_that_dev_installs(pyproject, dev_deps):
+    """`make site` needs only the `site` extra; CI (`.[dev]`) gets it through `dev`."""
+    extras = pyproject["project"]["optional-dependencies"]
+    assert "conceptlab[site]" in extras["dev"]
+    site = {req_name(d) for d in extras["site"]}
+    assert site >= {"mkdocs", "mkdocs-jupyter", "mkdocstrings-python"}
+    assert site <= {req_name(d) for d in dev_deps}
+    assert expand_extras(["conceptlab[lora,gpu]", "numpy"], extras) == \
+        extras["lora"] + extras["gpu"] + ["numpy"]
 
 
 def test_environment_yml_layout(env):

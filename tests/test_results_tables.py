@@ -40,6 +40,16 @@ def test_headline_is_short_and_says_which_model():
     assert f"`{shipped}`" in (ROOT / tables.RESULTS_MD).read_text()
 
 
+def test_readme_keeps_only_short_generated_blocks():
+    """The README is an entry point: the headline and discovery blocks; the tables live in
+    docs/results.md and docs/gpu.md."""
+    keys = tables.BLOCK.findall((ROOT / "README.md").read_text())
+    assert [k for _, k, _, _ in keys] == ["headline", "discovery"]
+    for _, key, body, _ in keys:
+        assert len(body.strip().splitlines()) <= 12, key
+        assert "| " not in body, f"{key}: a table belongs in docs/results.md"
+
+
 @pytest.mark.parametrize("path", RESULT_FILES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_result_has_a_provenance_block(path):
     data = json.loads(path.read_text())

@@ -185,6 +185,12 @@ def write_card(dest: Path, pipe, q: dict, defaults: dict, args):
         "",
         f"Weights: fp16 safetensors, {dir_size_mb(dest):.1f} MB in this folder.",
         "",
+        "## Licence",
+        "",
+        "MIT, like the rest of conceptlab (the repository's `LICENSE`). The model was trained "
+        "from scratch by conceptlab on procedurally rendered scenes of the shapes world "
+        "(`conceptlab.shapes.world`): no external data and no pretrained weights went into it.",
+        "",
         "## Training",
         "",
         "```",

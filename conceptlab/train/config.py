@@ -303,7 +303,7 @@ def tokens_start_equal(init_words, background_word: str = "background") -> bool:
 
     Args:
         init_words: the tokens' initial words (None: a random row); None instead of a list:
-            the concepts will be discovered, and their tokens start from one shared word.
+            the words are not known (counted as equal, the cautious choice).
         background_word: the background's word (compared case-insensitively).
 
     Returns:

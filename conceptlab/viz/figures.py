@@ -168,6 +168,60 @@ MASK_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130,
                          [145, 30, 180], [70, 240, 240]], np.float32)
 
 
+def label_image(image, masks, dim: float = 0.4) -> np.ndarray:
+    """Masks as flat label colours over a dimmed grey copy of the image: the course's one
+    way of drawing masks (the object's own colours never mix with the label colours).
+
+    Args:
+        image: (H, W, 3) RGB image.
+        masks: (K, H, W) bool masks (array or tensor); mask k gets ``MASK_COLOURS[k]``
+            (a later mask wins where two overlap).
+        dim: brightness of the grey image under the unlabelled pixels, in [0, 1].
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    img = np.asarray(image, np.float32)
+    masks = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks, bool)
+    if masks.ndim != 3 or masks.shape[1:] != img.shape[:2]:
+        raise ValueError(f"masks must be (K, H, W) with (H, W) = {img.shape[:2]}, got "
+                         f"{masks.shape}")
+    out = np.repeat(img.mean(-1, keepdims=True) * dim, 3, -1)
+    for k, m in enumerate(masks):
+        out[m] = MASK_COLOURS[k % len(MASK_COLOURS)]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def draw_masks(ax, image, masks, names=None, outlines=None, legend: bool = True,
+               title: str | None = None):
+    """Draw masks on a matplotlib axis in the course's style: flat label colours
+    (`label_image`), white outlines of reference masks, and a legend of the names.
+
+    Args:
+        ax: the axis.
+        image: (H, W, 3) RGB image.
+        masks: (K, H, W) bool masks.
+        names: one name per mask for the legend (None: no legend).
+        outlines: (M, H, W) bool masks drawn as white outlines (e.g. the true masks).
+        legend: draw the legend (when ``names`` are given).
+        title: the axis title.
+    """
+    from matplotlib.patches import Patch
+
+    ax.imshow(label_image(image, masks))
+    for g in ([] if outlines is None else np.asarray(outlines, bool)):
+        if g.any() and not g.all():
+            ax.contour(g, levels=[0.5], colors="white", linewidths=0.8)
+    if names is not None and legend:
+        ax.legend(handles=[Patch(color=MASK_COLOURS[k % len(MASK_COLOURS)] / 255, label=str(n))
+                           for k, n in enumerate(names)],
+                  loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=min(len(names), 3),
+                  fontsize=7, frameon=False, handlelength=1.0, columnspacing=0.8)
+    if title is not None:
+        ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+
+
 def overlay_masks(image, masks, alpha: float = 0.5) -> np.ndarray:
     """RGB uint8 image with each boolean mask tinted in its own colour.
 
