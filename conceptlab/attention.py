@@ -207,41 +207,69 @@ class RecordingAttnProcessor:
         Returns:
             The layer's output hidden states.
         """
-        is_cross = encoder_hidden_states is not None
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, seq, _ = (hidden_states.shape if encoder_hidden_states is None
-                         else encoder_hidden_states.shape)
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, N, T)
-        if is_cross and self.store.wants(self.name, probs.shape[1]):
-            self.store.add(self.name, probs, batch, attn.heads)
-        hidden_states = torch.bmm(probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        def record(query, probs, batch):
+            if encoder_hidden_states is not None and self.store.wants(self.name, probs.shape[1]):
+                self.store.add(self.name, probs, batch, attn.heads)
+
+        return plain_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                               on_probs=record)
+
+
+def plain_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                    temb=None, on_probs=None):
+    """One attention layer computed exactly like diffusers' ``AttnProcessor``, with a look
+    at its probabilities.
+
+    The recording processors (`RecordingAttnProcessor`, discovery's) share it, so that all
+    of them compute the layer the same way.
+
+    Args:
+        attn: the diffusers ``Attention`` module.
+        hidden_states: the image features.
+        encoder_hidden_states: the text embeddings (None for self-attention).
+        attention_mask: optional attention mask.
+        temb: time embedding, used by spatial norms.
+        on_probs: called as ``on_probs(query, probs, batch)`` with the (B*heads, N, d)
+            queries and the (B*heads, N, T) probabilities before they are applied; it must
+            not change them.
+
+    Returns:
+        The layer's output hidden states.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch, seq, _ = (hidden_states.shape if encoder_hidden_states is None
+                     else encoder_hidden_states.shape)
+    attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    query = attn.head_to_batch_dim(query)
+    key = attn.head_to_batch_dim(key)
+    value = attn.head_to_batch_dim(value)
+    probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, N, T)
+    if on_probs is not None:
+        on_probs(query, probs, batch)
+    hidden_states = torch.bmm(probs, value)
+    hidden_states = attn.batch_to_head_dim(hidden_states)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
 
 
 def cross_attention_layers(unet) -> list[str]:

@@ -66,7 +66,7 @@ from PIL import Image
 
 from . import crf as _crf
 from . import masks as _masks
-from .attention import AttentionStore
+from .attention import AttentionStore, plain_attention
 from .fileio import check_number
 from .maps import default_attention_config, resolve_layers
 from .models import (
@@ -546,34 +546,9 @@ class _DiscoveryProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         is_cross = encoder_hidden_states is not None
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        ndim = hidden_states.ndim
-        if ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        ctx = encoder_hidden_states if is_cross else hidden_states
-        batch, seq = hidden_states.shape[0], ctx.shape[1]
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        if not is_cross:
-            ctx = hidden_states
-        elif attn.norm_cross:
-            ctx = attn.norm_encoder_hidden_states(ctx)
-        key = attn.head_to_batch_dim(attn.to_k(ctx))
-        value = attn.head_to_batch_dim(attn.to_v(ctx))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        self._keep(attn, query, probs, batch, is_cross)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return plain_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+            on_probs=lambda query, probs, batch: self._keep(attn, query, probs, batch, is_cross))
 
 
 @contextlib.contextmanager
